@@ -1,0 +1,122 @@
+"""Quantization settings as validated dataclasses; YAML files in ``configs/`` are only their file form."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = keep the module in floating point
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or unknown; the message says which and how to fix it."""
+
+
+def check_bits(bits: int, where: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ConfigError(
+            f"{where}={bits!r} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))} "
+            "(16 keeps the module unquantized)."
+        )
+    return bits
+
+
+def check_group_size(group_size: int, where: str = "group_size") -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size >= 1):
+        raise ConfigError(f"{where}={group_size!r} must be -1 (one group per output channel) or a positive integer.")
+    return group_size
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """The quantization scheme of one linear module."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+
+    @property
+    def keep(self) -> bool:
+        return self.bits == 16
+
+
+@dataclass
+class QuantConfig:
+    """Everything ``hmq quantize`` needs to know about *how* to quantize.
+
+    ``overrides`` maps a regex (matched with ``re.search`` against the module's full name, e.g.
+    ``model.layers.3.mlp.down_proj``) to a dict with any of ``bits``, ``group_size``, ``sym``.
+    The last matching pattern wins, so a per-module bit map from the allocator plugs in here.
+    """
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False  # GPTQ "desc_act": quantize columns in order of decreasing diag(H)
+    static_groups: bool = False  # with act_order: fix each group's scale/zero before the solve
+    damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
+    block_size: int = 128  # GPTQ lazy-batch column block
+    true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if not (0.0 < self.damp_percent < 1.0):
+            raise ConfigError(f"damp_percent={self.damp_percent!r} must lie in (0, 1); 0.01 is the usual choice.")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size!r} must be a positive integer.")
+        if self.static_groups and not self.act_order:
+            self.static_groups = False  # static groups only matter when columns are permuted
+        for pattern, spec in self.overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"override pattern {pattern!r} is not a valid regex: {exc}") from None
+            if not isinstance(spec, dict):
+                raise ConfigError(f"override {pattern!r} must map to a dict like {{bits: 3}}, got {spec!r}.")
+            unknown = set(spec) - {"bits", "group_size", "sym"}
+            if unknown:
+                raise ConfigError(f"override {pattern!r} has unknown keys {sorted(unknown)}; allowed: bits, group_size, sym.")
+            if "bits" in spec:
+                check_bits(spec["bits"], f"overrides[{pattern!r}].bits")
+            if "group_size" in spec:
+                check_group_size(spec["group_size"], f"overrides[{pattern!r}].group_size")
+
+    def spec_for(self, module_name: str) -> ModuleSpec:
+        fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        for pattern, spec in self.overrides.items():
+            if re.search(pattern, module_name):
+                fields.update(spec)
+        return ModuleSpec(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantization setting(s) {unknown}; known settings: {sorted(known)}.")
+        return cls(**data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML preset into a plain dict (validated by the dataclasses that consume it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}.")
+    return data

@@ -1,0 +1,139 @@
+"""GPTQ (Frantar et al., 2023, arXiv:2210.17323) as one function on tensors.
+
+Given a weight ``W`` (out, in) and the layer-wise proxy Hessian ``H = 2 X Xᵀ`` (in, in) of its
+inputs, quantize the columns one at a time and push each column's rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian (the OBS update, paper eq. 3). The Cholesky form
+of ``H⁻¹`` (paper §4, step 3) gives the updates for all remaining columns from one row of an upper
+triangular factor; updates are applied lazily, ``block_size`` columns at a time (step 2).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import ModuleSpec
+from .quantizer import QuantizedWeight, check_groupable, compute_qparams, max_code, rtn_quantize
+
+log = logging.getLogger("hmq")
+
+DAMP_RETRIES = 4  # each retry multiplies the damping by 10
+
+
+class CholeskyError(RuntimeError):
+    pass
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (in, in), λ = damp_percent · mean(diag H)."""
+    H = H.clone()
+    H.diagonal().add_(damp_percent * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        raise CholeskyError("H + λI is not positive definite")
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(U).all():
+        raise CholeskyError("(H + λI)⁻¹ is not positive definite")
+    return U
+
+
+def _damped_factor(H: torch.Tensor, damp_percent: float, name: str) -> torch.Tensor | None:
+    damp = damp_percent
+    for attempt in range(DAMP_RETRIES + 1):
+        try:
+            return inverse_hessian_factor(H, damp)
+        except CholeskyError:
+            if attempt == DAMP_RETRIES:
+                break
+            log.warning("%s: Cholesky failed with damping %.3g; retrying with %.3g", name, damp, damp * 10)
+            damp *= 10
+    return None
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: ModuleSpec,
+    *,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    name: str = "module",
+) -> QuantizedWeight:
+    """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params."""
+    W = weight.detach().to(torch.float32).clone()  # (out, in)
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (in, in)
+    out_f, in_f = W.shape
+    check_groupable(in_f, spec.group_size, name)
+    bits, maxq = spec.bits, max_code(spec.bits)
+    gs = spec.group_size
+
+    dead = H.diagonal() == 0  # inputs that are always zero: any value works, pick 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static_params = None
+    if gs != -1 and static_groups:
+        static_params = [compute_qparams(W[:, g : g + gs], bits, spec.sym) for g in range(0, in_f, gs)]
+
+    perm = torch.arange(in_f, device=W.device)
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    invperm = torch.argsort(perm)
+
+    U = _damped_factor(H, damp_percent, name)
+    if U is None:
+        log.warning("%s: Cholesky failed even with %d× the damping; falling back to round-to-nearest", name, 10**DAMP_RETRIES)
+        return rtn_quantize(weight, spec)
+
+    if gs != -1 and block_size % gs != 0 and gs % block_size != 0:
+        block_size = gs  # keep group starts aligned with blocks so group params see up-to-date columns
+
+    codes = torch.zeros_like(W)  # (out, in) in permuted order
+    scales, zeros = [], []
+    g_of_col = torch.zeros(in_f, dtype=torch.int32, device=W.device)  # group index, permuted order
+    if gs == -1:
+        scale, zero = compute_qparams(W, bits, spec.sym)
+        scales.append(scale), zeros.append(zero)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()  # (out, B) columns of this block, updated in place
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs != -1:
+                if static_params is not None:
+                    g = int(perm[col]) // gs
+                    scale, zero = static_params[g]
+                    g_of_col[col] = g
+                else:
+                    if col % gs == 0:
+                        group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                        scale, zero = compute_qparams(group_cols, bits, spec.sym)
+                        scales.append(scale), zeros.append(zero)
+                    g_of_col[col] = col // gs
+            w = W1[:, i]  # (out,)
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            codes[:, col] = q
+            err = (w - scale * (q - zero)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    if static_params is not None:
+        scales = [s for s, _ in static_params]
+        zeros = [z for _, z in static_params]
+    return QuantizedWeight(
+        intweight=codes[:, invperm].to(torch.uint8),
+        scales=torch.stack(scales),  # (n_groups, out)
+        zeros=torch.stack(zeros).to(torch.int32),
+        g_idx=g_of_col[invperm].contiguous(),
+        bits=bits,
+        group_size=gs,
+        sym=spec.sym,
+    )

@@ -1,0 +1,105 @@
+"""``QuantLinear``: a linear layer holding GPTQ-packed weights.
+
+The forward pass goes through a kernel chosen from :data:`KERNELS`. Only the reference kernel
+(unpack, dequantize, ``F.linear``) lives here; faster kernels register themselves under their own
+name and are picked by :func:`select_kernel` (``HMQ_KERNEL=<name>`` forces one).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import PackLayout, pack_gptq, unpack_gptq, unpack_rows
+from .quantizer import QuantizedWeight, group_count
+
+Kernel = Callable[["QuantLinear", torch.Tensor], torch.Tensor]
+KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
+    def wrap(fn: Kernel) -> Kernel:
+        KERNELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def dequantize_packed(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weight (out, in) in ``dtype`` from GPTQ-packed tensors; the reference every kernel must match."""
+    in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    codes = unpack_rows(qweight.T, bits, in_f).to(torch.float32)  # (out, in)
+    zeros = unpack_rows(qzeros, bits, out_f).to(torch.float32) + 1  # (n_groups, out)
+    g = g_idx.long()  # (in,)
+    w = (codes - zeros[g].T) * scales.to(torch.float32)[g].T  # (out, in)
+    return w.to(dtype)
+
+
+@register_kernel("torch")
+def torch_kernel(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    w = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype)
+    return F.linear(x, w, layer.bias)
+
+
+def select_kernel(device: torch.device) -> str:
+    forced = os.environ.get("HMQ_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"HMQ_KERNEL={forced!r} is not a known kernel: choose one of {sorted(KERNELS)}.")
+        return forced
+    return "torch"
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` with packed ``bits``-bit weights (layout :attr:`PackLayout.GPTQ`)."""
+
+    layout = PackLayout.GPTQ
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool = False,
+                 bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        n_groups = group_count(in_features, group_size)
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self.kernel: str | None = None  # None: choose on first call from the input's device
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        out_f, in_f = qw.shape
+        layer = cls(in_f, out_f, qw.bits, qw.group_size, qw.sym, bias is not None, dtype, device=qw.intweight.device)
+        for name, t in pack_gptq(qw).items():
+            getattr(layer, name).copy_(t)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def unpack(self) -> QuantizedWeight:
+        return unpack_gptq({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx},
+                           self.bits, self.group_size, self.sym)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel or select_kernel(x.device)
+        out = KERNELS[kernel](self, x)
+        return out if self.bias is None or out.dtype == x.dtype else out.to(x.dtype)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of weight storage: packed codes, scales and packed zeros (g_idx excluded, as a loader can rebuild it)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")

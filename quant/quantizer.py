@@ -1,0 +1,119 @@
+"""Uniform affine quantization primitives and round-to-nearest (RTN).
+
+A weight ``W`` of shape (out, in) is split along ``in`` into groups of ``group_size`` columns; each
+(group, output row) pair has its own ``scale`` and integer ``zero``:
+
+    q = clamp(round(w / scale) + zero, 0, 2**bits - 1)        w_hat = scale * (q - zero)
+
+Zero points always lie in ``[1, 2**bits - 1]``: the GPTQ v1 checkpoint format stores ``zero - 1``
+in ``bits`` bits, so a zero of 0 would wrap around for loaders that add the 1 back. When a group's
+minimum is exactly 0 (all weights non-negative) we use zero = 1 and widen the scale to cover the max.
+Scales are rounded to fp16 here, because that is how they are stored, so the codes are chosen
+against the exact scale that the checkpoint will hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModuleSpec
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes plus the group parameters that reconstruct a weight (unpacked form)."""
+
+    intweight: torch.Tensor  # (out, in) uint8, codes in [0, 2**bits - 1]
+    scales: torch.Tensor  # (n_groups, out) float32, each value exactly representable in fp16
+    zeros: torch.Tensor  # (n_groups, out) int32, in [1, 2**bits - 1]
+    g_idx: torch.Tensor  # (in,) int32, group of each input column
+    bits: int
+    group_size: int  # -1: one group spanning all input columns
+    sym: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.intweight.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        w = (self.intweight.to(torch.float32) - self.zeros[g].T.to(torch.float32)) * self.scales[g].T  # (out, in)
+        return w.to(dtype)
+
+
+def max_code(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of ``w`` (rows, cols) from its min/max, the range always holding 0."""
+    maxq = max_code(bits)
+    w = w.to(torch.float32)
+    xmin = w.amin(dim=1).clamp(max=0.0)  # (rows,)
+    xmax = w.amax(dim=1).clamp(min=0.0)  # (rows,)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+        # v1-exact: a zero of 0 is not representable; shift to 1 and stretch the scale over xmax.
+        at_zero = zero < 1
+        scale = torch.where(at_zero, xmax / (maxq - 1), scale)
+        zero = zero.clamp(min=1.0, max=float(maxq))
+    scale = scale.clamp_min(1e-7).to(torch.float16).to(torch.float32)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` (rows, cols) for per-row ``scale``/``zero`` (rows,), as float."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, max_code(bits))
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize ``w`` (rows, cols); the result is what the packed model computes with."""
+    return scale[:, None] * (quantize_codes(w, scale, zero, bits) - zero[:, None])
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else in_features // group_size
+
+
+def check_groupable(in_features: int, group_size: int, name: str = "module") -> None:
+    if group_size != -1 and in_features % group_size != 0:
+        raise ValueError(
+            f"group size {group_size} does not divide in_features={in_features} of {name}: "
+            f"pick a group size that divides {in_features} (e.g. 32, 64, 128 where they divide it) or -1 for per-channel."
+        )
+
+
+def rtn_quantize(weight: torch.Tensor, spec: ModuleSpec) -> QuantizedWeight:
+    """Round-to-nearest: each group's min/max sets its grid; no error feedback."""
+    w = weight.detach().to(torch.float32)  # (out, in)
+    out_f, in_f = w.shape
+    check_groupable(in_f, spec.group_size)
+    gs = in_f if spec.group_size == -1 else spec.group_size
+    n_groups = in_f // gs
+    scales = torch.empty(n_groups, out_f, device=w.device)
+    zeros = torch.empty(n_groups, out_f, device=w.device)
+    codes = torch.empty(out_f, in_f, device=w.device)
+    for g in range(n_groups):
+        cols = slice(g * gs, (g + 1) * gs)
+        scale, zero = compute_qparams(w[:, cols], spec.bits, spec.sym)
+        scales[g], zeros[g] = scale, zero
+        codes[:, cols] = quantize_codes(w[:, cols], scale, zero, spec.bits)
+    return QuantizedWeight(
+        intweight=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=(torch.arange(in_f, device=w.device) // gs).to(torch.int32),
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+    )
