@@ -66,6 +66,7 @@ class QuantConfig:
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs
+    partial_groups: bool = False  # allow a shorter last group when group_size does not divide in_features
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

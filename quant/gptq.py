@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .config import ModuleSpec
-from .quantizer import QuantizedWeight, check_groupable, compute_qparams, max_code, rtn_quantize
+from .quantizer import QuantizedWeight, compute_qparams, max_code, rtn_quantize
 
 log = logging.getLogger("hmq")
 
@@ -66,7 +66,6 @@ def gptq_quantize(
     W = weight.detach().to(torch.float32).clone()  # (out, in)
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (in, in)
     out_f, in_f = W.shape
-    check_groupable(in_f, spec.group_size, name)
     bits, maxq = spec.bits, max_code(spec.bits)
     gs = spec.group_size
 

@@ -13,16 +13,19 @@ Method = Callable[[torch.Tensor, Optional[torch.Tensor], ModuleSpec, QuantConfig
 
 
 class MethodInfo:
-    def __init__(self, fn: Method, needs_hessian: bool, help: str):
-        self.fn, self.needs_hessian, self.help = fn, needs_hessian, help
+    """``row_independent``: each output row is quantized on its own given ``H``, so modules sharing an
+    input (q/k/v) can be stacked into one call with identical results."""
+
+    def __init__(self, fn: Method, needs_hessian: bool, help: str, row_independent: bool = True):
+        self.fn, self.needs_hessian, self.help, self.row_independent = fn, needs_hessian, help, row_independent
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(name: str, needs_hessian: bool, help: str) -> Callable[[Method], Method]:
+def register(name: str, needs_hessian: bool, help: str, row_independent: bool = True) -> Callable[[Method], Method]:
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(fn, needs_hessian, help)
+        METHODS[name] = MethodInfo(fn, needs_hessian, help, row_independent)
         return fn
 
     return wrap

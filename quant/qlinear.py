@@ -41,7 +41,7 @@ def dequantize_packed(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dt
 @register_kernel("torch")
 def torch_kernel(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     w = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype)
-    return F.linear(x, w, layer.bias)
+    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def select_kernel(device: torch.device) -> str:
@@ -92,8 +92,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel or select_kernel(x.device)
-        out = KERNELS[kernel](self, x)
-        return out if self.bias is None or out.dtype == x.dtype else out.to(x.dtype)
+        return KERNELS[kernel](self, x)
 
     @property
     def storage_bytes(self) -> int:

@@ -36,6 +36,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.intweight.shape)
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``start:stop`` (to split a stacked q/k/v solve back into modules)."""
+        return QuantizedWeight(self.intweight[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
+                               self.g_idx, self.bits, self.group_size, self.sym)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
         w = (self.intweight.to(torch.float32) - self.zeros[g].T.to(torch.float32)) * self.scales[g].T  # (out, in)
@@ -82,14 +87,18 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def group_count(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else in_features // group_size
+    """Groups along ``in``; a last, shorter group is allowed (GPTQ's reference does the same)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
 
 
-def check_groupable(in_features: int, group_size: int, name: str = "module") -> None:
-    if group_size != -1 and in_features % group_size != 0:
+def check_groupable(in_features: int, group_size: int, name: str = "module", partial_groups: bool = False) -> None:
+    """Refuse a group size that does not divide ``in_features`` unless partial last groups are allowed."""
+    if group_size != -1 and in_features % group_size != 0 and not partial_groups:
+        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
         raise ValueError(
-            f"group size {group_size} does not divide in_features={in_features} of {name}: "
-            f"pick a group size that divides {in_features} (e.g. 32, 64, 128 where they divide it) or -1 for per-channel."
+            f"group size {group_size} does not divide in_features={in_features} of {name}: pick one that does "
+            f"({', '.join(map(str, divisors)) or 'none of 32/64/128/256 does'}), -1 for per-channel, or allow a "
+            "shorter last group with --partial-groups (GPTQModel and transformers load that; vLLM does not)."
         )
 
 
@@ -97,9 +106,8 @@ def rtn_quantize(weight: torch.Tensor, spec: ModuleSpec) -> QuantizedWeight:
     """Round-to-nearest: each group's min/max sets its grid; no error feedback."""
     w = weight.detach().to(torch.float32)  # (out, in)
     out_f, in_f = w.shape
-    check_groupable(in_f, spec.group_size)
     gs = in_f if spec.group_size == -1 else spec.group_size
-    n_groups = in_f // gs
+    n_groups = group_count(in_f, gs)
     scales = torch.empty(n_groups, out_f, device=w.device)
     zeros = torch.empty(n_groups, out_f, device=w.device)
     codes = torch.empty(out_f, in_f, device=w.device)

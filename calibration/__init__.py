@@ -1,0 +1,1 @@
+"""Calibration: text sources, activation capture and the statistics gathered from them."""

@@ -1,0 +1,81 @@
+"""Architectures as data: where the decoder layers are, which linears they hold, in which order
+GPTQ's true-sequential mode quantizes them, and which must share one bit width because inference
+engines (vLLM, exllama, TGI) fuse them into one matmul."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Block:
+    """A submodule whose output is a function of its last linear's input alone once its weights are
+    fixed, e.g. attention returns ``(o_proj(x), weights)``: the pipeline replays it from that input."""
+
+    module: str
+    out_linear: str
+    returns_tuple: bool
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # attribute path of the nn.ModuleList of decoder layers
+    sequential: tuple[tuple[str, ...], ...]  # linears per step, names relative to a layer
+    fused: tuple[tuple[str, ...], ...]  # groups that engines run as one matmul: same bits, group size, sym
+    shared_input: tuple[tuple[str, ...], ...] = ()  # linears the layer feeds the very same tensor
+    blocks: tuple[Block, ...] = ()  # replayable blocks (see calibration/capture.py)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.sequential for name in group)
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+LLAMA_LIKE = Arch(
+    layers="model.layers",
+    sequential=(_QKV, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",)),
+    fused=(_QKV, _GATE_UP),
+    shared_input=(_QKV, _GATE_UP),
+    blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
+)
+
+# model_type (config.json) -> layout. Every entry here is exercised by tests/test_arch.py.
+ARCHS: dict[str, Arch] = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+}
+
+
+def get_arch(model_type: str) -> Arch:
+    if model_type not in ARCHS:
+        raise ConfigError(
+            f"architecture {model_type!r} is not supported yet; supported model types: {', '.join(sorted(ARCHS))}. "
+            "Adding one is a table entry in quant/arch.py."
+        )
+    return ARCHS[model_type]
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def decoder_layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
+    return model.get_submodule(arch.layers)
+
+
+def fused_group_of(arch: Arch, linear: str) -> tuple[str, ...]:
+    for group in arch.fused:
+        if linear in group:
+            return group
+    return (linear,)

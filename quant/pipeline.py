@@ -1,0 +1,166 @@
+"""The sequential pipeline: capture the first decoder layer's inputs, then quantize one layer at a
+time on the working device and feed its *quantized* outputs to the next layer (GPTQ, §4
+"Implementation details"), so peak memory is about one layer plus the calibration activations."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.capture import LayerInput, Replay, capture_layer_inputs, collect_hessians, run_layer
+
+from .arch import Arch, decoder_layers, set_submodule
+from .config import ConfigError, ModuleSpec, QuantConfig
+from .methods import get_method
+from .qlinear import QuantLinear
+
+log = logging.getLogger("hmq")
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    bits: int
+    group_size: int
+    params: int
+    bytes: int  # storage of the weight: packed codes + scales + zeros, or fp16 when kept
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    modules: list[ModuleResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bpw(self) -> float:
+        return 8 * sum(m.bytes for m in self.modules) / max(1, sum(m.params for m in self.modules))
+
+
+def module_specs(model: nn.Module, arch: Arch, config: QuantConfig) -> dict[str, ModuleSpec]:
+    """Spec of every quantizable linear (full name -> spec); checks that fused groups agree."""
+    specs = {}
+    for i, _ in enumerate(decoder_layers(model, arch)):
+        prefix = f"{arch.layers}.{i}."
+        for name in arch.linears:
+            specs[prefix + name] = config.spec_for(prefix + name)
+        for group in arch.fused:
+            distinct = {specs[prefix + n] for n in group}
+            if len(distinct) > 1:
+                detail = ", ".join(f"{n}={specs[prefix + n].bits}b/g{specs[prefix + n].group_size}" for n in group)
+                raise ConfigError(
+                    f"layer {i}: {', '.join(group)} are run as one fused matmul by inference engines and must share "
+                    f"bits, group size and sym, but got {detail}: make the overrides cover the whole group."
+                )
+    return specs
+
+
+def fp16_bytes(linear: nn.Linear) -> int:
+    return linear.weight.numel() * 2
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: QuantConfig,
+                   device: torch.device, batch_size: int = 8, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`."""
+    method = get_method(config.method)
+    layers = decoder_layers(model, arch)
+    specs = module_specs(model, arch, config)
+    for name, spec in specs.items():  # fail before any work on shapes that cannot be grouped or packed
+        if not spec.keep:
+            _check_shape(model.get_submodule(name), name, spec, config.partial_groups)
+    report = QuantReport()
+    t_start = time.perf_counter()
+    inputs = capture_layer_inputs(model, layers, windows, device, batch_size)
+    steps = arch.sequential if config.true_sequential else (arch.linears,)
+    bar = tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress, unit="layer")
+    for i in bar:
+        layer = layers[i].to(device)
+        prefix = f"{arch.layers}.{i}."
+        results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method)
+        inputs = results.pop("__outputs__")
+        for n in arch.linears:
+            linear = layer.get_submodule(n)
+            if n in results:
+                qw, secs = results[n]
+                qlinear = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
+                set_submodule(layer, n, qlinear)
+                report.modules.append(ModuleResult(prefix + n, qw.bits, qw.group_size, linear.weight.numel(),
+                                                   qlinear.storage_bytes, secs))
+            else:
+                report.modules.append(ModuleResult(prefix + n, 16, -1, linear.weight.numel(), fp16_bytes(linear), 0.0))
+        layers[i] = layer.to("cpu")
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput],
+                   specs: dict[str, ModuleSpec], config: QuantConfig, method) -> dict:
+    """Quantize one decoder layer step by step; returns {linear: (QuantizedWeight, seconds)} plus
+    ``__outputs__``, the layer's outputs computed with its quantized weights."""
+    results: dict = {}
+    replay = Replay()
+    done: set[str] = set()
+    for group in steps:
+        names = [n for n in group if not specs[prefix + n].keep]
+        keep_inputs = tuple(b.out_linear for b in arch.blocks if b.out_linear in group)
+        hessians, kept = {}, {}
+        if (names and method.needs_hessian) or keep_inputs:
+            hessians, kept = collect_hessians(layer, names if method.needs_hessian else [], inputs, prefix,
+                                              replay, keep_inputs, arch.shared_input)
+        for members in _stacks(names, hessians, specs, prefix, method.row_independent):
+            t0 = time.perf_counter()
+            linears = [layer.get_submodule(n) for n in members]
+            weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+            label = prefix + ("{" + ",".join(members) + "}" if len(members) > 1 else members[0])
+            qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
+            secs = (time.perf_counter() - t0) / len(members)
+            row = 0
+            for n, lin in zip(members, linears):
+                part = qw.rows(row, row + lin.out_features) if len(members) > 1 else qw
+                row += lin.out_features
+                lin.weight.data = part.dequantize(lin.weight.dtype)  # later steps see the quantized module
+                results[n] = (part, secs)
+        done.update(group)
+        for block in arch.blocks:  # a block whose linears are all final is replayed, not recomputed
+            inside = [n for n in arch.linears if n.startswith(block.module + ".")]
+            if block.out_linear in kept and all(n in done for n in inside):
+                out_linear = layer.get_submodule(block.out_linear)
+                outs = [out_linear(x) for x in kept[block.out_linear]]
+                replay.outputs[block.module] = [(o, None) for o in outs] if block.returns_tuple else outs
+        del hessians, kept
+    results["__outputs__"] = run_layer(layer, inputs, replay)
+    return results
+
+
+def _stacks(names: list[str], hessians: dict, specs: dict, prefix: str, row_independent: bool) -> list[list[str]]:
+    """Modules that share ``H`` (same input) and spec are solved as one stacked weight."""
+    stacks: list[list[str]] = []
+    for n in names:
+        for st in stacks:
+            m = st[0]
+            if row_independent and m in hessians and hessians[m] is hessians.get(n) and specs[prefix + m] == specs[prefix + n]:
+                st.append(n)
+                break
+        else:
+            stacks.append([n])
+    return stacks
+
+
+def _check_shape(linear: nn.Module, name: str, spec: ModuleSpec, partial_groups: bool) -> None:
+    from .packing import check_packable
+    from .quantizer import check_groupable
+
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"{name} is a {type(linear).__name__}, not nn.Linear: it cannot be quantized by hmq.")
+    out_f, in_f = linear.weight.shape
+    try:
+        check_groupable(in_f, spec.group_size, name, partial_groups)
+        check_packable(in_f, spec.bits, f"{name} in_features")
+        check_packable(out_f, spec.bits, f"{name} out_features")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
