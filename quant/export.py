@@ -152,6 +152,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantCo
                             for n, s in specs.items()}}
         meta.update(extra or {})
         (tmp / "hmq.json").write_text(json.dumps(meta, indent=2))
+        _set_permissions(tmp)
         if out.exists():  # --overwrite: swap folders, then drop the old one
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -163,6 +164,15 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantCo
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _set_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the checkpoint the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:

@@ -67,6 +67,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
     """Inverse of :func:`pack_rows`: int32 (..., m) -> codes (..., m*32/bits) as uint8."""
     m = packed.shape[-1]
     period, words = codes_per_period(bits)
+    if words == 1:  # 2/4/8 bits: whole codes per word; int32 shifts (sign bits are masked off)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)  # (period,)
+        out = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., m, period)
+        out = out.reshape(*packed.shape[:-1], m * period)
+        if n is not None and out.shape[-1] != n:
+            raise ValueError(f"unpacked length {out.shape[-1]} does not match the expected {n}.")
+        return out.to(torch.uint8)
     if m % words != 0:
         raise ValueError(f"packed axis of length {m} is not a whole number of {bits}-bit runs ({words} words each).")
     p = packed.to(torch.int64) & 0xFFFFFFFF

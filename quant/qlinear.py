@@ -29,13 +29,33 @@ def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
 
 
 def dequantize_packed(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Weight (out, in) in ``dtype`` from GPTQ-packed tensors; the reference every kernel must match."""
+    """Weight (out, in) in ``dtype`` from GPTQ-packed tensors; the reference every kernel must match.
+
+    Works in the stored (in, out) orientation and returns a transposed view, which ``F.linear``
+    consumes without a copy.
+    """
     in_f, out_f = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    codes = unpack_rows(qweight.T, bits, in_f).to(torch.float32)  # (out, in)
+    if 32 % bits == 0:  # whole codes per word: one broadcast shift along the packed axis
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, -1, 1)
+        codes = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(in_f, out_f)  # (in, out)
+    else:
+        codes = unpack_rows(qweight.T, bits, in_f).T  # (in, out)
+    codes = codes.to(torch.float32)
     zeros = unpack_rows(qzeros, bits, out_f).to(torch.float32) + 1  # (n_groups, out)
-    g = g_idx.long()  # (in,)
-    w = (codes - zeros[g].T) * scales.to(torch.float32)[g].T  # (out, in)
-    return w.to(dtype)
+    scales = scales.to(torch.float32)  # (n_groups, out)
+    n_groups = scales.shape[0]
+    if in_f % n_groups == 0 and torch.equal(g_idx, _contiguous_groups(in_f, n_groups, g_idx.device)):
+        gs = in_f // n_groups  # groups are runs of rows: broadcast instead of gathering
+        w = (codes.view(n_groups, gs, out_f) - zeros[:, None, :]) * scales[:, None, :]
+        w = w.view(in_f, out_f)
+    else:
+        g = g_idx.long()  # (in,)
+        w = (codes - zeros[g]) * scales[g]  # (in, out)
+    return w.to(dtype).T  # (out, in)
+
+
+def _contiguous_groups(in_f: int, n_groups: int, device) -> torch.Tensor:
+    return torch.arange(in_f, device=device, dtype=torch.int32) // (in_f // n_groups)
 
 
 @register_kernel("torch")
