@@ -1,0 +1,89 @@
+"""Fixtures: tiny models built from a config (no download) with a tokenizer trained on text made here."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+WORDS = ("the a compiler program memory network protocol data file system user kernel process thread "
+         "function variable language machine computer software hardware interface object class method "
+         "runs uses stores sends reads writes builds calls returns defines is was has of in to for with "
+         "and or but fast small large simple early modern common").split()
+
+
+def make_text(n_sentences: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sents = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 16))]
+        sents.append(" ".join(words).capitalize() + ".")
+    paras = [" ".join(sents[i : i + 5]) for i in range(0, len(sents), 5)]
+    return "\n\n".join(paras) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_text(2000, 0).split("\n"), trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    return path
+
+
+def tiny_config(model_type: str = "llama", **kw):
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    if model_type == "qwen3":
+        base["head_dim"] = 16
+    base.update(kw)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def build_tiny(model_type: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw), dtype=torch.float32).eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama saved with save_pretrained, with its tokenizer, as a user's local folder."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny("llama").save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(make_text(1500, 1))
+    return path
+
+
+def windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, seqlen), generator=g)

@@ -1,0 +1,124 @@
+"""The ``hmq`` command end to end on a tiny local model and text, and every bad input's message."""
+import json
+
+import pytest
+import torch
+
+import cli
+
+from .conftest import build_tiny
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def quantize_args(model, text, out, *extra, group_size=32):
+    return ["quantize", "--model", model, "--calib", text, "--nsamples", 4, "--seqlen", 32, "--group-size", group_size,
+            "--out", out, "--no-progress", *extra]
+
+
+def test_quantize_inspect_eval(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "w4"
+    assert run(*quantize_args(tiny_model_dir, text_file, out, "--bits", 4, "--override", r"layers\.1\.mlp\.down_proj=8")) == 0
+    summary = capsys.readouterr().out
+    assert "bpw" in summary and str(out) in summary
+    assert run("inspect", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    mods = report["modules"]
+    assert len(mods) == 14 and mods["model.layers.1.mlp.down_proj"]["bits"] == 8
+    assert mods["model.layers.0.mlp.down_proj"]["bits"] == 4
+    # bpw counts codes + fp16 scales + packed zeros: 4 + (16 + 4)/32 for the 4-bit modules
+    four = [m for m in mods.values() if m["bits"] == 4]
+    assert sum(8 * m["bytes"] for m in four) / sum(m["params"] for m in four) == pytest.approx(4 + 20 / 32)
+    res = tmp_path / "ppl.json"
+    assert run("eval", "--model", out, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--baseline",
+               "--json", res, "--no-progress") == 0
+    data = json.loads(res.read_text())
+    assert data["windows"] == 3 and data["tokens"] == 3 * 63 and data["ppl"] > 1
+    assert data["baseline"]["ppl"] > 1 and data["baseline"]["model"] == str(tiny_model_dir)
+
+
+def test_preset_file_and_unknown_key(tiny_model_dir, text_file, tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("method: rtn\nbits: 3\ngroup_size: 32\n")
+    assert run(*quantize_args(tiny_model_dir, text_file, tmp_path / "o", "--config", preset)) == 0
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert cfg["bits"] == 3 and cfg["meta"]["hmq_method"] == "rtn"
+    preset.write_text("bits: 3\ngroupsize: 32\n")
+    assert run(*quantize_args(tiny_model_dir, text_file, tmp_path / "o2", "--config", preset)) == 2
+    assert "groupsize" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_dirs(tmp_path_factory, tokenizer_dir):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("bad")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    gpt2.save_pretrained(root / "gpt_neox_like")
+    nan = build_tiny("llama")
+    with torch.no_grad():
+        nan.model.layers[0].input_layernorm.weight[0] = float("nan")
+    nan.save_pretrained(root / "nan")
+    tok.save_pretrained(root / "nan")
+    (root / "empty.txt").write_text("\n\n   \n")
+    (root / "notamodel").mkdir()
+    return root
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("bits", ["--bits", 5], "bits=5 is not supported"),
+    ("group", None, "group size 48 does not divide in_features=64"),
+    ("missing", None, "does not exist"),
+    ("notamodel", None, "no config.json"),
+    ("arch", None, "architecture 'gpt2' is not supported"),
+    ("nan", None, "NaN or Inf in the calibration activations entering model.layers.0"),
+    ("empty", None, "is empty"),
+    ("exists", None, "already exists"),
+    ("override", ["--override", "q_proj"], "must look like REGEX=BITS"),
+])
+def test_bad_input_clear_error_nothing_written(case, extra, message, tiny_model_dir, text_file, bad_dirs, tmp_path, capsys):
+    model, text, out = tiny_model_dir, text_file, tmp_path / "out"
+    if case == "missing":
+        model = tmp_path / "no" / "such-model"
+    elif case == "notamodel":
+        model = bad_dirs / "notamodel"
+    elif case == "arch":
+        model = bad_dirs / "gpt_neox_like"
+    elif case == "nan":
+        model = bad_dirs / "nan"
+    elif case == "empty":
+        text = bad_dirs / "empty.txt"
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    args = quantize_args(model, text, out, *(extra or []), group_size=48 if case == "group" else 32)
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    if case == "exists":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_overwrite_replaces_existing_output(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    assert run(*quantize_args(tiny_model_dir, text_file, out, "--method", "rtn", "--overwrite")) == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        run("quantize", "--help")
+    text = capsys.readouterr().out
+    for flag in ("--model", "--bits", "--group-size", "--method", "--calib", "--nsamples", "--seqlen", "--seed",
+                 "--act-order", "--sym", "--damp-percent", "--dtype", "--device", "--out", "--overwrite"):
+        assert flag in text

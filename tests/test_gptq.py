@@ -1,0 +1,115 @@
+import logging
+
+import pytest
+import torch
+
+from calibration.capture import capture_layer_inputs, collect_hessians
+from quant.config import ModuleSpec
+from quant.gptq import gptq_quantize
+from quant.quantizer import compute_qparams, rtn_quantize
+
+from .conftest import build_tiny, windows
+
+
+def output_error(qw, w, X):
+    return ((X @ (qw.dequantize() - w).T) ** 2).mean().item()  # ‖(Ŵ - W) X‖² per element
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_codes_and_params_in_range(bits, group_size, sym):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 0.05
+    qw = rtn_quantize(w, ModuleSpec(bits, group_size, sym))
+    assert int(qw.intweight.max()) <= 2**bits - 1
+    assert torch.equal(qw.scales, qw.scales.half().float())  # stored exactly in fp16
+    assert int(qw.zeros.min()) >= 1
+    # rounding error is at most half a step wherever the value lies inside the grid
+    err = (qw.dequantize() - w).abs()
+    step = qw.scales[qw.g_idx.long()].T
+    assert (err <= step * 0.5 + 1e-6).float().mean() > 0.95
+
+
+def test_partial_last_group():
+    torch.manual_seed(0)
+    w = torch.randn(8, 96)
+    qw = rtn_quantize(w, ModuleSpec(4, 64))
+    assert qw.scales.shape == (2, 8) and int(qw.g_idx.max()) == 1
+    assert torch.equal(qw.scales[1], compute_qparams(w[:, 64:], 4, False)[0])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_with_identity_hessian_is_rtn(bits, group_size, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(24, 128)
+    spec = ModuleSpec(bits, group_size, sym)
+    g, r = gptq_quantize(w, torch.eye(128), spec, damp_percent=0.01), rtn_quantize(w, spec)
+    assert torch.equal(g.intweight, r.intweight)
+    assert torch.equal(g.scales, r.scales) and torch.equal(g.zeros, r.zeros)
+
+
+@pytest.fixture(scope="module")
+def real_activations():
+    """Inputs of layer 0's q_proj and down_proj in a tiny Llama on token windows."""
+    model = build_tiny("llama")
+    layers = model.model.layers
+    inputs = capture_layer_inputs(model, layers, windows(16, 64), torch.device("cpu"), 8)
+    H, kept = collect_hessians(layers[0], ["self_attn.q_proj", "mlp.down_proj"], inputs,
+                               keep_inputs=("self_attn.q_proj", "mlp.down_proj"))
+    return layers[0], H, {n: torch.cat(v).reshape(-1, v[0].shape[-1]) for n, v in kept.items()}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("module", ["self_attn.q_proj", "mlp.down_proj"])
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_gptq_layer_error_below_rtn(real_activations, bits, module, act_order, static):
+    layer, H, X = real_activations
+    w = layer.get_submodule(module).weight
+    spec = ModuleSpec(bits, 32, False)
+    g = gptq_quantize(w, H[module], spec, act_order=act_order, static_groups=static)
+    r = rtn_quantize(w, spec)
+    assert output_error(g, w, X[module]) < output_error(r, w, X[module])
+
+
+def test_act_order_keeps_group_index_per_column(real_activations):
+    layer, H, _ = real_activations
+    w = layer.get_submodule("mlp.down_proj").weight
+    qw = gptq_quantize(w, H["mlp.down_proj"], ModuleSpec(4, 32), act_order=True)
+    assert qw.g_idx.shape == (w.shape[1],)
+    assert torch.bincount(qw.g_idx.long()).tolist() == [32] * (w.shape[1] // 32)
+    assert not torch.equal(qw.g_idx, torch.arange(w.shape[1], dtype=torch.int32) // 32)  # really permuted
+
+
+def test_failed_cholesky_retries_then_falls_back_loudly(caplog):
+    torch.manual_seed(0)
+    w = torch.randn(8, 32)
+    H = -torch.eye(32)  # negative definite: no damping makes it factorizable
+    with caplog.at_level(logging.WARNING, logger="hmq"):
+        qw = gptq_quantize(w, H, ModuleSpec(4, 32), name="layers.7.mlp.up_proj")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("retrying" in m for m in messages) == 4
+    assert all("layers.7.mlp.up_proj" in m for m in messages)
+    assert any("falling back to round-to-nearest" in m for m in messages)
+    assert torch.equal(qw.intweight, rtn_quantize(w, ModuleSpec(4, 32)).intweight)
+
+
+def test_damping_retry_recovers_a_singular_hessian(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    H = 2 * x.T @ x  # rank 4 of 32
+    H -= 0.05 * torch.eye(32) * H.diagonal().mean()  # indefinite: 1% damping fails, 10% works
+    with caplog.at_level(logging.WARNING, logger="hmq"):
+        gptq_quantize(torch.randn(8, 32), H, ModuleSpec(4, 32), name="layers.0.q")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("retrying" in m for m in messages) and not any("falling back" in m for m in messages)
+
+
+def test_dead_inputs_get_zero_weight():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    x[:, 5] = 0
+    qw = gptq_quantize(torch.randn(8, 32), 2 * x.T @ x / 256, ModuleSpec(4, 32))
+    assert torch.all(qw.dequantize()[:, 5] == 0)

@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import torch
+
+from calibration.capture import capture_layer_inputs, run_layer
+from calibration.hessian import HessianAccumulator
+from quant.arch import ARCHS, get_arch
+from quant.config import ConfigError, ModuleSpec, QuantConfig
+from quant.export import load_quantized, quantization_config, read_tensors, save_quantized, spec_from_quantization_config
+from quant.gptq import gptq_quantize
+from quant.pipeline import quantize_model
+from quant.qlinear import QuantLinear
+
+from .conftest import build_tiny, windows
+
+CPU = torch.device("cpu")
+
+
+def naive_gptq(model, arch, w, spec):
+    """The textbook sequential GPTQ loop: a full layer forward per step, one module at a time."""
+    layers = model.model.layers
+    inputs = capture_layer_inputs(model, layers, w, CPU, 4)
+    for layer in layers:
+        for group in arch.sequential:
+            accs = {n: HessianAccumulator(n) for n in group}
+            hooks = [layer.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0])) for n in group]
+            run_layer(layer, inputs)
+            for h in hooks:
+                h.remove()
+            for n in group:
+                lin = layer.get_submodule(n)
+                lin.weight.data = gptq_quantize(lin.weight, accs[n].hessian(), spec).dequantize()
+        inputs = run_layer(layer, inputs)
+
+
+def test_pipeline_equals_textbook_sequential_gptq():
+    model, ref = build_tiny("llama"), build_tiny("llama")
+    w = windows(8, 32)
+    quantize_model(model, get_arch("llama"), w, QuantConfig(bits=3, group_size=32), CPU, batch_size=4, progress=False)
+    naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32))
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.dequantize(), ref.get_submodule(name).weight), name
+    x = windows(2, 32, seed=5)
+    assert torch.allclose(model(x).logits, ref(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_every_supported_architecture_quantizes_saves_and_reloads(model_type, tmp_path):
+    model = build_tiny(model_type)
+    fp = copy.deepcopy(model)
+    report = quantize_model(model, get_arch(model_type), windows(4, 32), QuantConfig(bits=4, group_size=32), CPU,
+                            progress=False)
+    assert len(report.modules) == 2 * 7 and all(m.bits == 4 for m in report.modules)
+    x = windows(2, 32, seed=3)
+    out = save_quantized(model, None, tmp_path / "ckpt", QuantConfig(bits=4, group_size=32), save_dtype=torch.float32)
+    reloaded = load_quantized(out)
+    assert torch.equal(model(x).logits, reloaded(x).logits)
+    # and the quantized model is still close to the full-precision one at 4 bits
+    rel = (model(x).logits - fp(x).logits).norm() / fp(x).logits.norm()
+    assert rel < 0.2
+
+
+def test_fp16_checkpoint_reloads_and_resaves_bit_identically(tmp_path):
+    model = build_tiny("llama")
+    cfg = QuantConfig(bits=3, group_size=32, act_order=True, overrides={r"layers\.1\.mlp\.down_proj": {"bits": 8},
+                                                                        r"layers\.0\.mlp\.(gate|up)_proj": {"bits": 16}})
+    quantize_model(model, get_arch("llama"), windows(8, 32), cfg, CPU, progress=False)
+    first = save_quantized(model, None, tmp_path / "a", cfg)
+    again = save_quantized(load_quantized(first), None, tmp_path / "b", cfg)
+    a, b = read_tensors(first), read_tensors(again)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.embed_tokens.weight"].dtype == torch.float16 and "lm_head.weight" not in a  # tied, stored once
+    reloaded = load_quantized(first)
+    assert isinstance(reloaded.model.layers[0].mlp.gate_proj, torch.nn.Linear)
+    assert reloaded.model.layers[1].mlp.down_proj.bits == 8
+    assert reloaded.model.layers[1].self_attn.q_proj.bits == 3
+
+
+def test_quantization_config_round_trips_per_module_specs():
+    specs = {"model.layers.0.self_attn.q_proj": ModuleSpec(4, 128), "model.layers.0.mlp.down_proj": ModuleSpec(8, 64, True),
+             "model.layers.1.mlp.down_proj": None, "model.layers.1.self_attn.q_proj": ModuleSpec(4, 128)}
+    qc = quantization_config(specs, QuantConfig())
+    assert qc["bits"] == 4 and qc["group_size"] == 128 and qc["checkpoint_format"] == "gptq"
+    for name, spec in specs.items():
+        assert spec_from_quantization_config(qc, name) == spec
+    assert spec_from_quantization_config(qc, "model.layers.10.mlp.down_proj") == ModuleSpec(4, 128)  # anchored
+
+
+def test_quant_config_dict_round_trip_and_unknown_keys():
+    cfg = QuantConfig(method="rtn", bits=3, group_size=64, sym=True, act_order=True, static_groups=True,
+                      overrides={"down_proj": {"bits": 8}})
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown quantization setting"):
+        QuantConfig.from_dict({"bits": 4, "groupsize": 128})
+    assert cfg.spec_for("model.layers.0.mlp.down_proj").bits == 8 and cfg.spec_for("x.q_proj").bits == 3
+
+
+def test_fused_groups_must_share_bits():
+    model = build_tiny("llama")
+    cfg = QuantConfig(bits=4, group_size=32, overrides={r"q_proj": {"bits": 3}})
+    with pytest.raises(ConfigError, match="fused matmul"):
+        quantize_model(model, get_arch("llama"), windows(2, 16), cfg, CPU, progress=False)
+
+
+def test_unknown_architecture_names_supported_ones():
+    with pytest.raises(ConfigError, match="llama.*mistral.*qwen2"):
+        get_arch("gpt_neox")
+
+
+def test_nan_activations_name_the_module():
+    from calibration.hessian import CalibrationError
+
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(CalibrationError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        quantize_model(model, get_arch("llama"), windows(2, 16), QuantConfig(bits=4, group_size=32), CPU, progress=False)
