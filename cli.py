@@ -265,9 +265,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="hmq: %(message)s")
+    if not log.handlers:  # our messages only; other libraries keep their own logging
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("hmq: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from calibration.data import DataError
     from calibration.hessian import CalibrationError
     from quant.config import ConfigError
