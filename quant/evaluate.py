@@ -3,6 +3,7 @@ tokenize once, cut it into non-overlapping windows of ``seqlen`` tokens, and tak
 ``exp(mean NLL)`` over every predicted token."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .qlinear import dequantized_cache
 
 
 @torch.no_grad()
@@ -26,12 +29,14 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         n_windows = min(n_windows, max_windows)
     t0 = time.perf_counter()
     total_nll, total_tokens = 0.0, 0
-    for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, unit="window"):
-        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)  # (1, seqlen)
-        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()  # (seqlen-1, vocab)
-        nll = F.cross_entropy(logits, x[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += seqlen - 1
+    cache = dequantized_cache(model) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with cache:
+        for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, unit="window"):
+            x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)  # (1, seqlen)
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()  # (seqlen-1, vocab)
+            nll = F.cross_entropy(logits, x[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            total_tokens += seqlen - 1
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
             "seconds": time.perf_counter() - t0}

@@ -107,7 +107,8 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
     done: set[str] = set()
     for group in steps:
         names = [n for n in group if not specs[prefix + n].keep]
-        keep_inputs = tuple(b.out_linear for b in arch.blocks if b.out_linear in group)
+        # block replay pays off only when the step runs a pass anyway (methods that need H)
+        keep_inputs = tuple(b.out_linear for b in arch.blocks if b.out_linear in group) if method.needs_hessian else ()
         hessians, kept = {}, {}
         if (names and method.needs_hessian) or keep_inputs:
             hessians, kept = collect_hessians(layer, names if method.needs_hessian else [], inputs, prefix,

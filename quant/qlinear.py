@@ -60,7 +60,11 @@ def _contiguous_groups(in_f: int, n_groups: int, device) -> torch.Tensor:
 
 @register_kernel("torch")
 def torch_kernel(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-    w = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype)
+    w = layer._cached
+    if w is None or w.dtype != x.dtype or w.device != x.device:
+        w = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, x.dtype)
+        if layer.cache_dequantized:
+            layer._cached = w
     return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
@@ -91,6 +95,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.kernel: str | None = None  # None: choose on first call from the input's device
+        self.cache_dequantized = False  # torch kernel: keep the dequantized weight (fast repeated CPU evals)
+        self._cached: torch.Tensor | None = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -102,6 +108,10 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    def _apply(self, fn, recurse=True):
+        self._cached = None  # moved or cast: the cache would be stale
+        return super()._apply(fn, recurse)
 
     def unpack(self) -> QuantizedWeight:
         return unpack_gptq({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx},
@@ -122,3 +132,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}")
+
+
+class dequantized_cache:
+    """``with dequantized_cache(model):`` the PyTorch path keeps each layer's dequantized weight
+    for the duration (memory of an fp model, much faster for many forward passes on a CPU)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.cache_dequantized = True
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.cache_dequantized, m._cached = False, None

@@ -83,7 +83,19 @@ def test_act_order_keeps_group_index_per_column(real_activations):
     assert not torch.equal(qw.g_idx, torch.arange(w.shape[1], dtype=torch.int32) // 32)  # really permuted
 
 
-def test_failed_cholesky_retries_then_falls_back_loudly(caplog):
+@pytest.fixture
+def hmq_log(caplog):
+    """caplog wired to the "hmq" logger directly (the CLI turns its propagation off)."""
+    logger = logging.getLogger("hmq")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_failed_cholesky_retries_then_falls_back_loudly(hmq_log):
+    caplog = hmq_log
     torch.manual_seed(0)
     w = torch.randn(8, 32)
     H = -torch.eye(32)  # negative definite: no damping makes it factorizable
@@ -96,7 +108,8 @@ def test_failed_cholesky_retries_then_falls_back_loudly(caplog):
     assert torch.equal(qw.intweight, rtn_quantize(w, ModuleSpec(4, 32)).intweight)
 
 
-def test_damping_retry_recovers_a_singular_hessian(caplog):
+def test_damping_retry_recovers_a_singular_hessian(hmq_log):
+    caplog = hmq_log
     torch.manual_seed(0)
     x = torch.randn(4, 32)
     H = 2 * x.T @ x  # rank 4 of 32
