@@ -69,11 +69,17 @@ def torch_kernel(layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
 
 
 def select_kernel(device: torch.device) -> str:
+    """``HMQ_KERNEL`` if set; else Triton on CUDA when it is installed; else the PyTorch reference."""
+    from . import kernels
+
+    kernels.load()
     forced = os.environ.get("HMQ_KERNEL")
     if forced:
         if forced not in KERNELS:
-            raise ValueError(f"HMQ_KERNEL={forced!r} is not a known kernel: choose one of {sorted(KERNELS)}.")
+            raise ValueError(f"HMQ_KERNEL={forced!r} is not an available kernel here: choose one of {sorted(KERNELS)}.")
         return forced
+    if device.type == "cuda" and "triton" in KERNELS:
+        return "triton"
     return "torch"
 
 
@@ -110,7 +116,8 @@ class QuantLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        self._cached = None  # moved or cast: the cache would be stale
+        self._cached = None  # moved or cast: the caches would be stale
+        self.__dict__.pop("_triton_rt", None)
         return super()._apply(fn, recurse)
 
     def unpack(self) -> QuantizedWeight:

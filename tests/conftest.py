@@ -1,7 +1,13 @@
 """Fixtures: tiny models built from a config (no download) with a tokenizer trained on text made here."""
 from __future__ import annotations
 
+import os
 import random
+
+import torch as _torch
+
+if not _torch.cuda.is_available():  # Triton kernels run on the CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
