@@ -75,7 +75,8 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             _check_shape(model.get_submodule(name), name, spec, config.partial_groups)
     report = QuantReport()
     t_start = time.perf_counter()
-    inputs = capture_layer_inputs(model, layers, windows, device, batch_size)
+    # methods that use no activations (RTN) need no calibration forward passes at all
+    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if method.needs_hessian else None
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     bar = tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress, unit="layer")
     for i in bar:
@@ -98,7 +99,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     return report
 
 
-def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput],
+def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput] | None,
                    specs: dict[str, ModuleSpec], config: QuantConfig, method) -> dict:
     """Quantize one decoder layer step by step; returns {linear: (QuantizedWeight, seconds)} plus
     ``__outputs__``, the layer's outputs computed with its quantized weights."""
@@ -134,7 +135,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
                 outs = [out_linear(x) for x in kept[block.out_linear]]
                 replay.outputs[block.module] = [(o, None) for o in outs] if block.returns_tuple else outs
         del hessians, kept
-    results["__outputs__"] = run_layer(layer, inputs, replay)
+    results["__outputs__"] = run_layer(layer, inputs, replay) if inputs is not None else None
     return results
 
 

@@ -30,9 +30,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K,
-                  LO_BITS: tl.constexpr, HAS_HI: tl.constexpr):
-    """Weight tile (BLOCK_K, BLOCK_N) in fp32 from the runtime layout."""
+def _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K,
+                  LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile (BLOCK_K, BLOCK_N) in fp32 from the runtime layout.
+
+    ``GS`` > 0 means groups are runs of ``GS`` rows (no act-order); when a K tile fits in one group,
+    its scales and zeros are one row loaded once. Otherwise each row's group comes from ``g_idx``.
+    """
     PER: tl.constexpr = 32 // LO_BITS
     mk = offs_k < K
     mask = mk[:, None] & (offs_n < N)[None, :]
@@ -41,10 +45,17 @@ def _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs
     if HAS_HI:
         hi = tl.load(qhi_ptr + (offs_k // 32)[:, None] * N + offs_n[None, :], mask=mask, other=0)
         codes = codes | (((hi >> (offs_k % 32)[:, None]) & 1) << LO_BITS)
-    g = tl.load(gidx_ptr + offs_k, mask=mk, other=0)
-    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    return (codes - zero).to(tl.float32) * scale
+    if GS > 0 and GS % BLOCK_K == 0:
+        g0 = k0 // GS
+        mn = offs_n < N
+        scale = tl.load(scales_ptr + g0 * N + offs_n, mask=mn, other=0.0).to(tl.float32)  # (BN,)
+        zero = tl.load(zeros_ptr + g0 * N + offs_n, mask=mn, other=0)
+        return (codes - zero[None, :]).to(tl.float32) * scale[None, :]
+    else:
+        g = tl.load(gidx_ptr + offs_k, mask=mk, other=0)
+        scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        return (codes - zero).to(tl.float32) * scale
 
 
 def _configs(gemm: bool):
@@ -61,10 +72,11 @@ def _configs(gemm: bool):
     return out
 
 
-@triton.autotune(configs=_configs(False), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_configs(False), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI", "GS"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K, M_BUCKET,
-                  stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, ROWS: tl.constexpr,
+                  stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr,
+                  ROWS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -75,16 +87,18 @@ def _qgemv_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_p
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)  # (ROWS, BK)
-        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K, LO_BITS, HAS_HI)
+        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K, LO_BITS, HAS_HI,
+                          GS, BLOCK_K)
         acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)  # (ROWS, BN)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
-@triton.autotune(configs=_configs(True), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_configs(True), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI", "GS"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _qgemm_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K, M_BUCKET,
-                  stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, ROWS: tl.constexpr,
+                  stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr,
+                  ROWS: tl.constexpr,
                   UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -97,7 +111,8 @@ def _qgemm_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_p
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)  # (BM, BK)
-        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K, LO_BITS, HAS_HI)
+        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K, LO_BITS, HAS_HI,
+                          GS, BLOCK_K)
         if UPCAST:  # fp32 inputs, or bf16 under the interpreter (its bf16 tl.dot is wrong)
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
@@ -131,9 +146,20 @@ def runtime_layout(layer: QuantLinear) -> dict:
         "zeros": (unpack_rows(layer.qzeros, bits, n).to(torch.int32) + 1).contiguous(),  # (groups, out)
         "scales": layer.scales.contiguous(),
         "g_idx": layer.g_idx.to(torch.int32).contiguous(),
+        "gs": _contiguous_group_size(layer),
     }
     layer._triton_rt = rt
     return rt
+
+
+def _contiguous_group_size(layer: QuantLinear) -> int:
+    """Rows per group when groups are runs of rows (no act-order, no partial group); else 0."""
+    k, n_groups = layer.in_features, layer.scales.shape[0]
+    if k % n_groups:
+        return 0
+    gs = k // n_groups
+    runs = torch.arange(k, device=layer.g_idx.device, dtype=torch.int32) // gs
+    return gs if torch.equal(layer.g_idx.to(torch.int32), runs) else 0
 
 
 def _pack_bits(bits01: torch.Tensor) -> torch.Tensor:
@@ -159,11 +185,13 @@ def qmatmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
             x2.stride(0), x2.stride(1))
     if M <= GEMV_MAX_ROWS:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
-        _qgemv_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], ROWS=_bucket(M))
+        _qgemv_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], GS=rt["gs"],
+                             ROWS=_bucket(M))
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"]))
         upcast = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-        _qgemm_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], ROWS=1, UPCAST=upcast)
+        _qgemm_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], GS=rt["gs"],
+                            ROWS=1, UPCAST=upcast)
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
