@@ -122,3 +122,12 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--model", "--bits", "--group-size", "--method", "--calib", "--nsamples", "--seqlen", "--seed",
                  "--act-order", "--sym", "--damp-percent", "--dtype", "--device", "--out", "--overwrite"):
         assert flag in text
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_presets_are_valid(preset):
+    from pathlib import Path
+
+    args = cli.build_parser().parse_args(["quantize", "--config", str(Path(__file__).parents[1] / "configs" / preset)])
+    run_settings, config, _ = cli.resolve_settings(args)
+    assert config.bits in (2, 3, 4, 8) and run_settings["nsamples"] >= 1
