@@ -12,6 +12,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quant.config import QuantConfig
 
 log = logging.getLogger("hmq")
 
@@ -197,7 +201,7 @@ def print_summary(report, out: Path, seconds: float) -> None:
     params = sum(r[1] for r in rows.values())
     nbytes = sum(r[2] for r in rows.values())
     print(f"{'all':>5} {sum(r[0] for r in rows.values()):>8} {params:>12,} {nbytes:>12,} {8 * nbytes / params:>7.3f}")
-    print(f"bpw counts packed codes + fp16 scales + packed zeros of the decoder-layer linears.")
+    print("bpw counts packed codes + fp16 scales + packed zeros of the decoder-layer linears.")
     print(f"quantized in {report.seconds:.1f} s, {seconds:.1f} s in all; wrote {out}")
 
 

@@ -61,10 +61,6 @@ def get_arch(model_type: str) -> Arch:
     return ARCHS[model_type]
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -72,10 +68,3 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 def decoder_layers(model: nn.Module, arch: Arch) -> nn.ModuleList:
     return model.get_submodule(arch.layers)
-
-
-def fused_group_of(arch: Arch, linear: str) -> tuple[str, ...]:
-    for group in arch.fused:
-        if linear in group:
-            return group
-    return (linear,)

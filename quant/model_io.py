@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import Arch, get_arch
+from .arch import get_arch
 from .config import ConfigError
 
 log = logging.getLogger("hmq")

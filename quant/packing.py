@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .quantizer import QuantizedWeight, group_count
+from .quantizer import QuantizedWeight
 
 PACK_BITS = (2, 3, 4, 8)
 
@@ -111,9 +111,6 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sy
     qweight, qzeros = tensors["qweight"], tensors["qzeros"]
     in_f = qweight.shape[0] * 32 // bits
     out_f = qweight.shape[1]
-    n_groups = tensors["scales"].shape[0]
-    if group_size != -1 and n_groups != group_count(in_f, group_size) and tensors["g_idx"].numel() == 0:
-        raise ValueError(f"{n_groups} scale rows do not match in_features={in_f} at group size {group_size}.")
     return QuantizedWeight(
         intweight=unpack_rows(qweight.T.contiguous(), bits, in_f),  # (out, in)
         scales=tensors["scales"].to(torch.float32),
