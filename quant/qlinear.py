@@ -44,8 +44,8 @@ def dequantize_packed(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dt
     zeros = unpack_rows(qzeros, bits, out_f).to(torch.float32) + 1  # (n_groups, out)
     scales = scales.to(torch.float32)  # (n_groups, out)
     n_groups = scales.shape[0]
-    if in_f % n_groups == 0 and torch.equal(g_idx, _contiguous_groups(in_f, n_groups, g_idx.device)):
-        gs = in_f // n_groups  # groups are runs of rows: broadcast instead of gathering
+    gs = contiguous_group_size(g_idx, n_groups)
+    if gs:  # groups are runs of rows: broadcast instead of gathering
         w = (codes.view(n_groups, gs, out_f) - zeros[:, None, :]) * scales[:, None, :]
         w = w.view(in_f, out_f)
     else:
@@ -54,8 +54,14 @@ def dequantize_packed(qweight, qzeros, scales, g_idx, bits: int, dtype: torch.dt
     return w.to(dtype).T  # (out, in)
 
 
-def _contiguous_groups(in_f: int, n_groups: int, device) -> torch.Tensor:
-    return torch.arange(in_f, device=device, dtype=torch.int32) // (in_f // n_groups)
+def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int:
+    """Rows per group when groups are equal runs of rows (no act-order, no partial group); else 0."""
+    in_f = g_idx.numel()
+    if in_f % n_groups:
+        return 0
+    gs = in_f // n_groups
+    runs = torch.arange(in_f, device=g_idx.device, dtype=torch.int32) // gs
+    return gs if torch.equal(g_idx.to(torch.int32), runs) else 0
 
 
 @register_kernel("torch")
@@ -116,7 +122,7 @@ class QuantLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        self._cached = None  # moved or cast: the caches would be stale
+        self._cached, self.kernel = None, None  # moved or cast: caches and kernel choice are stale
         self.__dict__.pop("_triton_rt", None)
         return super()._apply(fn, recurse)
 
@@ -128,8 +134,9 @@ class QuantLinear(nn.Module):
         return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel or select_kernel(x.device)
-        return KERNELS[kernel](self, x)
+        if self.kernel is None:  # chosen once per device (reset when the module moves)
+            self.kernel = select_kernel(x.device)
+        return KERNELS[self.kernel](self, x)
 
     @property
     def storage_bytes(self) -> int:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..packing import pack_rows, unpack_rows
-from ..qlinear import QuantLinear, register_kernel
+from ..qlinear import QuantLinear, contiguous_group_size, register_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -146,20 +146,10 @@ def runtime_layout(layer: QuantLinear) -> dict:
         "zeros": (unpack_rows(layer.qzeros, bits, n).to(torch.int32) + 1).contiguous(),  # (groups, out)
         "scales": layer.scales.contiguous(),
         "g_idx": layer.g_idx.to(torch.int32).contiguous(),
-        "gs": _contiguous_group_size(layer),
+        "gs": contiguous_group_size(layer.g_idx, layer.scales.shape[0]),
     }
     layer._triton_rt = rt
     return rt
-
-
-def _contiguous_group_size(layer: QuantLinear) -> int:
-    """Rows per group when groups are runs of rows (no act-order, no partial group); else 0."""
-    k, n_groups = layer.in_features, layer.scales.shape[0]
-    if k % n_groups:
-        return 0
-    gs = k // n_groups
-    runs = torch.arange(k, device=layer.g_idx.device, dtype=torch.int32) // gs
-    return gs if torch.equal(layer.g_idx.to(torch.int32), runs) else 0
 
 
 def _pack_bits(bits01: torch.Tensor) -> torch.Tensor:
