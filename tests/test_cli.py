@@ -131,3 +131,13 @@ def test_shipped_presets_are_valid(preset):
     args = cli.build_parser().parse_args(["quantize", "--config", str(Path(__file__).parents[1] / "configs" / preset)])
     run_settings, config, _ = cli.resolve_settings(args)
     assert config.bits in (2, 3, 4, 8) and run_settings["nsamples"] >= 1
+
+
+def test_calibration_and_evaluation_text_do_not_overlap(text_file):
+    from calibration.data import load_text
+
+    _, calib = load_text(str(text_file), "calib")
+    _, evaluation = load_text(str(text_file), "eval")
+    calib_paras = set(calib.split("\n\n")) - {""}
+    eval_paras = set(evaluation.split("\n\n")) - {""}
+    assert calib_paras and eval_paras and not (calib_paras & eval_paras)
