@@ -3,6 +3,9 @@
     hmq quantize [--model M] [--bits 4] [--group-size 128] [--method gptq] [--calib foldoc] --out DIR
     hmq eval     [--model M | DIR] [--data foldoc] [--max-windows N] [--json PATH]
     hmq inspect  DIR [--json]
+    hmq measure  [--model M] [--calib foldoc] --out m.sens           # sensitivity, once per model
+    hmq quantize --sensitivity m.sens --budget 3.0 | --budget-gb G | --max-ppl-increase 5% --out DIR
+    hmq frontier --sensitivity m.sens --verify 6 --out frontier/     # JSON + PNG
 """
 from __future__ import annotations
 
@@ -72,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", help="compute dtype: auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
     q.add_argument("--device", help="where each layer is quantized: auto (GPU if any), cpu, cuda, cuda:N")
     q.add_argument("--out", help="output folder (default out/<model>-<method>-w<bits>g<group>)")
+    mp = q.add_argument_group("mixed precision (a budget replaces --bits)")
+    mp.add_argument("--sensitivity", metavar="FILE", help="measurement from `hmq measure` (without it, a budget "
+                                                         "measures first and keeps the file as <out>.sens)")
+    mp.add_argument("--budget", type=float, metavar="BPW", help="average bits per weight of the decoder linears, "
+                                                               "scales and zeros included (e.g. 3.0)")
+    mp.add_argument("--budget-gb", type=float, metavar="GB", help="size of the whole checkpoint in 10^9 bytes "
+                                                                 "(embeddings, norms, lm_head count at 16 bits)")
+    mp.add_argument("--max-ppl-increase", metavar="PCT", help="smallest budget whose measured held-out perplexity "
+                                                             "is within PCT of the fp model's (e.g. 5%%), by bisection")
+    _allocation_flags(mp)
+    mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
+    mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
+                                                               "bisection (default 8)")
+    mp.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
+    _measure_flags(q, standalone=False)
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -88,10 +106,78 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    m = sub.add_parser("measure", help="measure per-unit sensitivity once, for any mixed-precision budget",
+                       description="One calibration pass: per unit (fused q/k/v, o, fused gate/up, down) and "
+                                   "candidate width, the real quantization error, the layer-output error "
+                                   "tr(ΔW H_x ΔWᵀ), the Hessian trace of the loss (Hutchinson), and measured "
+                                   "loss increases of single units and of pairs (inter-layer dependencies).")
+    m.add_argument("--config", help="YAML preset (method, group size, sym, damping, calibration settings)")
+    m.add_argument("--model", help="hub id, local folder or .gguf (default: the offline SmolLM2-135M-Instruct)")
+    m.add_argument("--method", choices=sorted(METHODS), help="how candidates are quantized (default gptq)")
+    m.add_argument("--group-size", type=int, help="group size of every candidate (default as for quantize)")
+    _bool_flag(m, "sym", "symmetric grid")
+    _bool_flag(m, "partial-groups", "allow a shorter last group")
+    m.add_argument("--damp-percent", type=float, help="GPTQ damping (default 0.01)")
+    for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
+                      ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
+                      ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),
+                      ("--device", "auto, cpu, cuda, cuda:N")):
+        m.add_argument(flag, type=int if flag in ("--nsamples", "--seqlen", "--seed", "--batch-size") else str, help=hlp)
+    m.add_argument("--out", required=True, help="where to write the measurement (e.g. m.sens)")
+    m.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _measure_flags(m, standalone=True)
+
+    f = sub.add_parser("frontier", help="Pareto frontier of size vs predicted and measured perplexity (JSON + PNG)")
+    f.add_argument("--model", help="the measured model (default: the offline SmolLM2-135M-Instruct)")
+    f.add_argument("--sensitivity", required=True, metavar="FILE", help="measurement from `hmq measure`")
+    f.add_argument("--verify", type=int, default=0, metavar="N", help="quantize N frontier points and measure their "
+                                                                     "perplexity (default 0: prediction only)")
+    f.add_argument("--uniform-bits", default="2,3,4,8", help="uniform RTN and GPTQ points to measure when verifying "
+                                                            "(default 2,3,4,8; empty for none)")
+    f.add_argument("--map-budget", type=float, default=3.0, metavar="BPW", help="budget of the bit map (default 3.0)")
+    _allocation_flags(f)
+    f.add_argument("--eval-windows", type=int, default=8, help="held-out windows per measured point (default 8)")
+    f.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
+    f.add_argument("--nsamples", type=int, default=32, help="calibration windows for verification runs (default 32)")
+    f.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    f.add_argument("--dtype", default="auto", help="compute dtype (default auto)")
+    f.add_argument("--out", required=True, help="output folder for frontier.json and frontier.png")
+    f.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     i = sub.add_parser("inspect", help="per-module bits, group size, bytes and bits per weight of a checkpoint")
     i.add_argument("path", help="hmq (GPTQ-layout) checkpoint folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def _allocation_flags(p) -> None:
+    from calibration.sensitivity import OBJECTIVES
+
+    p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
+                   help="predicted damage: hessian (default: output error scaled by the Hessian trace, plus "
+                        "inter-layer terms), output (additive output error), trace (HAWQ-V2 Ω)")
+    p.add_argument("--no-pairs", action="store_true", help="ignore the measured inter-layer terms")
+
+
+def _measure_flags(p, standalone: bool) -> None:
+    g = p.add_argument_group("sensitivity measurement") if not standalone else p
+    g.add_argument("--candidates", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8; keeping 16 is "
+                                                           "always a candidate unless --no-keep)")
+    g.add_argument("--no-keep", action="store_true", help="do not allow keeping a unit in 16 bits")
+    g.add_argument("--units", choices=("fused", "linear"), default="fused",
+                   help="what gets one precision: fused groups as engines run them (default) or each linear")
+    g.add_argument("--trace", choices=("hutchinson", "fisher"), default="hutchinson",
+                   help="Hessian trace estimator (default hutchinson; fisher = squared gradients, cheaper)")
+    g.add_argument("--probes", type=int, default=16, help="at most this many Hutchinson probes (default 16)")
+    g.add_argument("--trace-tol", type=float, default=0.05, help="stop probing when every trace's standard error "
+                                                                 "is below this fraction (default 0.05)")
+    g.add_argument("--loss-samples", type=int, default=4, help="windows for traces and measured loss increases (default 4)")
+    g.add_argument("--loss-seqlen", type=int, default=256, help="tokens per loss window (default 256)")
+    g.add_argument("--pair-bits", type=int, default=3, help="width at which single and pair loss increases are "
+                                                            "measured (default 3; 0 = no inter-layer terms)")
+    g.add_argument("--pair-window", type=int, default=1, help="measure pairs of units at most this many decoder "
+                                                              "blocks apart (default 1: same and neighbouring)")
 
 
 # ---- quantize -----------------------------------------------------------------------------------
@@ -128,7 +214,7 @@ def resolve_settings(args) -> tuple[dict, "QuantConfig", bool]:
     for k in quant_keys - {"overrides"}:
         if getattr(args, k, None) is not None:
             quant[k] = getattr(args, k)
-    if args.override:
+    if getattr(args, "override", None):
         quant["overrides"] = {**quant.get("overrides", {}), **_parse_overrides(args.override)}
     explicit_gs = "group_size" in quant
     config = QuantConfig.from_dict(quant)
@@ -147,21 +233,49 @@ def auto_group_size(model, arch, config) -> int:
     return config.group_size
 
 
-def cmd_quantize(args) -> int:
-    import dataclasses
+def _parse_bits_list(text: str, flag: str) -> list[int]:
+    from quant.config import ConfigError, check_bits
 
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be a comma-separated list of bit widths, e.g. 2,3,4,8.") from None
+    return [check_bits(b, flag) for b in values]
+
+
+def _measure(args, run, config, model, tokenizer, arch, device, model_label: str):
+    """Run `hmq measure` on an already loaded model."""
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
-    from quant.export import check_output_dir, save_quantized
-    from quant.model_io import load_model, resolve_device, resolve_dtype
-    from quant.pipeline import quantize_model
+    from calibration.sensitivity import measure_sensitivity, parse_candidates
+    from quant.config import ConfigError
 
-    t0 = time.perf_counter()
-    run, config, explicit_gs = resolve_settings(args)
-    model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
-    out = args.out or f"out/{model_name}-{config.method}-w{config.bits}g{config.group_size}"
-    out = check_output_dir(out, args.overwrite)
+    for k in ("loss_samples", "loss_seqlen", "probes"):
+        if getattr(args, k) < 1:
+            raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
+    candidates = parse_candidates(_parse_bits_list(args.candidates, "--candidates"), config.group_size, not args.no_keep)
+    calib = run["calib"] or DEFAULT_SOURCE
+    log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
+             run["nsamples"], run["seqlen"], calib, args.loss_samples, args.loss_seqlen)
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
+    loss_windows = calibration_windows(tokenizer, calib, args.loss_samples, args.loss_seqlen, run["seed"] + 1)
+    torch.manual_seed(run["seed"])
+    settings = {"calib": calib, "nsamples": run["nsamples"], "seqlen": run["seqlen"], "seed": run["seed"],
+                "group_size": config.group_size, "candidates": [c.label for c in candidates]}
+    return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
+                               granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
+                               max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
+                               batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
+                               settings=settings)
+
+
+def _load_resolved(args, run, config, explicit_gs: bool):
+    """Load the model and settle the group size the way `quantize` does."""
+    import dataclasses
+
+    from quant.model_io import load_model, resolve_device, resolve_dtype
+
     device = resolve_device(run["device"])
     dtype = resolve_dtype(run["dtype"], device)
     log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
@@ -172,18 +286,163 @@ def cmd_quantize(args) -> int:
             log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
                      config.group_size, gs)
             config = dataclasses.replace(config, group_size=gs)
-            if not args.out:
-                out = check_output_dir(f"out/{model_name}-{config.method}-w{config.bits}g{gs}", args.overwrite)
+    return model, tokenizer, arch, config, device, dtype
+
+
+def cmd_measure(args) -> int:
+    from quant.config import ConfigError
+
+    t0 = time.perf_counter()
+    run, config, explicit_gs = resolve_settings(args)
+    if not str(args.out).strip():
+        raise ConfigError("--out must name a file, e.g. m.sens.")
+    model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit_gs)
+    sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct")
+    path = sens.save(args.out)
+    print_sensitivity(sens)
+    print(f"measured in {time.perf_counter() - t0:.1f} s; wrote {path}")
+    return 0
+
+
+def print_sensitivity(sens) -> None:
+    import numpy as np
+
+    D, _ = sens.tables("hessian", pairs=False)
+    c3 = sens.pair_column()
+    print()
+    print(f"{'unit':<40} {'Tr(H)':>10} {'±se':>8} {'pred ΔL@' + str(sens.settings.get('pair_bits')):>11} {'meas ΔL':>9}")
+    order = np.argsort(-D[:, c3]) if c3 is not None else range(len(sens.units))
+    for k in list(order)[:12]:
+        u = sens.units[k]
+        pred = f"{D[k, c3]:.4f}" if c3 is not None else "-"
+        print(f"{u.name[-40:]:<40} {sens.trace[k]:>10.3g} {sens.trace_se[k]:>8.2g} {pred:>11} {sens.single[k]:>9.4f}")
+    inter = [lij - sens.single[i] - sens.single[j] for i, j, lij in sens.pairs]
+    print(f"{len(sens.units)} units × {len(sens.candidates)} candidates; {len(sens.pairs)} pairs measured "
+          f"(mean interaction {np.mean(inter) if inter else 0:+.4f} nats); base loss {sens.base_loss:.4f}; "
+          f"trace probes {sens.settings.get('trace_probes')}")
+
+
+def _budget_allocation(args, sens):
+    from quant.mixed import allocate, budget_to_bytes
+
+    budget = budget_to_bytes(sens, args.budget, args.budget_gb)
+    alloc = allocate(sens, budget, args.objective, not args.no_pairs)
+    log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
+             alloc.bpw, alloc.predicted_dloss, alloc.solution.status, alloc.solution.gap, alloc.solution.seconds)
+    return alloc
+
+
+def _parse_percent(text: str) -> float:
+    from quant.config import ConfigError
+
+    t = text.strip()
+    try:
+        value = float(t.rstrip("%")) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ConfigError(f"--max-ppl-increase {text!r} must look like 5% or 0.05.") from None
+    if not value > 0:
+        raise ConfigError(f"--max-ppl-increase {text!r} must be positive.")
+    return value
+
+
+def cmd_quantize(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from calibration.data import DEFAULT_SOURCE, calibration_windows
+    from quant.config import ConfigError
+    from quant.export import check_output_dir, save_quantized
+    from quant.pipeline import quantize_model
+
+    t0 = time.perf_counter()
+    run, config, explicit_gs = resolve_settings(args)
+    budgets = [x for x in (args.budget, args.budget_gb, args.max_ppl_increase) if x is not None]
+    if len(budgets) > 1:
+        raise ConfigError("give one of --budget, --budget-gb and --max-ppl-increase, not several.")
+    mixed = bool(budgets)
+    if args.sensitivity and not mixed:
+        raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
+    model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
+    tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
+    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit_gs)
+    if not mixed:
+        tag = f"w{config.bits}g{config.group_size}"
+    out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
+    allocation = None
+    if mixed:
+        from calibration.sensitivity import Sensitivity
+
+        if args.sensitivity:
+            sens = Sensitivity.load(args.sensitivity)
+            sens.check_model(model, arch)
+        else:
+            sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or model_name)
+            log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
+        config = dataclasses.replace(config, partial_groups=sens.settings.get("partial_groups", config.partial_groups))
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
     torch.manual_seed(run["seed"])
-    report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
+    if mixed and args.max_ppl_increase is not None:
+        model, report, allocation, config = _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib)
+    else:
+        if mixed:
+            from quant.mixed import config_for
+
+            allocation = _budget_allocation(args, sens)
+            config = config_for(sens, allocation, config)
+        report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
              "quantize_seconds": report.seconds}
+    if allocation is not None:
+        extra["allocation"] = allocation if isinstance(allocation, dict) else allocation.to_dict()
+        extra["allocation"]["objective"] = args.objective
     save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra)
     print_summary(report, out, time.perf_counter() - t0)
+    if allocation is not None:
+        a = extra["allocation"]
+        print(f"mixed precision ({args.objective}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
+              f"solver {a['status']} (gap ≤ {a['gap']:.2g}, {a['solve_seconds']:.2f} s)")
+        if "bisection" in a:
+            for step in a["bisection"]:
+                print(f"  bisection: budget {step['budget']:.3f} bpw -> ppl {step['ppl']:.3f}")
     return 0
+
+
+def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib):
+    """Smallest budget whose measured held-out perplexity is within --max-ppl-increase of fp."""
+    from calibration.data import eval_tokens
+    from quant.allocate import bisect_budget
+    from quant.evaluate import perplexity
+    from quant.mixed import allocate, config_for, min_max_bpw, quantize_and_eval, total_params
+    from quant.model_io import load_model
+
+    limit = _parse_percent(args.max_ppl_increase)
+    _, ids = eval_tokens(tokenizer, calib)
+    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
+    model.to("cpu")
+    target = fp * (1 + limit)
+    log.info("fp perplexity %.3f on %d held-out windows; target ≤ %.3f", fp, args.eval_windows, target)
+    lo, hi = min_max_bpw(sens)
+    n = total_params(sens)
+    kept: dict = {}
+
+    def measure(bpw):
+        alloc = allocate(sens, bpw * n / 8, args.objective, not args.no_pairs)
+        cfg = config_for(sens, alloc, config)
+        ppl, report, qmodel, _ = quantize_and_eval(lambda: load_model(run["model"], dtype), windows, cfg, device, ids,
+                                                   args.eval_seqlen, args.eval_windows, run["batch_size"])
+        log.info("bisection: %.3f bpw -> ppl %.3f (target %.3f)", alloc.bpw, ppl, target)
+        if ppl <= target and (not kept or alloc.bpw < kept["alloc"].bpw):
+            kept.update(model=qmodel, report=report, alloc=alloc, config=cfg)
+        return ppl
+
+    best, history = bisect_budget(measure, lo, hi, lambda ppl: ppl <= target, steps=args.bisect_steps)
+    a = kept["alloc"].to_dict()
+    a["bisection"] = [{"budget": b, "ppl": p} for b, p in history]
+    a["fp_ppl"], a["target_ppl"] = fp, target
+    return kept["model"], kept["report"], a, kept["config"]
 
 
 def print_summary(report, out: Path, seconds: float) -> None:
@@ -203,6 +462,79 @@ def print_summary(report, out: Path, seconds: float) -> None:
     print(f"{'all':>5} {sum(r[0] for r in rows.values()):>8} {params:>12,} {nbytes:>12,} {8 * nbytes / params:>7.3f}")
     print("bpw counts packed codes + fp16 scales + packed zeros of the decoder-layer linears.")
     print(f"quantized in {report.seconds:.1f} s, {seconds:.1f} s in all; wrote {out}")
+
+
+# ---- frontier -----------------------------------------------------------------------------------
+
+
+def cmd_frontier(args) -> int:
+    import numpy as np
+
+    from calibration.data import calibration_windows, eval_tokens
+    from calibration.sensitivity import Sensitivity
+    from quant.config import QuantConfig
+    from quant.evaluate import perplexity
+    from quant.mixed import (allocate, config_for, frontier_allocations, min_max_bpw, plot_frontier, predicted_ppl,
+                             quantize_and_eval, total_params)
+    from quant.model_io import load_model, resolve_device, resolve_dtype
+
+    sens = Sensitivity.load(args.sensitivity)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, arch = load_model(args.model, dtype)
+    sens.check_model(model, arch)
+    uniform_bits = _parse_bits_list(args.uniform_bits, "--uniform-bits") if args.verify else []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calib = sens.settings.get("calib")
+    _, ids = eval_tokens(tokenizer, calib)
+    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
+    model.to("cpu")
+    pairs = not args.no_pairs
+    lo, hi = min_max_bpw(sens)
+    grid = np.linspace(lo, min(hi, 8.5), 41)
+    front = frontier_allocations(sens, grid, args.objective, pairs)
+    predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
+                  "units": dict(zip(a.unit_names, a.candidates))} for a in front]
+    base = QuantConfig(method=sens.settings.get("method", "gptq"), group_size=sens.settings.get("group_size", 128),
+                       sym=sens.settings.get("sym", False), partial_groups=sens.settings.get("partial_groups", False),
+                       damp_percent=sens.settings.get("damp_percent", 0.01))
+    windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, sens.settings.get("seed", 0))
+    load = lambda: load_model(args.model, dtype)  # noqa: E731
+    n = total_params(sens)
+    verified, uniform = [], []
+    u4 = 8 * sum(sens.cost[k][[c.bits for c in sens.candidates].index(4)] for k in range(len(sens.units))) / n \
+        if 4 in [c.bits for c in sens.candidates] else hi
+    for bpw in (np.linspace(lo + 0.25, u4 + 0.1, args.verify) if args.verify else []):
+        alloc = allocate(sens, bpw * n / 8, args.objective, pairs)
+        ppl, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
+                                     args.eval_seqlen, args.eval_windows)
+        verified.append({"bpw": alloc.bpw, "ppl": ppl, "predicted_ppl": predicted_ppl(fp, alloc.predicted_dloss),
+                         "units": dict(zip(alloc.unit_names, alloc.candidates))})
+        log.info("verified %.3f bpw: ppl %.3f (predicted %.3f)", alloc.bpw, ppl, verified[-1]["predicted_ppl"])
+    for method in ("rtn", "gptq"):
+        for bits in uniform_bits:
+            cfg = QuantConfig(**{**base.to_dict(), "method": method, "bits": bits})
+            ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, args.eval_seqlen, args.eval_windows)
+            uniform.append({"method": method, "bits": bits, "bpw": report.bpw, "ppl": ppl})
+            log.info("uniform %s w%d: %.3f bpw, ppl %.3f", method, bits, report.bpw, ppl)
+    heat = allocate(sens, max(args.map_budget, lo) * n / 8, args.objective, pairs)
+    payload = {"model": sens.model, "objective": args.objective, "pairs": pairs, "fp_ppl": fp,
+               "eval_windows": args.eval_windows, "predicted": predicted, "verified": verified, "uniform": uniform,
+               "bit_map": heat.to_dict()}
+    (out / "frontier.json").write_text(json.dumps(payload, indent=1))
+    plot_frontier(out / "frontier.png", predicted, verified, uniform, fp, sens, heat,
+                  f"{sens.model}: mixed ({args.objective}) vs uniform")
+    print()
+    print(f"{'point':<22} {'bpw':>7} {'pred ppl':>10} {'ppl':>10}")
+    for p in predicted[:: max(1, len(predicted) // 8)]:
+        print(f"{'frontier (predicted)':<22} {p['bpw']:>7.3f} {p['predicted_ppl']:>10.3f} {'':>10}")
+    for p in verified:
+        print(f"{'mixed (verified)':<22} {p['bpw']:>7.3f} {p['predicted_ppl']:>10.3f} {p['ppl']:>10.3f}")
+    for p in uniform:
+        print(f"{'uniform ' + p['method'] + ' w' + str(p['bits']):<22} {p['bpw']:>7.3f} {'':>10} {p['ppl']:>10.3f}")
+    print(f"fp perplexity {fp:.3f}; wrote {out / 'frontier.json'} and {out / 'frontier.png'}")
+    return 0
 
 
 # ---- eval / inspect -----------------------------------------------------------------------------
@@ -292,12 +624,15 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.data import DataError
     from calibration.hessian import CalibrationError
     from quant.config import ConfigError
+    from quant.allocate import BudgetError
     from quant.export import CheckpointError
     from quant.model_io import ModelLoadError
 
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
-    except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError) as exc:
+        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "measure": cmd_measure,
+                    "frontier": cmd_frontier}
+        return commands[args.command](args)
+    except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError, BudgetError) as exc:
         print(f"hmq: error: {exc}", file=sys.stderr)
         return 2
 

@@ -91,6 +91,15 @@ def group_count(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def storage_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    """Bytes a GPTQ-layout module stores: packed codes, fp16 scales and packed zeros per (group,
+    output); ``bits=16`` is the fp16 weight. Per weight: ``bits + (16 + bits)/group_size`` bits."""
+    if bits == 16:
+        return out_features * in_features * 2
+    groups = group_count(in_features, group_size)
+    return (out_features * in_features * bits + groups * out_features * (16 + bits)) // 8
+
+
 def check_groupable(in_features: int, group_size: int, name: str = "module", partial_groups: bool = False) -> None:
     """Refuse a group size that does not divide ``in_features`` unless partial last groups are allowed."""
     if group_size != -1 and in_features % group_size != 0 and not partial_groups:

@@ -1,0 +1,405 @@
+"""Sensitivity measurement for mixed precision: one calibration pass that records, for every *unit*
+(what gets one precision: a fused q/k/v or gate/up group, or a single linear) and every candidate
+(bits, group size), what quantizing it would cost and how much damage it does.
+
+Recorded per unit and candidate (the real GPTQ/RTN perturbation ``ΔW = Ŵ − W`` on fp inputs):
+  * ``‖ΔW‖²`` and HAWQ-V2's ``Ω = Tr(H)/n · ‖ΔW‖²`` (HAWQ-V2 eq. 3), with ``Tr(H)`` of the loss by
+    Hutchinson (``calibration/trace.py``);
+  * the layer-output error ``tr(ΔW H_x ΔWᵀ)``, ``H_x = 2XXᵀ/n`` (GPTQ eq. 1, what GPTQ minimises).
+Recorded per unit: the loss increase ``ΔL_i`` when it alone is quantized to ``pair_bits``; per pair
+of units at most ``pair_window`` decoder blocks apart: ``ΔL_ij``; their difference
+``ΔL_ij − ΔL_i − ΔL_j`` is the inter-layer dependency (*Augmenting Hessians with Inter-Layer
+Dependencies for Mixed-Precision PTQ*, §3), which layer-wise Hessians miss.
+
+The result is one JSON file with the settings and a fingerprint of the model, reusable for any
+budget and refused for another model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quant.arch import Arch, decoder_layers
+from quant.config import ConfigError, ModuleSpec, QuantConfig
+from quant.methods import get_method
+from quant.packing import check_packable
+from quant.quantizer import check_groupable, storage_bytes
+
+from .capture import capture_layer_inputs, collect_hessians, run_layer
+from .trace import model_traces
+
+FORMAT = "hmq-sensitivity/1"
+OBJECTIVES = ("hessian", "output", "trace")
+
+
+class SensitivityError(ConfigError):
+    """A measurement file is missing, corrupt, or belongs to another model."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    bits: int  # 16 = keep in floating point
+    group_size: int
+
+    @property
+    def label(self) -> str:
+        return "fp16" if self.bits == 16 else f"w{self.bits}g{self.group_size}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # e.g. model.layers.3.self_attn.{q,k,v}_proj
+    members: tuple[str, ...]  # full names of its linears
+    layer: int
+    kind: str  # name inside the layer, e.g. self_attn.qkv_proj or mlp.down_proj
+    in_features: int
+    out_features: int  # summed over members
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+
+def build_units(model: nn.Module, arch: Arch, granularity: str = "fused") -> list[Unit]:
+    """``fused``: a fused group (q/k/v, gate/up) is one unit, as inference engines run it as one
+    matmul; ``linear``: every linear is its own unit (for engines that do not fuse)."""
+    if granularity not in ("fused", "linear"):
+        raise ConfigError(f"unit granularity {granularity!r} is unknown: use fused or linear.")
+    units = []
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        prefix = f"{arch.layers}.{i}."
+        groups = [(n,) for n in arch.linears]
+        if granularity == "fused":
+            fused = {n: g for g in arch.fused for n in g}
+            groups = list(dict.fromkeys(fused.get(n, (n,)) for n in arch.linears))
+        for g in groups:
+            lins = [layer.get_submodule(n) for n in g]
+            if len(g) == 1:
+                kind = g[0]
+            else:
+                head, _, _ = g[0].rpartition(".")
+                kind = f"{head}.{'+'.join(n.rpartition('.')[2].removesuffix('_proj') for n in g)}"
+            units.append(Unit(prefix + kind, tuple(prefix + n for n in g), i, kind, lins[0].in_features,
+                              sum(lin.out_features for lin in lins)))
+    return units
+
+
+def parse_candidates(bits: list[int], group_size: int, keep: bool = True) -> list[Candidate]:
+    cands = [Candidate(b, group_size) for b in sorted(set(bits)) if b != 16]
+    if keep or 16 in bits:
+        cands.append(Candidate(16, -1))
+    if not cands:
+        raise ConfigError("no candidate bit widths: pass some of 2, 3, 4, 8 (and 16 to allow keeping a unit).")
+    return cands
+
+
+def fingerprint(model: nn.Module, units: list[Unit]) -> str:
+    """SHA-256 of the units' names and shapes plus 4096 weights sampled from each (rounded to fp16,
+    so loading the same checkpoint in another dtype matches)."""
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "model_type", "")).encode())
+    for u in units:
+        for name in u.members:
+            w = model.get_submodule(name).weight.detach()
+            h.update(f"{name}:{tuple(w.shape)}".encode())
+            flat = w.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            h.update(sample.to(torch.float16).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Sensitivity:
+    model: str
+    fingerprint: str
+    settings: dict
+    units: list[Unit]
+    candidates: list[Candidate]
+    cost: list[list[float]]  # (U, C) bytes; inf where a candidate cannot apply
+    sqnorm: list[list[float]]  # (U, C) ‖ΔW‖²
+    out_err: list[list[float]]  # (U, C) tr(ΔW H_x ΔWᵀ)
+    hx_trace: list[float]  # (U,) tr(H_x)
+    trace: list[float]  # (U,) Tr of the loss Hessian block (Hutchinson or Fisher)
+    trace_se: list[float]
+    base_loss: float  # mean NLL of the fp model on the loss windows
+    single: list[float]  # (U,) measured ΔL with only this unit at pair_bits
+    pairs: list[tuple[int, int, float]]  # measured ΔL_ij with both at pair_bits
+    overhead_bytes: int  # everything outside the units, at 16 bits (embeddings, norms, lm_head)
+    seconds: dict = field(default_factory=dict)
+
+    # ---- file form ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = {"format": FORMAT, **asdict(self)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Sensitivity":
+        path = Path(path)
+        if not path.is_file():
+            raise SensitivityError(f"sensitivity file {str(path)!r} does not exist: make one with `hmq measure --out {path}`.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SensitivityError(f"{path} is not an hmq sensitivity file ({exc}); re-run `hmq measure`.") from None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            raise SensitivityError(f"{path} is not an {FORMAT} file; re-run `hmq measure` with this hmq version.")
+        try:
+            data["units"] = [Unit(**{**u, "members": tuple(u["members"])}) for u in data["units"]]
+            data["candidates"] = [Candidate(**c) for c in data["candidates"]]
+            data["pairs"] = [tuple(p) for p in data["pairs"]]
+            return cls(**data)
+        except (TypeError, KeyError) as exc:
+            raise SensitivityError(f"{path} is missing fields ({exc}); re-run `hmq measure`.") from None
+
+    def check_model(self, model: nn.Module, arch: Arch) -> None:
+        granularity = self.settings.get("granularity", "fused")
+        units = build_units(model, arch, granularity)
+        if [u.name for u in units] != [u.name for u in self.units] or fingerprint(model, units) != self.fingerprint:
+            raise SensitivityError(
+                f"the sensitivity file was measured on {self.model!r} (fingerprint {self.fingerprint[:12]}), "
+                "not on this model: run `hmq measure` on this model first."
+            )
+
+    # ---- predicted damage -----------------------------------------------------------------------
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(getattr(self, k), dtype=float) for k in ("cost", "sqnorm", "out_err")}
+
+    def pair_column(self) -> int | None:
+        pb = self.settings.get("pair_bits")
+        for c, cand in enumerate(self.candidates):
+            if cand.bits == pb:
+                return c
+        return None
+
+    def tables(self, objective: str = "hessian", pairs: bool = True) -> tuple[np.ndarray, dict]:
+        """Predicted loss increase per (unit, candidate) and pair corrections, for one objective:
+
+        * ``trace`` (HAWQ-V2): ``½ · Tr(H)/n · ‖ΔW‖²`` — the loss Hessian taken as ``Tr(H)/n · I``;
+        * ``output`` (additive output error, as exl2 ranks layers): ``s · tr(ΔW H_x ΔWᵀ)`` with one
+          global ``s`` fitted by least squares to the measured single-unit ``ΔL`` (only the scale
+          of the prediction depends on it, not the allocation);
+        * ``hessian`` (default): the Kronecker-factored second-order term. With the loss Hessian of
+          a linear ``H_W ≈ G ⊗ A`` (K-FAC; ``A = XXᵀ/n``, ``G`` the curvature w.r.t. its outputs)
+          and ``G ≈ g·I``, ``Tr(H_W) = g · d_out · tr(A)``, so
+          ``ΔL ≈ ½ · Tr(H_W)/d_out · tr(ΔW H_x ΔWᵀ)/tr(H_x)``: the trace sets how much the loss
+          cares about this layer's output, ``H_x`` which input directions matter. Plus, for each
+          measured pair, ``P_ij[a, b] = I_ij · √(D_i[a] D_j[b] / (D_i[p] D_j[p]))`` where
+          ``I_ij = ΔL_ij − ΔL_i − ΔL_j`` was measured at ``p = pair_bits``: exact at the measured
+          point and scaled like a bilinear second-order cross term elsewhere.
+        """
+        a = self.arrays()
+        n = np.array([u.params for u in self.units], dtype=float)[:, None]
+        d_out = np.array([u.out_features for u in self.units], dtype=float)[:, None]
+        # A block whose Hutchinson estimate is within noise of zero (or below it: a noisy estimate of a
+        # curvature that is ≥ 0 near a minimum) is taken at its standard error, not at ≤ 0, so that
+        # noise alone never makes a unit look free to quantize.
+        tr = np.maximum(np.asarray(self.trace, dtype=float), np.asarray(self.trace_se, dtype=float))[:, None]
+        hx = np.asarray(self.hx_trace, dtype=float)[:, None]
+        if objective == "trace":
+            D = 0.5 * tr / n * a["sqnorm"]
+        elif objective == "output":
+            D = a["out_err"].copy()
+            c = self.pair_column()
+            if c is not None and self.single:
+                e, m = D[:, c], np.asarray(self.single)
+                D *= float(np.dot(e, m) / max(np.dot(e, e), 1e-30))
+        elif objective == "hessian":
+            D = 0.5 * tr / d_out * a["out_err"] / np.maximum(hx, 1e-30)
+        else:
+            raise ConfigError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}.")
+        D = np.where(np.isfinite(a["cost"]), np.maximum(D, 0.0), np.inf)
+        P: dict[tuple[int, int], np.ndarray] = {}
+        c = self.pair_column()
+        if objective == "hessian" and pairs and c is not None:
+            single = np.asarray(self.single)
+            for i, j, lij in self.pairs:
+                inter = lij - single[i] - single[j]
+                denom = math.sqrt(max(D[i, c] * D[j, c], 1e-30))
+                P[(i, j)] = inter * np.sqrt(np.outer(np.nan_to_num(D[i], posinf=0), np.nan_to_num(D[j], posinf=0))) / denom
+        return D, P
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def candidate_cost(unit: Unit, cand: Candidate, partial_groups: bool) -> float:
+    """Exact storage bytes of the unit under ``cand``; ``inf`` when it cannot be grouped or packed."""
+    if cand.bits == 16:
+        return float(unit.params * 2)
+    try:
+        check_groupable(unit.in_features, cand.group_size, unit.name, partial_groups)
+        check_packable(unit.in_features, cand.bits)
+        check_packable(unit.out_features, cand.bits)
+    except ValueError:
+        return math.inf
+    return float(storage_bytes(unit.out_features, unit.in_features, cand.bits, cand.group_size))
+
+
+@contextlib.contextmanager
+def _skip_layers(layers: nn.ModuleList, upto: int, outputs: list[torch.Tensor], as_tuple: bool):
+    """Layers ``< upto`` return their cached outputs instead of computing them."""
+    for k in range(upto):
+        out = outputs[k]
+        layers[k].forward = (lambda *a, _o=out, **kw: (_o,)) if as_tuple else (lambda *a, _o=out, **kw: _o)
+    try:
+        yield
+    finally:
+        for k in range(upto):
+            del layers[k].forward
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
+    old = {}
+    for name, w in weights.items():
+        lin = model.get_submodule(name)
+        old[name] = lin.weight.data
+        lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+    try:
+        yield
+    finally:
+        for name, w in old.items():
+            model.get_submodule(name).weight.data = w
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, loss_windows: torch.Tensor,
+                        candidates: list[Candidate], config: QuantConfig, device: torch.device, *,
+                        model_name: str = "", granularity: str = "fused", trace_method: str = "hutchinson",
+                        trace_tol: float = 0.05, max_probes: int = 16, pair_bits: int | None = 3,
+                        pair_window: int = 1, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                        settings: dict | None = None) -> Sensitivity:
+    """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
+    the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
+    the Hessian traces and the measured single/pair loss increases."""
+    t_all = time.perf_counter()
+    secs: dict[str, float] = {}
+    method = get_method(config.method)
+    units = build_units(model, arch, granularity)
+    if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
+        raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
+    cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
+    unit_params = {m for u in units for m in u.members}
+    overhead = sum(p.numel() * 2 for n, p in model.named_parameters() if n.removesuffix(".weight") not in unit_params)
+    overhead += sum(model.get_submodule(m).bias.numel() * 2 for m in unit_params if model.get_submodule(m).bias is not None)
+    U, C = len(units), len(candidates)
+    sqnorm = [[0.0] * C for _ in range(U)]
+    out_err = [[0.0] * C for _ in range(U)]
+    hx_trace = [0.0] * U
+    probe_weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
+    t0 = time.perf_counter()
+    layers = decoder_layers(model, arch)
+    inputs = capture_layer_inputs(model, layers, windows, device, batch_size)
+    loss_in = capture_layer_inputs(model, layers, loss_windows, device, len(loss_windows))
+    layer_outs: list[torch.Tensor] = []  # fp output of each layer on the loss windows
+    as_tuple = False
+    by_layer: dict[int, list[int]] = {}
+    for k, u in enumerate(units):
+        by_layer.setdefault(u.layer, []).append(k)
+    for i in tqdm(range(len(layers)), desc="measure layers", disable=not progress, unit="layer"):
+        layer = layers[i].to(device)
+        prefix = f"{arch.layers}.{i}."
+        hessians, _ = collect_hessians(layer, list(arch.linears), inputs, prefix, None, (), arch.shared_input)
+        for k in by_layer[i]:
+            u = units[k]
+            W = torch.cat([model.get_submodule(m).weight.detach().to(torch.float32) for m in u.members])  # (out, in)
+            H = hessians[u.members[0].removeprefix(prefix)]
+            for m in u.members[1:]:
+                if hessians[m.removeprefix(prefix)] is not H:
+                    raise ConfigError(f"{u.name}: its linears do not share one input, so they cannot be one unit; "
+                                      "use --units linear.")
+            hx_trace[k] = float(torch.diagonal(H).sum())
+            for c, cand in enumerate(candidates):
+                if cand.bits == 16 or not math.isfinite(cost[k][c]):
+                    continue
+                spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
+                qw = method.fn(W, H if method.needs_hessian else None, spec, config, u.name)
+                dW = qw.dequantize(torch.float32) - W  # (out, in)
+                sqnorm[k][c] = float(dW.pow(2).sum())
+                out_err[k][c] = float(((dW @ H) * dW).sum())  # tr(ΔW H ΔWᵀ)
+                if cand.bits == pair_bits:
+                    Wq, row = W + dW, 0
+                    probe_weights[k] = {}
+                    for m in u.members:
+                        rows = model.get_submodule(m).out_features
+                        probe_weights[k][m] = Wq[row : row + rows].cpu()
+                        row += rows
+        del hessians
+        if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
+            as_tuple = isinstance(layer(loss_in[0].hidden, **loss_in[0].kwargs), tuple)
+        inputs = run_layer(layer, inputs)
+        loss_in = run_layer(layer, loss_in)
+        layer_outs.append(loss_in[0].hidden)
+        layers[i] = layer.to("cpu")
+    secs["layers"] = time.perf_counter() - t0
+
+    # 2) Hessian traces of the calibration loss, every unit at once
+    t0 = time.perf_counter()
+    names = [f"{m}.weight" for u in units for m in u.members]
+    with torch.enable_grad():
+        est = model_traces(model, names, loss_windows, device, method=trace_method, tol=trace_tol,
+                           max_probes=max_probes, seed=seed, progress=progress)
+    per_name = dict(zip(names, zip(est.mean, est.se)))
+    trace = [sum(per_name[f"{m}.weight"][0] for m in u.members) for u in units]
+    trace_se = [math.sqrt(sum(per_name[f"{m}.weight"][1] ** 2 for m in u.members)) for u in units]
+    secs["trace"] = time.perf_counter() - t0
+
+    # 3) measured loss increases: each unit alone, and pairs within pair_window blocks, at pair_bits
+    t0 = time.perf_counter()
+    single, pairs = [0.0] * U, []
+    model.to(device)
+    ids = loss_windows.to(device)
+
+    def loss_from(start: int, swap: dict[str, torch.Tensor]) -> float:
+        with _skip_layers(layers, start, layer_outs, as_tuple), _swapped(model, swap):
+            return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+
+    base = loss_from(0, {})
+    if pair_bits is not None:
+        todo = [(k,) for k in range(U)]
+        todo += [(a, b) for a in range(U) for b in range(a + 1, U) if units[b].layer - units[a].layer <= pair_window]
+        for t in tqdm(todo, desc="loss deltas", disable=not progress, unit="pass"):
+            swap = {m: w for k in t for m, w in probe_weights[k].items()} if all(k in probe_weights for k in t) else None
+            if swap is None:
+                continue  # pair width not applicable to this unit
+            dl = loss_from(min(units[k].layer for k in t), swap) - base
+            if len(t) == 1:
+                single[t[0]] = dl
+            else:
+                pairs.append((t[0], t[1], dl))
+    model.to("cpu")
+    secs["loss_deltas"] = time.perf_counter() - t0
+    secs["total"] = time.perf_counter() - t_all
+    settings = dict(settings or {})
+    settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
+                     "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
+                     "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
+                     "pair_bits": pair_bits, "pair_window": pair_window,
+                     "loss_tokens": int(loss_windows.numel())})
+    return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
+                       hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs)

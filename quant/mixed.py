@@ -1,0 +1,174 @@
+"""Mixed precision plumbing: measured sensitivity -> allocation problem -> per-module QuantConfig,
+plus budgets in the units users think in (bits per weight, bytes) and the frontier report."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration.sensitivity import Sensitivity
+
+from .allocate import BudgetError, Problem, Solution, frontier, solve
+from .config import QuantConfig
+
+
+@dataclass
+class Allocation:
+    budget_bytes: float
+    solution: Solution
+    candidates: list[str]  # label per unit
+    bits: list[int]  # per unit
+    predicted_dloss: float  # predicted mean-NLL increase
+    bpw: float  # real bits per weight of the decoder linears (codes + scales + zeros)
+    unit_names: list[str]
+
+    def to_dict(self) -> dict:
+        s = self.solution
+        return {"bpw": self.bpw, "bytes": s.cost, "budget_bytes": self.budget_bytes,
+                "predicted_dloss": self.predicted_dloss, "status": s.status, "gap": s.gap, "solve_seconds": s.seconds,
+                "units": dict(zip(self.unit_names, self.candidates))}
+
+
+def total_params(sens: Sensitivity) -> int:
+    return sum(u.params for u in sens.units)
+
+
+def budget_to_bytes(sens: Sensitivity, bpw: float | None = None, gb: float | None = None) -> float:
+    """``bpw``: average bits per weight of the decoder linears (scales and zeros included).
+    ``gb``: the whole checkpoint in 10⁹ bytes; embeddings, norms and lm_head count at 16 bits."""
+    if (bpw is None) == (gb is None):
+        raise BudgetError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-gb GB.")
+    if bpw is not None:
+        if not bpw > 0:
+            raise BudgetError(f"--budget {bpw} must be a positive number of bits per weight, e.g. 3.0.")
+        return bpw * total_params(sens) / 8
+    rest = gb * 1e9 - sens.overhead_bytes
+    if rest <= 0:
+        raise BudgetError(f"--budget-gb {gb} does not even hold the unquantized embeddings, norms and lm_head "
+                          f"({sens.overhead_bytes / 1e9:.3f} GB).")
+    return rest
+
+
+def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = True) -> Problem:
+    D, P = sens.tables(objective, pairs)
+    return Problem(D, np.asarray(sens.cost, dtype=float), P)
+
+
+def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian", pairs: bool = True,
+             problem: Problem | None = None) -> Allocation:
+    problem = problem or make_problem(sens, objective, pairs)
+    n = total_params(sens)
+    floor = problem.min_cost()
+    if budget_bytes < floor - 1e-9:
+        need = math.ceil(8000 * floor / n) / 1000
+        raise BudgetError(
+            f"a budget of {8 * budget_bytes / n:.3f} bits per weight ({(budget_bytes + sens.overhead_bytes) / 1e9:.4f} GB) "
+            f"is below the smallest configuration hmq can build, with every unit at its narrowest candidate: "
+            f"raise the budget to at least {need:.3f} bits per weight (--budget {need:.3f}) or "
+            f"{(floor + sens.overhead_bytes) / 1e9:.4f} GB for the whole checkpoint."
+        )
+    sol = solve(problem, budget_bytes)
+    return _allocation(sens, problem, budget_bytes, sol)
+
+
+def _allocation(sens: Sensitivity, problem: Problem, budget_bytes: float, sol: Solution) -> Allocation:
+    cands = [sens.candidates[c] for c in sol.choice]
+    return Allocation(budget_bytes, sol, [c.label for c in cands], [c.bits for c in cands], sol.objective,
+                      8 * sol.cost / total_params(sens), [u.name for u in sens.units])
+
+
+def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pairs: bool = True) -> list[Allocation]:
+    problem = make_problem(sens, objective, pairs)
+    n = total_params(sens)
+    sols = frontier(problem, [b * n / 8 for b in bpws])
+    return [_allocation(sens, problem, s.cost, s) for s in sols]
+
+
+def min_max_bpw(sens: Sensitivity, keep: bool = False) -> tuple[float, float]:
+    cost = np.asarray(sens.cost, dtype=float)
+    usable = [c for c, cand in enumerate(sens.candidates) if keep or cand.bits != 16]
+    sub = cost[:, usable]
+    finite = np.where(np.isfinite(sub), sub, -np.inf)
+    n = total_params(sens)
+    return 8 * float(sub.min(axis=1).sum()) / n, 8 * float(finite.max(axis=1).sum()) / n
+
+
+def config_for(sens: Sensitivity, alloc: Allocation, base: QuantConfig) -> QuantConfig:
+    """``base`` with one exact-name override per linear carrying its unit's bits and group size."""
+    overrides = dict(base.overrides)
+    for unit, cand in zip(sens.units, (sens.candidates[c] for c in alloc.solution.choice)):
+        for m in unit.members:
+            overrides[f"^{re.escape(m)}$"] = {"bits": cand.bits, "group_size": cand.group_size}
+    return dataclasses.replace(base, overrides=overrides)
+
+
+def predicted_ppl(fp_ppl: float, dloss: float) -> float:
+    return fp_ppl * math.exp(dloss)
+
+
+def bit_map(sens: Sensitivity, alloc: Allocation) -> tuple[list[str], np.ndarray]:
+    """(unit kinds, (layers, kinds) array of bits) for a heat map."""
+    kinds = list(dict.fromkeys(u.kind for u in sens.units))
+    layers = max(u.layer for u in sens.units) + 1
+    grid = np.full((layers, len(kinds)), np.nan)
+    for u, b in zip(sens.units, alloc.bits):
+        grid[u.layer, kinds.index(u.kind)] = b
+    return kinds, grid
+
+
+def plot_frontier(path, predicted: list[dict], verified: list[dict], uniform: list[dict], fp_ppl: float,
+                  sens: Sensitivity, heat: Allocation | None, title: str = "") -> None:
+    """PNG: perplexity vs bits per weight (predicted frontier, measured mixed points, uniform RTN and
+    GPTQ) and, beside it, the bit map of one mixed configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hm) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    if predicted:
+        ax.plot([p["bpw"] for p in predicted], [p["predicted_ppl"] for p in predicted], "-", color="tab:blue",
+                alpha=0.6, label="hmq mixed, predicted")
+    if verified:
+        ax.plot([p["bpw"] for p in verified], [p["ppl"] for p in verified], "o", color="tab:blue",
+                label="hmq mixed, measured")
+    for method, style in (("rtn", "s--"), ("gptq", "^--")):
+        pts = sorted((p for p in uniform if p["method"] == method), key=lambda p: p["bpw"])
+        if pts:
+            ax.plot([p["bpw"] for p in pts], [p["ppl"] for p in pts], style, label=f"uniform {method.upper()}")
+    ax.axhline(fp_ppl, color="gray", lw=1, ls=":", label=f"fp ({fp_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zeros)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(title or "perplexity vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if heat is not None:
+        kinds, grid = bit_map(sens, heat)
+        im = hm.imshow(grid.T, aspect="auto", cmap="viridis", vmin=2, vmax=16, interpolation="nearest")
+        hm.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        hm.set_xlabel("decoder layer")
+        hm.set_title(f"bits per unit at {heat.bpw:.2f} bpw")
+        fig.colorbar(im, ax=hm, ticks=[2, 3, 4, 8, 16])
+    else:
+        hm.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seqlen: int = 512,
+                      max_windows: int | None = 8, batch_size: int = 8, progress: bool = False):
+    """Fresh model from ``load()`` -> quantize with ``config`` -> perplexity on ``eval_ids``.
+    Returns (ppl, QuantReport, model, tokenizer)."""
+    from .evaluate import perplexity
+    from .pipeline import quantize_model
+
+    model, tokenizer, arch = load()
+    report = quantize_model(model, arch, windows, config, device, batch_size, progress=progress)
+    res = perplexity(model.to(device), eval_ids, seqlen, max_windows, device, progress=False)
+    model.to("cpu")
+    return res["ppl"], report, model, tokenizer

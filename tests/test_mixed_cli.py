@@ -1,0 +1,112 @@
+"""Mixed precision through the ``hmq`` command on a tiny local model: measure once, quantize under
+each kind of budget, refuse what cannot work, and draw the frontier."""
+import json
+
+import pytest
+
+import cli
+
+from .conftest import build_tiny
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 4, "--candidates", "2,3,4,8"]
+
+
+@pytest.fixture(scope="module")
+def sens_file(tiny_model_dir, text_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sens") / "tiny.sens"
+    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--out", path) == 0
+    return path
+
+
+def test_measure_writes_a_reusable_file(sens_file, capsys):
+    data = json.loads(sens_file.read_text())
+    assert data["format"] == "hmq-sensitivity/1" and len(data["units"]) == 8
+    assert [c["bits"] for c in data["candidates"]] == [2, 3, 4, 8, 16]
+    assert data["settings"]["pair_bits"] == 3 and len(data["pairs"]) == 6 + 6 + 16
+
+
+@pytest.mark.parametrize("budget", [2.75, 3.0, 4.25])
+def test_quantize_under_a_bpw_budget(sens_file, tiny_model_dir, text_file, tmp_path, capsys, budget):
+    out = tmp_path / "mixed"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget", budget, "--out", out) == 0
+    summary = capsys.readouterr().out
+    assert "mixed precision (hessian)" in summary and "Optimal" in summary
+    assert run("inspect", out, "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bpw"] <= budget + 1e-9  # the real checkpoint, not the plan, is within budget
+    meta = json.loads((out / "hmq.json").read_text())
+    assert meta["allocation"]["bpw"] == pytest.approx(rep["bpw"])
+    bits = {name: m["bits"] for name, m in rep["modules"].items()}
+    for layer in (0, 1):  # fused groups share a width
+        p = f"model.layers.{layer}."
+        assert len({bits[p + f"self_attn.{x}_proj"] for x in "qkv"}) == 1
+        assert bits[p + "mlp.gate_proj"] == bits[p + "mlp.up_proj"]
+
+
+def test_budget_gb_counts_the_whole_checkpoint(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
+    sens = json.loads(sens_file.read_text())
+    gb = (sens["overhead_bytes"] + 3.2 * sum(u["in_features"] * u["out_features"] for u in sens["units"]) / 8) / 1e9
+    out = tmp_path / "gb"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget-gb", gb, "--out", out) == 0
+    capsys.readouterr()
+    assert run("inspect", out, "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bytes"] + sens["overhead_bytes"] <= gb * 1e9
+
+
+def test_infeasible_budget_and_wrong_model_are_clear(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget", 1.5, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "hmq: error:" in err and "raise the budget to at least 2.563 bits per weight" in err and "Traceback" not in err
+    assert not out.exists()
+    other = tmp_path / "other-model"
+    build_tiny("llama", seed=3).save_pretrained(other)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    assert run("quantize", "--model", other, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget", 3, "--out", out) == 2
+    assert "not on this model" in capsys.readouterr().err
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget", 3, "--budget-gb", 1, "--out", out) == 2
+    assert "not several" in capsys.readouterr().err
+
+
+def test_budget_without_sensitivity_measures_and_keeps_it(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--objective", "output",
+               "--budget", 3.5, "--out", out) == 0
+    assert (tmp_path / "auto.sens").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_max_ppl_increase_bisects(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "bisect"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--max-ppl-increase", "50%", "--bisect-steps", 2, "--eval-windows", 1, "--eval-seqlen", 64, "--out", out) == 0
+    meta = json.loads((out / "hmq.json").read_text())["allocation"]
+    steps = meta["bisection"]
+    assert len(steps) == 3
+    passing = [s for s in steps if s["ppl"] <= meta["target_ppl"]]
+    assert passing and meta["bpw"] <= min(s["budget"] for s in passing) + 1e-9
+
+
+def test_frontier_writes_json_and_png(sens_file, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "front"
+    assert run("frontier", "--model", tiny_model_dir, "--sensitivity", sens_file, "--verify", 1, "--uniform-bits", "4",
+               "--eval-windows", 1, "--eval-seqlen", 64, "--nsamples", 4, "--seqlen", 32, "--out", out, "--no-progress") == 0
+    data = json.loads((out / "frontier.json").read_text())
+    pred = data["predicted"]
+    assert len(pred) >= 2 and all(b["bpw"] > a["bpw"] and b["predicted_dloss"] < a["predicted_dloss"]
+                                  for a, b in zip(pred, pred[1:]))
+    assert len(data["verified"]) == 1 and {u["method"] for u in data["uniform"]} == {"rtn", "gptq"}
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,119 @@
+"""Sensitivity measurement on a tiny model: its numbers against independent recomputation, its file
+form, and its refusal of another model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.sensitivity import Sensitivity, SensitivityError, build_units, measure_sensitivity, parse_candidates
+from quant.arch import get_arch
+from quant.config import ModuleSpec, QuantConfig
+from quant.quantizer import rtn_quantize
+
+from .conftest import build_tiny, windows
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = build_tiny("llama")
+    arch = get_arch("llama")
+    cands = parse_candidates([2, 4], 32)
+    sens = measure_sensitivity(model, arch, windows(4, 32), windows(2, 32, seed=5), cands, QuantConfig(method="rtn"),
+                               torch.device("cpu"), model_name="tiny", max_probes=4, pair_bits=2, pair_window=1,
+                               progress=False)
+    return model, arch, sens
+
+
+def test_units_fuse_what_engines_fuse(measured):
+    model, arch, sens = measured
+    names = [u.name for u in sens.units]
+    assert names[:4] == ["model.layers.0.self_attn.q+k+v", "model.layers.0.self_attn.o_proj",
+                         "model.layers.0.mlp.gate+up", "model.layers.0.mlp.down_proj"]
+    qkv = sens.units[0]
+    assert qkv.out_features == 64 + 32 + 32 and qkv.in_features == 64
+    assert len(build_units(model, arch, "linear")) == 14
+
+
+def test_errors_match_independent_recomputation(measured):
+    model, arch, sens = measured
+    k = 3  # layer 0 down_proj, candidate w2g32
+    u = sens.units[k]
+    W = model.get_submodule(u.members[0]).weight.detach()
+    dW = rtn_quantize(W, ModuleSpec(2, 32)).dequantize() - W
+    assert sens.sqnorm[k][0] == pytest.approx(float(dW.pow(2).sum()), rel=1e-5)
+    # H_x from a plain hook on the fp model
+    X = []
+    h = model.get_submodule(u.members[0]).register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=windows(4, 32))
+    h.remove()
+    X = torch.cat(X)
+    H = 2 * X.T @ X / X.shape[0]
+    assert sens.out_err[k][0] == pytest.approx(float(torch.trace(dW @ H @ dW.T)), rel=1e-4)
+    assert sens.hx_trace[k] == pytest.approx(float(H.trace()), rel=1e-5)
+    assert sens.cost[k][2] == 128 * 64 * 2  # keep: fp16
+    assert sens.cost[k][0] == (64 * 128 * 2 + 4 * 64 * (16 + 2)) / 8  # 2-bit codes + scales + zeros, 4 groups
+
+
+def test_loss_deltas_match_a_full_forward(measured):
+    """The single and pair loss increases (which skip the unchanged early layers) equal a plain full
+    forward of a copy of the model with those units quantized."""
+    model, arch, sens = measured
+    ids = windows(2, 32, seed=5)
+
+    def loss_with(units):
+        m = build_tiny("llama")
+        for k in units:
+            for name in sens.units[k].members:
+                lin = m.get_submodule(name)
+                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(2, 32)).dequantize()
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss)
+
+    base = loss_with([])
+    assert sens.base_loss == pytest.approx(base, abs=1e-5)
+    for k in (1, 6):  # layer 0 o_proj, layer 1 gate/up
+        assert sens.single[k] == pytest.approx(loss_with([k]) - base, abs=1e-5)
+    pairs = {(i, j): v for i, j, v in sens.pairs}
+    assert (2, 7) in pairs and pairs[(2, 7)] == pytest.approx(loss_with([2, 7]) - base, abs=1e-5)
+    assert len(pairs) == 6 + 6 + 16  # within both layers, and across the two neighbouring layers
+
+
+def test_tables_follow_their_formulas(measured):
+    _, _, sens = measured
+    D, P = sens.tables("trace", pairs=False)
+    n = sens.units[0].params
+    tr0 = max(sens.trace[0], sens.trace_se[0])
+    assert D[0, 0] == pytest.approx(max(0.0, 0.5 * tr0 / n * sens.sqnorm[0][0]))
+    assert D[0, 2] == 0.0 and not P
+    Dh, Ph = sens.tables("hessian")
+    assert Dh[3, 0] == pytest.approx(0.5 * max(sens.trace[3], sens.trace_se[3]) / 64 * sens.out_err[3][0] / sens.hx_trace[3])
+    # the pair term reproduces the measured interaction at the measured width, and vanishes when kept
+    i, j, lij = sens.pairs[0]
+    assert Ph[(i, j)][0, 0] == pytest.approx(lij - sens.single[i] - sens.single[j])
+    assert Ph[(i, j)][2, 0] == 0.0 and Ph[(i, j)][0, 2] == 0.0
+    Do, _ = sens.tables("output")
+    ratio = Do[:, 0] / np.asarray(sens.out_err)[:, 0]
+    assert np.allclose(ratio, ratio[0])  # one global scale: the ranking is the output error's
+    with pytest.raises(Exception, match="unknown objective"):
+        sens.tables("nonsense")
+
+
+def test_file_round_trip_and_model_check(measured, tmp_path):
+    model, arch, sens = measured
+    path = sens.save(tmp_path / "m.sens")
+    back = Sensitivity.load(path)
+    assert back.units == sens.units and back.candidates == sens.candidates
+    assert back.tables("hessian")[0].tolist() == sens.tables("hessian")[0].tolist()
+    back.check_model(model, arch)  # same model: accepted
+    with pytest.raises(SensitivityError, match="not on this model"):
+        back.check_model(build_tiny("llama", seed=1), arch)
+    with pytest.raises(SensitivityError, match="not on this model"):
+        back.check_model(build_tiny("llama", num_hidden_layers=3), arch)
+    (tmp_path / "bad.sens").write_text("{not json")
+    with pytest.raises(SensitivityError, match="not an hmq sensitivity file"):
+        Sensitivity.load(tmp_path / "bad.sens")
+    with pytest.raises(SensitivityError, match="hmq measure"):
+        Sensitivity.load(tmp_path / "missing.sens")
+    assert math.isfinite(back.base_loss)
