@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(embeddings, norms, lm_head count at 16 bits)")
     mp.add_argument("--max-ppl-increase", metavar="PCT", help="smallest budget whose measured held-out perplexity "
                                                              "is within PCT of the fp model's (e.g. 5%%), by bisection")
+    mp.add_argument("--latency-table", metavar="JSON", help="per-shape latency of each candidate "
+                                                           "(bench/latency_table.py writes one) for --budget-latency")
+    mp.add_argument("--budget-latency", type=float, metavar="T", help="summed latency of the decoder linears, in the "
+                                                                     "table's unit")
     _allocation_flags(mp)
     mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
     mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
@@ -323,10 +327,17 @@ def print_sensitivity(sens) -> None:
 
 
 def _budget_allocation(args, sens):
-    from quant.mixed import allocate, budget_to_bytes
+    from quant.config import ConfigError
+    from quant.mixed import allocate, allocate_latency, budget_to_bytes
 
-    budget = budget_to_bytes(sens, args.budget, args.budget_gb)
-    alloc = allocate(sens, budget, args.objective, not args.no_pairs)
+    if args.budget_latency is not None:
+        try:
+            table = json.loads(Path(args.latency_table).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--latency-table {args.latency_table!r} is not a readable JSON file ({exc}).") from None
+        alloc = allocate_latency(sens, table, args.budget_latency, args.objective, not args.no_pairs)
+    else:
+        alloc = allocate(sens, budget_to_bytes(sens, args.budget, args.budget_gb), args.objective, not args.no_pairs)
     log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
              alloc.bpw, alloc.predicted_dloss, alloc.solution.status, alloc.solution.gap, alloc.solution.seconds)
     return alloc
@@ -357,9 +368,11 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     run, config, explicit_gs = resolve_settings(args)
-    budgets = [x for x in (args.budget, args.budget_gb, args.max_ppl_increase) if x is not None]
+    budgets = [x for x in (args.budget, args.budget_gb, args.max_ppl_increase, args.budget_latency) if x is not None]
     if len(budgets) > 1:
-        raise ConfigError("give one of --budget, --budget-gb and --max-ppl-increase, not several.")
+        raise ConfigError("give one of --budget, --budget-gb, --budget-latency and --max-ppl-increase, not several.")
+    if (args.budget_latency is None) != (args.latency_table is None):
+        raise ConfigError("--budget-latency and --latency-table go together: give both.")
     mixed = bool(budgets)
     if args.sensitivity and not mixed:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
@@ -380,7 +393,8 @@ def cmd_quantize(args) -> int:
         else:
             sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or model_name)
             log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
-        config = dataclasses.replace(config, partial_groups=sens.settings.get("partial_groups", config.partial_groups))
+        config = dataclasses.replace(config, partial_groups=sens.settings.get("partial_groups", config.partial_groups),
+                                     unfused=sens.settings.get("granularity") == "linear")
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
     torch.manual_seed(run["seed"])
@@ -498,7 +512,8 @@ def cmd_frontier(args) -> int:
                   "units": dict(zip(a.unit_names, a.candidates))} for a in front]
     base = QuantConfig(method=sens.settings.get("method", "gptq"), group_size=sens.settings.get("group_size", 128),
                        sym=sens.settings.get("sym", False), partial_groups=sens.settings.get("partial_groups", False),
-                       damp_percent=sens.settings.get("damp_percent", 0.01))
+                       damp_percent=sens.settings.get("damp_percent", 0.01),
+                       unfused=sens.settings.get("granularity") == "linear")
     windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, sens.settings.get("seed", 0))
     load = lambda: load_model(args.model, dtype)  # noqa: E731
     n = total_params(sens)

@@ -67,6 +67,7 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-batch column block
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs
     partial_groups: bool = False  # allow a shorter last group when group_size does not divide in_features
+    unfused: bool = False  # let q/k/v (gate/up) differ: for engines that do not fuse them (vLLM does)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

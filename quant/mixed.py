@@ -27,7 +27,7 @@ class Allocation:
 
     def to_dict(self) -> dict:
         s = self.solution
-        return {"bpw": self.bpw, "bytes": s.cost, "budget_bytes": self.budget_bytes,
+        return {"bpw": self.bpw, "cost": s.cost, "budget": self.budget_bytes,
                 "predicted_dloss": self.predicted_dloss, "status": s.status, "gap": s.gap, "solve_seconds": s.seconds,
                 "units": dict(zip(self.unit_names, self.candidates))}
 
@@ -52,9 +52,31 @@ def budget_to_bytes(sens: Sensitivity, bpw: float | None = None, gb: float | Non
     return rest
 
 
-def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = True) -> Problem:
+def shape_key(unit) -> str:
+    return f"{unit.out_features}x{unit.in_features}"
+
+
+def latency_costs(sens: Sensitivity, table: dict) -> np.ndarray:
+    """(units, candidates) latency from a table ``{"OUTxIN": {"w4g128": t, ..., "fp16": t}}`` (as written by
+    ``bench/latency_table.py``); a candidate the table lacks for a shape is not allowed there."""
+    cost = np.full((len(sens.units), len(sens.candidates)), np.inf)
+    missing = sorted({shape_key(u) for u in sens.units} - set(table))
+    if missing:
+        raise BudgetError(f"the latency table has no entry for unit shape(s) {', '.join(missing)} (OUTxIN): "
+                          "re-run bench/latency_table.py for this model.")
+    for k, u in enumerate(sens.units):
+        row = table[shape_key(u)]
+        for c, cand in enumerate(sens.candidates):
+            if cand.label in row and np.isfinite(sens.cost[k][c]):
+                cost[k, c] = float(row[cand.label])
+    return cost
+
+
+def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = True,
+                 latency: dict | None = None) -> Problem:
     D, P = sens.tables(objective, pairs)
-    return Problem(D, np.asarray(sens.cost, dtype=float), P)
+    cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
+    return Problem(D, cost, P)
 
 
 def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian", pairs: bool = True,
@@ -74,10 +96,22 @@ def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian",
     return _allocation(sens, problem, budget_bytes, sol)
 
 
-def _allocation(sens: Sensitivity, problem: Problem, budget_bytes: float, sol: Solution) -> Allocation:
+def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: str = "hessian",
+                     pairs: bool = True) -> Allocation:
+    """Like :func:`allocate`, with the summed per-unit latency of ``table`` as the budgeted cost."""
+    problem = make_problem(sens, objective, pairs, table)
+    floor = problem.min_cost()
+    if not budget >= floor - 1e-12:
+        raise BudgetError(f"a latency budget of {budget:g} is below the fastest configuration the table allows, "
+                          f"{floor:g} (same unit as the table): raise it to at least that.")
+    return _allocation(sens, problem, budget, solve(problem, budget))
+
+
+def _allocation(sens: Sensitivity, problem: Problem, budget: float, sol: Solution) -> Allocation:
     cands = [sens.candidates[c] for c in sol.choice]
-    return Allocation(budget_bytes, sol, [c.label for c in cands], [c.bits for c in cands], sol.objective,
-                      8 * sol.cost / total_params(sens), [u.name for u in sens.units])
+    nbytes = sum(sens.cost[k][c] for k, c in enumerate(sol.choice))
+    return Allocation(budget, sol, [c.label for c in cands], [c.bits for c in cands], sol.objective,
+                      8 * nbytes / total_params(sens), [u.name for u in sens.units])
 
 
 def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pairs: bool = True) -> list[Allocation]:

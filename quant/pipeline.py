@@ -48,7 +48,7 @@ def module_specs(model: nn.Module, arch: Arch, config: QuantConfig) -> dict[str,
         prefix = f"{arch.layers}.{i}."
         for name in arch.linears:
             specs[prefix + name] = config.spec_for(prefix + name)
-        for group in arch.fused:
+        for group in () if config.unfused else arch.fused:
             distinct = {specs[prefix + n] for n in group}
             if len(distinct) > 1:
                 detail = ", ".join(f"{n}={specs[prefix + n].bits}b/g{specs[prefix + n].group_size}" for n in group)

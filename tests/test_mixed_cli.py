@@ -110,3 +110,39 @@ def test_frontier_writes_json_and_png(sens_file, tiny_model_dir, tmp_path, capsy
                                   for a, b in zip(pred, pred[1:]))
     assert len(data["verified"]) == 1 and {u["method"] for u in data["uniform"]} == {"rtn", "gptq"}
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_linear_units_may_split_fused_groups(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "linear"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--units", "linear",
+               "--pair-bits", 0, "--budget", 3.0, "--out", out) == 0
+    sens = json.loads((tmp_path / "linear.sens").read_text())
+    assert len(sens["units"]) == 14 and sens["pairs"] == []
+    capsys.readouterr()
+    assert run("inspect", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["bpw"] <= 3.0
+
+
+def test_latency_budget(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
+    """A latency table where 8-bit is as fast as fp16 and 2-bit is slowest (as on a CPU that
+    dequantizes): the allocation must respect the latency budget, whatever the bytes."""
+    table = {"128x64": {"w2g32": 9.0, "w3g32": 8.0, "w4g32": 4.0, "w8g32": 2.0, "fp16": 2.0},
+             "64x64": {"w2g32": 9.0, "w3g32": 8.0, "w4g32": 4.0, "w8g32": 2.0, "fp16": 2.0},
+             "256x64": {"w2g32": 9.0, "w3g32": 8.0, "w4g32": 4.0, "w8g32": 2.0, "fp16": 2.0},
+             "64x128": {"w2g32": 9.0, "w3g32": 8.0, "w4g32": 4.0, "w8g32": 2.0, "fp16": 2.0}}
+    path = tmp_path / "lat.json"
+    path.write_text(json.dumps(table))
+    out = tmp_path / "lat"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--latency-table", path, "--budget-latency", 8 * 4.0, "--out", out) == 0
+    alloc = json.loads((out / "hmq.json").read_text())["allocation"]
+    latency = sum(table["128x64"][label] for label in alloc["units"].values())  # same row in every shape
+    assert alloc["cost"] == pytest.approx(latency) and latency <= 32.0
+    assert list(alloc["units"].values()).count("w2g32") + list(alloc["units"].values()).count("w3g32") <= 2
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--latency-table", path, "--budget-latency", 10, "--out", tmp_path / "y") == 2
+    assert "below the fastest configuration the table allows, 16" in capsys.readouterr().err
+    path.write_text(json.dumps({"1x1": {}}))
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--latency-table", path, "--budget-latency", 100, "--out", tmp_path / "z") == 2
+    assert "no entry for unit shape(s)" in capsys.readouterr().err
