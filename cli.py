@@ -175,7 +175,7 @@ def _measure_flags(p, standalone: bool) -> None:
                    help="Hessian trace estimator (default hutchinson; fisher = squared gradients, cheaper)")
     g.add_argument("--probes", type=int, default=16, help="at most this many Hutchinson probes (default 16)")
     g.add_argument("--trace-tol", type=float, default=0.05, help="stop probing when every trace's standard error "
-                                                                 "is below this fraction (default 0.05)")
+                                                                 "is below this fraction of the mean trace (default 0.05)")
     g.add_argument("--loss-samples", type=int, default=4, help="windows for traces and measured loss increases (default 4)")
     g.add_argument("--loss-seqlen", type=int, default=256, help="tokens per loss window (default 256)")
     g.add_argument("--pair-bits", type=int, default=3, help="width at which single and pair loss increases are "
@@ -393,6 +393,10 @@ def cmd_quantize(args) -> int:
         else:
             sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or model_name)
             log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
+        if sens.settings.get("method") != config.method:
+            log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
+                        "predicted damage may not match (re-run `hmq measure --method %s`)",
+                        sens.settings.get("method"), config.method, config.method)
         config = dataclasses.replace(config, partial_groups=sens.settings.get("partial_groups", config.partial_groups),
                                      unfused=sens.settings.get("granularity") == "linear")
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])

@@ -25,7 +25,12 @@ class TraceEstimate:
     probes: int
 
     def rel_se(self) -> float:
-        return max((s / abs(m) if m else math.inf) for m, s in zip(self.mean, self.se)) if self.mean else 0.0
+        """Largest standard error relative to the mean |trace| over blocks. (Relative to each block's
+        own trace, a block whose trace is near zero would never settle.)"""
+        if not self.mean:
+            return 0.0
+        scale = sum(abs(m) for m in self.mean) / len(self.mean)
+        return max(self.se) / scale if scale > 0 else math.inf
 
 
 def _summarise(samples: torch.Tensor, probes: int) -> TraceEstimate:
@@ -40,8 +45,8 @@ def hutchinson(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shapes: 
                device: torch.device | str = "cpu", progress: bool = False) -> TraceEstimate:
     """Trace of each diagonal block of ``H`` given ``hvp(v) = H v`` (block-wise lists of tensors).
 
-    Stops once every block's standard error is below ``tol`` × its estimate (after ``min_probes``)
-    or after ``max_probes``."""
+    Stops once every block's standard error is below ``tol`` × the mean |trace| of the blocks (after
+    ``min_probes``) or after ``max_probes``."""
     rows = []
     bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress, unit="probe")
     for k in bar:
