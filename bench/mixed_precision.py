@@ -107,6 +107,19 @@ def main() -> None:
                           "units": dict(zip(alloc.unit_names, alloc.candidates))})
             print({k: v for k, v in mixed[-1].items() if k != "units"}, flush=True)
 
+    # how well each objective predicts the measured loss increase of single units at pair_bits
+    c = sens.pair_column()
+    measured_single = np.asarray(sens.single)
+    agreement = {}
+    for objective in args.objectives:
+        D, _ = sens.tables(objective, pairs=False)
+        pred = D[:, c]
+        rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+        agreement[objective] = {"pearson": float(np.corrcoef(pred, measured_single)[0, 1]),
+                                "spearman": float(np.corrcoef(rank(pred), rank(measured_single))[0, 1]),
+                                "predicted_sum": float(pred.sum()), "measured_sum": float(measured_single.sum())}
+    inter = [lij - sens.single[i] - sens.single[j] for i, j, lij in sens.pairs]
+
     solve_times = synthetic_solve_seconds()
     lo, hi = min_max_bpw(sens)
     front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), "hessian")
@@ -134,10 +147,14 @@ def main() -> None:
         print(f"\nat 3.0 bpw, mixed (hessian) closes {100 * closed:.0f}% of uniform GPTQ w3's gap to fp "
               f"(GPTQ w3 is {g3['bpw']:.3f} bpw)")
     print(f"measurement: {sens.seconds}; ILP 224 units × 5 candidates: {solve_times}")
+    print(f"single-unit ΔNLL at {sens.settings.get('pair_bits')} bits, predicted vs measured: {agreement}")
+    print(f"{len(inter)} pairs: mean interaction {np.mean(inter):+.5f}, mean |interaction| {np.mean(np.abs(inter)):.5f} "
+          f"nats (mean single {measured_single.mean():.5f})")
     payload = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads" if device.type == "cpu"
                else torch.cuda.get_device_name(), "settings": vars(args), "fp_ppl": fp, "uniform": rows, "mixed": mixed,
                "closed_gap_at_3bpw": closed, "measurement_seconds": sens.seconds, "measurement_settings": sens.settings,
-               "synthetic_solve": solve_times, "frontier": predicted}
+               "synthetic_solve": solve_times, "frontier": predicted, "single_unit_agreement": agreement,
+               "interactions": {"pairs": len(inter), "mean": float(np.mean(inter)), "mean_abs": float(np.mean(np.abs(inter)))}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1))
     print(f"wrote {args.json} and {args.png}")

@@ -66,6 +66,7 @@ class Unit:
     kind: str  # name inside the layer, e.g. self_attn.qkv_proj or mlp.down_proj
     in_features: int
     out_features: int  # summed over members
+    member_out: tuple[int, ...] = ()  # out_features of each member
 
     @property
     def params(self) -> int:
@@ -92,7 +93,7 @@ def build_units(model: nn.Module, arch: Arch, granularity: str = "fused") -> lis
                 head, _, _ = g[0].rpartition(".")
                 kind = f"{head}.{'+'.join(n.rpartition('.')[2].removesuffix('_proj') for n in g)}"
             units.append(Unit(prefix + kind, tuple(prefix + n for n in g), i, kind, lins[0].in_features,
-                              sum(lin.out_features for lin in lins)))
+                              sum(lin.out_features for lin in lins), tuple(lin.out_features for lin in lins)))
     return units
 
 
@@ -138,6 +139,11 @@ class Sensitivity:
     pairs: list[tuple[int, int, float]]  # measured ΔL_ij with both at pair_bits
     overhead_bytes: int  # everything outside the units, at 16 bits (embeddings, norms, lm_head)
     seconds: dict = field(default_factory=dict)
+    # the same per member linear of a fused unit (q, k, v each have their own curvature)
+    member_trace: list[list[float]] | None = None  # (U, M_u)
+    member_trace_se: list[list[float]] | None = None
+    member_sqnorm: list[list[list[float]]] | None = None  # (U, C, M_u)
+    member_out_err: list[list[list[float]]] | None = None
 
     # ---- file form ----------------------------------------------------------------------------
 
@@ -163,7 +169,8 @@ class Sensitivity:
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise SensitivityError(f"{path} is not an {FORMAT} file; re-run `hmq measure` with this hmq version.")
         try:
-            data["units"] = [Unit(**{**u, "members": tuple(u["members"])}) for u in data["units"]]
+            data["units"] = [Unit(**{**u, "members": tuple(u["members"]), "member_out": tuple(u.get("member_out", ()))})
+                             for u in data["units"]]
             data["candidates"] = [Candidate(**c) for c in data["candidates"]]
             data["pairs"] = [tuple(p) for p in data["pairs"]]
             return cls(**data)
@@ -196,13 +203,15 @@ class Sensitivity:
 
         * ``trace`` (HAWQ-V2): ``½ · Tr(H)/n · ‖ΔW‖²`` — the loss Hessian taken as ``Tr(H)/n · I``;
         * ``output`` (additive output error, as exl2 ranks layers): ``s · tr(ΔW H_x ΔWᵀ)`` with one
-          global ``s`` fitted by least squares to the measured single-unit ``ΔL`` (only the scale
-          of the prediction depends on it, not the allocation);
+          global ``s`` that makes the summed prediction equal the summed measured single-unit ``ΔL``
+          (only the scale of the prediction depends on it, not the allocation);
         * ``hessian`` (default): the Kronecker-factored second-order term. With the loss Hessian of
           a linear ``H_W ≈ G ⊗ A`` (K-FAC; ``A = XXᵀ/n``, ``G`` the curvature w.r.t. its outputs)
           and ``G ≈ g·I``, ``Tr(H_W) = g · d_out · tr(A)``, so
           ``ΔL ≈ ½ · Tr(H_W)/d_out · tr(ΔW H_x ΔWᵀ)/tr(H_x)``: the trace sets how much the loss
-          cares about this layer's output, ``H_x`` which input directions matter. Plus, for each
+          cares about this layer's output, ``H_x`` which input directions matter. For a fused unit
+          the term is summed over its member linears, each with its own trace and rows (q and k
+          matter far less per row than v). ``trace`` is summed per member the same way. Plus, for each
           measured pair, ``P_ij[a, b] = I_ij · √(D_i[a] D_j[b] / (D_i[p] D_j[p]))`` where
           ``I_ij = ΔL_ij − ΔL_i − ΔL_j`` was measured at ``p = pair_bits``: exact at the measured
           point and scaled like a bilinear second-order cross term elsewhere.
@@ -215,14 +224,25 @@ class Sensitivity:
         # noise alone never makes a unit look free to quantize.
         tr = np.maximum(np.asarray(self.trace, dtype=float), np.asarray(self.trace_se, dtype=float))[:, None]
         hx = np.asarray(self.hx_trace, dtype=float)[:, None]
-        if objective == "trace":
+        per_member = self.member_trace is not None and objective in ("trace", "hessian")
+        if per_member:  # each member linear with its own trace: a sum of per-member terms
+            D = np.zeros_like(a["sqnorm"])
+            for k, u in enumerate(self.units):
+                for m, d_m in enumerate(u.member_out):
+                    tr_m = max(self.member_trace[k][m], self.member_trace_se[k][m])
+                    if objective == "trace":
+                        err = np.array([row[m] for row in self.member_sqnorm[k]])
+                        D[k] += 0.5 * tr_m / (d_m * u.in_features) * err
+                    else:
+                        err = np.array([row[m] for row in self.member_out_err[k]])
+                        D[k] += 0.5 * tr_m / d_m * err / max(self.hx_trace[k], 1e-30)
+        elif objective == "trace":
             D = 0.5 * tr / n * a["sqnorm"]
         elif objective == "output":
             D = a["out_err"].copy()
             c = self.pair_column()
-            if c is not None and self.single:
-                e, m = D[:, c], np.asarray(self.single)
-                D *= float(np.dot(e, m) / max(np.dot(e, e), 1e-30))
+            if c is not None and self.single and sum(self.single) > 0:
+                D *= float(sum(self.single) / max(D[:, c].sum(), 1e-30))  # predicted total = measured total
         elif objective == "hessian":
             D = 0.5 * tr / d_out * a["out_err"] / np.maximum(hx, 1e-30)
         else:
@@ -308,6 +328,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     U, C = len(units), len(candidates)
     sqnorm = [[0.0] * C for _ in range(U)]
     out_err = [[0.0] * C for _ in range(U)]
+    m_sqnorm = [[[0.0] * len(u.members) for _ in range(C)] for u in units]
+    m_out_err = [[[0.0] * len(u.members) for _ in range(C)] for u in units]
     hx_trace = [0.0] * U
     probe_weights: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -340,8 +362,15 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                 spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
                 qw = method.fn(W, H if method.needs_hessian else None, spec, config, u.name)
                 dW = qw.dequantize(torch.float32) - W  # (out, in)
-                sqnorm[k][c] = float(dW.pow(2).sum())
-                out_err[k][c] = float(((dW @ H) * dW).sum())  # tr(ΔW H ΔWᵀ)
+                per_row = ((dW @ H) * dW).sum(1)  # (out,) row r: ΔW_r H ΔW_rᵀ
+                sq_row = dW.pow(2).sum(1)
+                row = 0
+                for m, rows in enumerate(u.member_out):
+                    m_out_err[k][c][m] = float(per_row[row : row + rows].sum())
+                    m_sqnorm[k][c][m] = float(sq_row[row : row + rows].sum())
+                    row += rows
+                sqnorm[k][c] = float(sq_row.sum())
+                out_err[k][c] = float(per_row.sum())  # tr(ΔW H ΔWᵀ)
                 if cand.bits == pair_bits:
                     Wq, row = W + dW, 0
                     probe_weights[k] = {}
@@ -367,6 +396,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     per_name = dict(zip(names, zip(est.mean, est.se)))
     trace = [sum(per_name[f"{m}.weight"][0] for m in u.members) for u in units]
     trace_se = [math.sqrt(sum(per_name[f"{m}.weight"][1] ** 2 for m in u.members)) for u in units]
+    m_trace = [[per_name[f"{m}.weight"][0] for m in u.members] for u in units]
+    m_trace_se = [[per_name[f"{m}.weight"][1] for m in u.members] for u in units]
     secs["trace"] = time.perf_counter() - t0
 
     # 3) measured loss increases: each unit alone, and pairs within pair_window blocks, at pair_bits
@@ -402,4 +433,5 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "pair_bits": pair_bits, "pair_window": pair_window,
                      "loss_tokens": int(loss_windows.numel())})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
-                       hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs)
+                       hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,
+                       m_trace, m_trace_se, m_sqnorm, m_out_err)

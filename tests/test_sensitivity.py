@@ -83,12 +83,19 @@ def test_loss_deltas_match_a_full_forward(measured):
 def test_tables_follow_their_formulas(measured):
     _, _, sens = measured
     D, P = sens.tables("trace", pairs=False)
-    n = sens.units[0].params
-    tr0 = max(sens.trace[0], sens.trace_se[0])
-    assert D[0, 0] == pytest.approx(max(0.0, 0.5 * tr0 / n * sens.sqnorm[0][0]))
-    assert D[0, 2] == 0.0 and not P
+    tr3 = max(sens.trace[3], sens.trace_se[3])  # layer 0 down_proj: one member
+    assert D[3, 0] == pytest.approx(0.5 * tr3 / sens.units[3].params * sens.sqnorm[3][0])
+    assert D[3, 2] == 0.0 and not P
     Dh, Ph = sens.tables("hessian")
-    assert Dh[3, 0] == pytest.approx(0.5 * max(sens.trace[3], sens.trace_se[3]) / 64 * sens.out_err[3][0] / sens.hx_trace[3])
+    assert Dh[3, 0] == pytest.approx(0.5 * tr3 / 64 * sens.out_err[3][0] / sens.hx_trace[3])
+    # a fused unit sums its members, each with its own trace and rows
+    qkv = sens.units[0]
+    assert qkv.member_out == (64, 32, 32)
+    assert sum(sens.member_out_err[0][0]) == pytest.approx(sens.out_err[0][0], rel=1e-5)
+    assert sum(sens.member_trace[0]) == pytest.approx(sens.trace[0], rel=1e-5)
+    expect = sum(0.5 * max(t, se) / d * e / sens.hx_trace[0] for t, se, d, e in
+                 zip(sens.member_trace[0], sens.member_trace_se[0], qkv.member_out, sens.member_out_err[0][0]))
+    assert Dh[0, 0] == pytest.approx(expect)
     # the pair term reproduces the measured interaction at the measured width, and vanishes when kept
     i, j, lij = sens.pairs[0]
     assert Ph[(i, j)][0, 0] == pytest.approx(lij - sens.single[i] - sens.single[j])
