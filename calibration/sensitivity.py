@@ -154,6 +154,9 @@ class Sensitivity:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=_json_default)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a measurement is an ordinary file
         os.replace(tmp, path)
         return path
 

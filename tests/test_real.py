@@ -62,3 +62,34 @@ def test_gptq_beats_rtn_at_3_bits_full_calibration(smollm):
     rtn = ppl_after(smollm, "rtn", 3, 32, 512, 16)
     gptq = ppl_after(smollm, "gptq", 3, 32, 512, 16)
     assert gptq < 0.8 * rtn
+
+
+@pytest.mark.slow
+def test_mixed_precision_beats_uniform_gptq_at_equal_size(smollm):
+    """With the committed SmolLM2 measurement (bench/results/smollm2-g128.sens, reproducible with
+    `hmq measure --group-size 128 --partial-groups --nsamples 16 --loss-samples 2 --loss-seqlen 256`),
+    hmq's allocation at uniform w3g128's own size beats uniform GPTQ w3g128 on held-out text."""
+    from pathlib import Path
+
+    from calibration.sensitivity import Sensitivity
+    from quant.evaluate import perplexity
+    from quant.mixed import allocate, config_for, total_params
+    from quant.pipeline import QuantReport, quantize_model
+
+    model, tokenizer, arch, ids, calibration_windows = smollm
+    sens = Sensitivity.load(Path(__file__).parent.parent / "bench/results/smollm2-g128.sens")
+    sens.check_model(model, arch)
+    windows = calibration_windows(tokenizer, None, 16, 512, 0)
+    base = QuantConfig(method="gptq", bits=3, group_size=128, partial_groups=True)
+    results = {}
+    for label in ("uniform", "mixed"):
+        m = copy.deepcopy(model)
+        cfg = base
+        if label == "mixed":
+            cfg = config_for(sens, allocate(sens, results["uniform_bpw"] * total_params(sens) / 8), base)
+        report: QuantReport = quantize_model(m, arch, windows, cfg, CPU, progress=False)
+        results[label] = perplexity(m, ids, 512, 16, CPU, progress=False)["ppl"]
+        results[f"{label}_bpw"] = report.bpw
+    print(results)
+    assert results["mixed_bpw"] <= results["uniform_bpw"] + 1e-9
+    assert results["mixed"] < results["uniform"]
