@@ -23,7 +23,7 @@ def test_ilp_equals_brute_force(pairs, ties):
     for _ in range(12):
         p = random_problem(rng, pairs=pairs, ties=ties)
         budget = float(rng.uniform(p.min_cost(), p.cost.max(axis=1).sum()))
-        sol = solve(p, budget)
+        sol = solve(p, budget, gap_rel=0.0)
         best = brute_force(p, budget)
         assert sol.status == "Optimal"
         assert sol.objective == pytest.approx(best[1], abs=1e-7)
@@ -40,7 +40,7 @@ def test_pair_terms_change_the_answer():
     additive = solve(Problem(D, cost), 4.0)
     assert sorted(additive.choice) == [0, 0, 1]  # the worst unit (2) gets the extra bits
     P = {(0, 1): np.array([[5.0, 0.0], [0.0, 0.0]])}
-    coupled = solve(Problem(D, cost, P), 4.0)
+    coupled = solve(Problem(D, cost, P), 4.0, gap_rel=0.0)
     assert coupled.choice[2] == 0 and {coupled.choice[0], coupled.choice[1]} == {0, 1}
     assert coupled.objective == pytest.approx(brute_force(Problem(D, cost, P), 4.0)[1])
 
@@ -59,7 +59,7 @@ def test_more_budget_never_raises_predicted_loss():
     rng = np.random.default_rng(7)
     p = random_problem(rng, U=6, C=4, pairs=True)
     budgets = np.linspace(p.min_cost(), p.cost.max(axis=1).sum(), 9)
-    objs = [solve(p, b).objective for b in budgets]
+    objs = [solve(p, b, gap_rel=0.0).objective for b in budgets]
     assert all(b <= a + 1e-9 for a, b in zip(objs, objs[1:]))
     front = frontier(p, budgets)
     assert all(s2.cost > s1.cost and s2.objective < s1.objective for s1, s2 in zip(front, front[1:]))
@@ -73,7 +73,7 @@ def test_solve_time_224_units_5_candidates():
     cost = np.tile([2.2, 3.2, 4.2, 8.2, 16.0], (U, 1)) * rng.integers(1, 4, (U, 1))
     problem = Problem(D, cost)
     sol = solve(problem, 0.25 * cost.sum())
-    assert sol.status == "Optimal" and sol.cost <= 0.25 * cost.sum()
+    assert sol.status.startswith("Optimal") and sol.cost <= 0.25 * cost.sum()
     # the reported gap is measured against the LP relaxation: a valid bound, so it is ≥ 0 and small
     assert 0.0 <= sol.gap < 0.05
     greedy = problem.objective(np.zeros(U, dtype=int))  # all at the cheapest candidate fits too
