@@ -357,8 +357,6 @@ def _parse_percent(text: str) -> float:
 
 
 def cmd_quantize(args) -> int:
-    import dataclasses
-
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
@@ -377,15 +375,14 @@ def cmd_quantize(args) -> int:
     if args.sensitivity and not mixed:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
-    tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit_gs)
-    if not mixed:
-        tag = f"w{config.bits}g{config.group_size}"
+    tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
     allocation = None
     if mixed:
         from calibration.sensitivity import Sensitivity
+        from quant.mixed import base_config
 
         if args.sensitivity:
             sens = Sensitivity.load(args.sensitivity)
@@ -397,8 +394,7 @@ def cmd_quantize(args) -> int:
             log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
-        config = dataclasses.replace(config, partial_groups=sens.settings.get("partial_groups", config.partial_groups),
-                                     unfused=sens.settings.get("granularity") == "linear")
+        config = base_config(sens, config)
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
     torch.manual_seed(run["seed"])
@@ -408,14 +404,14 @@ def cmd_quantize(args) -> int:
         if mixed:
             from quant.mixed import config_for
 
-            allocation = _budget_allocation(args, sens)
-            config = config_for(sens, allocation, config)
+            alloc = _budget_allocation(args, sens)
+            config = config_for(sens, alloc, config)
+            allocation = alloc.to_dict()
         report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
              "quantize_seconds": report.seconds}
     if allocation is not None:
-        extra["allocation"] = allocation if isinstance(allocation, dict) else allocation.to_dict()
-        extra["allocation"]["objective"] = args.objective
+        extra["allocation"] = {**allocation, "objective": args.objective}
     save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra)
     print_summary(report, out, time.perf_counter() - t0)
     if allocation is not None:
@@ -492,8 +488,8 @@ def cmd_frontier(args) -> int:
     from calibration.sensitivity import Sensitivity
     from quant.config import QuantConfig
     from quant.evaluate import perplexity
-    from quant.mixed import (allocate, config_for, frontier_allocations, min_max_bpw, plot_frontier, predicted_ppl,
-                             quantize_and_eval, total_params)
+    from quant.mixed import (allocate, base_config, config_for, frontier_allocations, min_max_bpw, plot_frontier,
+                             predicted_ppl, quantize_and_eval, total_params)
     from quant.model_io import load_model, resolve_device, resolve_dtype
 
     sens = Sensitivity.load(args.sensitivity)
@@ -514,10 +510,7 @@ def cmd_frontier(args) -> int:
     front = frontier_allocations(sens, grid, args.objective, pairs)
     predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
                   "units": dict(zip(a.unit_names, a.candidates))} for a in front]
-    base = QuantConfig(method=sens.settings.get("method", "gptq"), group_size=sens.settings.get("group_size", 128),
-                       sym=sens.settings.get("sym", False), partial_groups=sens.settings.get("partial_groups", False),
-                       damp_percent=sens.settings.get("damp_percent", 0.01),
-                       unfused=sens.settings.get("granularity") == "linear")
+    base = base_config(sens)
     windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, sens.settings.get("seed", 0))
     load = lambda: load_model(args.model, dtype)  # noqa: E731
     n = total_params(sens)

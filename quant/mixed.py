@@ -17,7 +17,7 @@ from .config import QuantConfig
 
 @dataclass
 class Allocation:
-    budget_bytes: float
+    budget: float  # in the problem's cost unit: bytes, or the latency table's unit
     solution: Solution
     candidates: list[str]  # label per unit
     bits: list[int]  # per unit
@@ -27,7 +27,7 @@ class Allocation:
 
     def to_dict(self) -> dict:
         s = self.solution
-        return {"bpw": self.bpw, "cost": s.cost, "budget": self.budget_bytes,
+        return {"bpw": self.bpw, "cost": s.cost, "budget": self.budget,
                 "predicted_dloss": self.predicted_dloss, "status": s.status, "gap": s.gap, "solve_seconds": s.seconds,
                 "units": dict(zip(self.unit_names, self.candidates))}
 
@@ -137,6 +137,17 @@ def config_for(sens: Sensitivity, alloc: Allocation, base: QuantConfig) -> Quant
         for m in unit.members:
             overrides[f"^{re.escape(m)}$"] = {"bits": cand.bits, "group_size": cand.group_size}
     return dataclasses.replace(base, overrides=overrides)
+
+
+def base_config(sens: Sensitivity, config: QuantConfig | None = None) -> QuantConfig:
+    """``config`` (default: the measurement's method, group size, sym and damping) with the grouping
+    and fusing the measurement assumed, so the quantized checkpoint matches the allocated units."""
+    s = sens.settings
+    if config is None:
+        config = QuantConfig(method=s.get("method", "gptq"), group_size=s.get("group_size", 128),
+                             sym=s.get("sym", False), damp_percent=s.get("damp_percent", 0.01))
+    return dataclasses.replace(config, partial_groups=s.get("partial_groups", config.partial_groups),
+                               unfused=s.get("granularity") == "linear")
 
 
 def predicted_ppl(fp_ppl: float, dloss: float) -> float:
