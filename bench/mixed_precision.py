@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--json", default="bench/results/mixed_precision.json")
     ap.add_argument("--png", default="bench/results/mixed_precision.png")
+    ap.add_argument("--plot-objective", default="hessian", help="objective whose frontier and points the PNG shows")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,12 +123,12 @@ def main() -> None:
 
     solve_times = synthetic_solve_seconds()
     lo, hi = min_max_bpw(sens)
-    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), "hessian")
+    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), args.plot_objective)
     predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss)}
                  for a in front]
     uniform = [{"method": r["method"], "bits": r["bits"], "bpw": r["bpw"], "ppl": r["ppl"]} for r in rows if "method" in r]
-    verified = [{"bpw": m["bpw"], "ppl": m["ppl"]} for m in mixed if m["objective"] == "hessian"]
-    heat = allocate(sens, 3.0 * n / 8, "hessian")
+    verified = [{"bpw": m["bpw"], "ppl": m["ppl"]} for m in mixed if m["objective"] == args.plot_objective]
+    heat = allocate(sens, 3.5 * n / 8, args.plot_objective)
     plot_frontier(args.png, predicted, verified, uniform, fp, sens, heat,
                   f"{sens.model}, FOLDOC held-out, g{args.group_size}")
 
