@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "bisection (default 8)")
     mp.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
     _measure_flags(q, standalone=False)
+    _format_flags(q)
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -150,9 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     i = sub.add_parser("inspect", help="per-module bits, group size, bytes and bits per weight of a checkpoint")
-    i.add_argument("path", help="hmq (GPTQ-layout) checkpoint folder")
+    i.add_argument("path", help="checkpoint folder (GPTQ or compressed-tensors layout)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    x = sub.add_parser("export", help="rewrite a quantized checkpoint for a deployment engine (GPTQ or compressed-tensors)",
+                       description="Convert an hmq checkpoint between the GPTQ and compressed-tensors layouts, bit "
+                                   "for bit, checking that the target engine can load it.")
+    x.add_argument("path", help="quantized checkpoint folder (either layout)")
+    x.add_argument("--out", required=True, help="output folder")
+    _format_flags(x)
+    x.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the source shards")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
+
+
+def _format_flags(p) -> None:
+    from quant.export import ENGINES, FORMATS
+
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="gptq",
+                   help="checkpoint layout: gptq (GPTQModel, vLLM; transformers when uniform) or compressed-tensors "
+                        "(transformers, vLLM) (default gptq)")
+    p.add_argument("--engine", choices=ENGINES, default="vllm",
+                   help="refuse at export what this engine would not load (bit widths, asymmetric grids, per-module "
+                        "schemes, fused groups); the README has the table (default vllm)")
 
 
 def _allocation_flags(p) -> None:
@@ -395,6 +416,7 @@ def cmd_quantize(args) -> int:
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
         config = base_config(sens, config)
+        _check_candidates_for_engine(sens, args)
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
     torch.manual_seed(run["seed"])
@@ -407,12 +429,13 @@ def cmd_quantize(args) -> int:
             alloc = _budget_allocation(args, sens)
             config = config_for(sens, alloc, config)
             allocation = alloc.to_dict()
+        _check_engine_early(model, arch, config, args)
         report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
              "quantize_seconds": report.seconds}
     if allocation is not None:
         extra["allocation"] = {**allocation, "objective": args.objective}
-    save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra)
+    save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra, fmt=args.fmt, engine=args.engine)
     print_summary(report, out, time.perf_counter() - t0)
     if allocation is not None:
         a = extra["allocation"]
@@ -549,6 +572,66 @@ def cmd_frontier(args) -> int:
     return 0
 
 
+def _check_engine_early(model, arch, config, args) -> None:
+    """The export's engine rules, checked on the planned schemes before any quantization runs."""
+    from quant.export import check_engine
+    from quant.pipeline import module_specs
+
+    specs = {n: (None if s.keep else s) for n, s in module_specs(model, arch, config).items()}
+    check_engine(specs, arch, args.fmt, args.engine)
+
+
+def _check_candidates_for_engine(sens, args) -> None:
+    from quant.config import ConfigError
+    from quant.export import ENGINE_RULES
+
+    rule = ENGINE_RULES[(args.engine, args.fmt)]
+    odd = sorted({c.bits for c in sens.candidates if c.bits != 16 and c.bits not in rule.bits})
+    if odd:
+        raise ConfigError(f"the measurement's candidates include {'/'.join(map(str, odd))}-bit, which {args.engine} does "
+                          f"not run as {args.fmt}: re-run `hmq measure --candidates "
+                          f"{','.join(map(str, sorted({c.bits for c in sens.candidates if c.bits in rule.bits})))}` "
+                          "or export --format gptq.")
+    if rule.fused and sens.settings.get("granularity") == "linear":
+        raise ConfigError(f"{args.engine} runs q/k/v and gate/up as fused matmuls with one scheme each, but this "
+                          "measurement has --units linear: measure with --units fused, or target --engine gptqmodel/hmq.")
+    if not rule.per_module:
+        raise ConfigError(f"{args.engine} loads {args.fmt} checkpoints with one scheme for every linear only: for mixed "
+                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
+
+
+def cmd_export(args) -> int:
+    from quant.config import QuantConfig
+    from quant.export import load_quantized, read_quantization_config, save_quantized, check_output_dir
+
+    src = Path(args.path).expanduser()
+    out = check_output_dir(args.out, args.overwrite)
+    qc = read_quantization_config(src)
+    meta_file = src / "hmq.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if "quant_config" in meta:
+        config = QuantConfig.from_dict(meta["quant_config"])
+    else:  # a checkpoint another tool wrote: its top-level scheme
+        weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights", {})
+        config = QuantConfig(bits=int(qc.get("bits", weights.get("num_bits", 4))),
+                             group_size=int(qc.get("group_size", weights.get("group_size") or -1)),
+                             sym=bool(qc.get("sym", weights.get("symmetric", True))),
+                             act_order=bool(qc.get("desc_act", False)))
+    model = load_quantized(src, verify=not args.no_verify)
+    tokenizer = None
+    if (src / "tokenizer_config.json").is_file():
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    extra = {k: v for k, v in meta.items() if k not in ("hmq_version", "format", "engine", "quant_config",
+                                                        "shard_sha256", "modules")}
+    extra["exported_from"] = str(src)
+    save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra, fmt=args.fmt, engine=args.engine)
+    n = sum(1 for v in json.loads((out / "hmq.json").read_text())["modules"].values() if v)
+    print(f"wrote {out} ({args.fmt}, checked for {args.engine}): {n} quantized linears")
+    return 0
+
+
 # ---- eval / inspect -----------------------------------------------------------------------------
 
 
@@ -642,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "measure": cmd_measure,
-                    "frontier": cmd_frontier}
+                    "frontier": cmd_frontier, "export": cmd_export}
         return commands[args.command](args)
     except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError, BudgetError) as exc:
         print(f"hmq: error: {exc}", file=sys.stderr)

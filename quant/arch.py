@@ -25,6 +25,7 @@ class Arch:
     layers: str  # attribute path of the nn.ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # linears per step, names relative to a layer
     fused: tuple[tuple[str, ...], ...]  # groups that engines run as one matmul: same bits, group size, sym
+    fused_names: tuple[str, ...] = ()  # vLLM's name for each fused group (what its per-module rules match)
     shared_input: tuple[tuple[str, ...], ...] = ()  # linears the layer feeds the very same tensor
     blocks: tuple[Block, ...] = ()  # replayable blocks (see calibration/capture.py)
 
@@ -39,6 +40,7 @@ LLAMA_LIKE = Arch(
     layers="model.layers",
     sequential=(_QKV, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",)),
     fused=(_QKV, _GATE_UP),
+    fused_names=("self_attn.qkv_proj", "mlp.gate_up_proj"),
     shared_input=(_QKV, _GATE_UP),
     blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
 )

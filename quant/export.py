@@ -1,5 +1,14 @@
-"""Writing and reading hmq checkpoints: safetensors shards in the GPTQ layout plus a ``config.json``
-whose ``quantization_config`` follows GPTQ's form (``dynamic`` carries per-module bit widths).
+"""Writing and reading hmq checkpoints: safetensors shards plus a ``config.json`` whose
+``quantization_config`` real loaders read, in one of two layouts:
+
+- ``gptq``: GPTQ's tensors (v1 zero points) and config, ``dynamic`` carrying per-module bit widths
+  (GPTQModel, transformers through GPTQModel, vLLM);
+- ``compressed-tensors``: the ``pack-quantized`` layout of :mod:`quant.compressed` (transformers
+  through compressed-tensors, vLLM).
+
+Engines differ in what they run; :func:`check_engine` refuses, at export, a checkpoint the target
+engine would reject or misread at serving time. Every shard carries SHA-256 digests of its tensors
+(:mod:`quant.integrity`), verified on load.
 
 Export is kept apart from the runtime module swap (as gpt-fast does): ``save_quantized`` only reads
 the model; ``load_quantized`` builds the module tree empty, swaps in :class:`QuantLinear` where the
@@ -10,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 import os
 import re
 import shutil
@@ -22,13 +32,44 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .arch import decoder_layers, get_arch, set_submodule
+from . import compressed, integrity
+from .arch import Arch, decoder_layers, get_arch, set_submodule
 from .config import ModuleSpec, QuantConfig
+from .packing import pack_gptq
 from .qlinear import QuantLinear
 from .quantizer import group_count
 
 HMQ_VERSION = "0.1.0"
 FORMAT = "gptq"
+FORMATS = ("gptq", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class EngineRule:
+    """What one engine loads in one format (checked on export, documented in the README)."""
+
+    bits: tuple[int, ...]
+    asym: bool  # asymmetric (zero-point) grids load correctly
+    per_module: bool  # decoder linears may differ in scheme, or stay in floating point
+    fused: bool  # q/k/v and gate/up run as one matmul, so each group needs one scheme
+    note: str
+
+
+ENGINE_RULES: dict[tuple[str, str], EngineRule] = {
+    ("vllm", "gptq"): EngineRule((2, 3, 4, 8), True, True, True,
+                                 "Marlin for 4/8-bit symmetric, GPTQ kernels otherwise; `dynamic` per module"),
+    ("vllm", "compressed-tensors"): EngineRule((4, 8), True, True, True,
+                                               "WNA16 (Marlin); asymmetric needs a vLLM with zero-point WNA16"),
+    ("transformers", "gptq"): EngineRule((2, 3, 4, 8), True, False, False,
+                                         "through GPTQModel + optimum, which ignore `dynamic`: one scheme for all"),
+    ("transformers", "compressed-tensors"): EngineRule((2, 3, 4, 8), False, True, False,
+                                                       "dense after load; asymmetric zero points fail to load"),
+    ("gptqmodel", "gptq"): EngineRule((2, 3, 4, 8), False, True, False,
+                                      "GPTQModel.load refuses asymmetric v1 checkpoints other tools wrote"),
+    ("hmq", "gptq"): EngineRule((2, 3, 4, 8), True, True, False, "hmq's QuantLinear"),
+    ("hmq", "compressed-tensors"): EngineRule((2, 3, 4, 8), True, True, False, "hmq's QuantLinear"),
+}
+ENGINES = tuple(dict.fromkeys(e for e, _ in ENGINE_RULES))
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +96,34 @@ def _module_specs(model: nn.Module, arch) -> dict[str, ModuleSpec | None]:
     return specs
 
 
-def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig) -> dict:
+def _rule_targets(specs: dict[str, ModuleSpec | None], arch: Arch | None) -> list[tuple[str, list[str]]]:
+    """(anchored regex, modules it covers) for per-module rules. A fused group whose members share one
+    scheme gets one rule that also matches vLLM's fused name (``qkv_proj``, ``gate_up_proj``), which
+    is the name vLLM looks its rules up by."""
+    rules, done = [], set()
+    if arch is not None:
+        groups = list(zip(arch.fused, arch.fused_names)) if arch.fused_names else []
+        prefix = arch.layers + "."
+        for name in specs:
+            if not name.startswith(prefix):
+                continue
+            layer, _, tail = name[len(prefix):].partition(".")
+            for members, fused_name in groups:
+                full = [f"{prefix}{layer}.{m}" for m in members]
+                if tail in members and full[0] not in done and all(f in specs for f in full) \
+                        and len({specs[f] for f in full}) == 1:
+                    parent = fused_name.rpartition(".")[0]
+                    alts = "|".join(m.rpartition(".")[2] for m in members) + "|" + fused_name.rpartition(".")[2]
+                    head = re.escape(f"{prefix}{layer}.{parent}.") if parent else re.escape(f"{prefix}{layer}.")
+                    rules.append((f"^{head}({alts})$", full))
+                    done.update(full)
+    for name in specs:
+        if name not in done:
+            rules.append(("^" + re.escape(name) + "$", [name]))
+    return rules
+
+
+def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig, arch: Arch | None = None) -> dict:
     """GPTQ-style ``quantization_config``: the most common scheme at top level, others in ``dynamic``.
 
     ``dynamic`` keys are anchored regexes: ``+:`` overrides a module's scheme, ``-:`` keeps it
@@ -64,8 +132,8 @@ def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig
     quantized = [s for s in specs.values() if s is not None]
     base = Counter(quantized).most_common(1)[0][0] if quantized else ModuleSpec(config.bits, config.group_size, config.sym)
     dynamic = {}
-    for name, spec in specs.items():
-        pattern = "^" + re.escape(name) + "$"
+    for pattern, names in _rule_targets(specs, arch):
+        spec = specs[names[0]]
         if spec is None:
             dynamic["-:" + pattern] = {}
         elif spec != base:
@@ -83,9 +151,53 @@ def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"hmq:{HMQ_VERSION}"], "hmq_method": config.method},
     }
+    if arch is not None:
+        qc["modules_in_block_to_quantize"] = [list(step) for step in arch.sequential]
     if dynamic:
         qc["dynamic"] = dynamic
     return qc
+
+
+def check_engine(specs: dict[str, ModuleSpec | None], arch: Arch, fmt: str, engine: str) -> None:
+    """Refuse a checkpoint ``engine`` would reject or misread as ``fmt``, naming the modules and the fix."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    if (engine, fmt) not in ENGINE_RULES:
+        known = sorted({f"{e} ({f})" for e, f in ENGINE_RULES})
+        raise CheckpointError(f"engine {engine!r} does not load {fmt} checkpoints; known engines: {', '.join(known)}.")
+    rule = ENGINE_RULES[(engine, fmt)]
+    quantized = {n: s for n, s in specs.items() if s is not None}
+    problems = []
+    wrong = sorted(n for n, s in quantized.items() if s.bits not in rule.bits)
+    if wrong:
+        problems.append(f"it runs {'/'.join(map(str, rule.bits))}-bit weights only, but {len(wrong)} module(s) "
+                        f"have other widths (e.g. {wrong[0]}: {quantized[wrong[0]].bits} bits)"
+                        + ("; vLLM runs 2/3-bit weights from --format gptq" if engine == "vllm" else ""))
+    asym = sorted(n for n, s in quantized.items() if not s.sym)
+    if asym and not rule.asym:
+        problems.append(f"it does not load asymmetric grids (e.g. {asym[0]}): quantize with --sym")
+    if not rule.per_module and (len(set(quantized.values())) > 1 or len(quantized) < len(specs)):
+        problems.append("it needs one scheme for every decoder linear, but this checkpoint mixes "
+                        f"{len(set(quantized.values()))} schemes and keeps {len(specs) - len(quantized)} linear(s) in "
+                        "floating point: export --format compressed-tensors (transformers) or target gptqmodel/vllm")
+    if rule.fused:
+        prefix = arch.layers + "."
+        layers = sorted({n[len(prefix):].partition(".")[0] for n in specs if n.startswith(prefix)}, key=int)
+        for i in layers:
+            bad = [members for members in arch.fused if len({specs.get(f"{prefix}{i}.{m}") for m in members}) > 1]
+            if bad:
+                desc = ", ".join(f"{m.rpartition('.')[2]}={_spec_label(specs.get(f'{prefix}{i}.{m}'))}" for m in bad[0])
+                problems.append(f"it runs {'/'.join(m.rpartition('.')[2] for m in bad[0])} as one matmul with one "
+                                f"scheme, but in layer {i} they differ ({desc}): allocate with fused units (the default "
+                                "--units fused)")
+                break
+    if problems:
+        raise CheckpointError(f"{engine} would not load this checkpoint as {fmt}: " + "; ".join(problems)
+                              + f". (Pick another engine with --engine {{{','.join(ENGINES)}}}.)")
+
+
+def _spec_label(spec: ModuleSpec | None) -> str:
+    return "16" if spec is None else f"w{spec.bits}g{spec.group_size}{'' if spec.sym else 'a'}"
 
 
 def spec_from_quantization_config(qc: dict, name: str) -> ModuleSpec | None:
@@ -108,38 +220,67 @@ def _save_dtype(model: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantConfig, *, overwrite: bool = False,
-                   save_dtype: torch.dtype | None = None, max_shard_size: str = "4GB", extra: dict | None = None) -> Path:
-    """Write ``model`` (already holding :class:`QuantLinear` modules) as a checkpoint folder ``out``."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    out = check_output_dir(out, overwrite)
-    arch = get_arch(model.config.model_type)
-    save_dtype = save_dtype or _save_dtype(model)
-    specs = _module_specs(model, arch)
-
+def _state(model: nn.Module, save_dtype: torch.dtype, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors to store: tied weights once, floats in ``save_dtype``, packed modules in ``fmt``."""
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    packed = {"qweight", "qzeros", "scales", "g_idx"}
     state, seen = {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.device.type != "meta" and key in seen:  # tied weights (lm_head = embed_tokens) are stored once
             continue
         seen[key] = name
+        owner, _, leaf = name.rpartition(".")
+        if fmt != "gptq" and owner in quant and leaf in packed:
+            continue
         if t.is_floating_point() and not name.endswith(".scales"):
             t = t.to(save_dtype)
         state[name] = t.detach().to("cpu").contiguous()
+    if fmt == "compressed-tensors":
+        for name, m in quant.items():
+            try:
+                cts = compressed.to_compressed_tensors(m.unpack(), name, save_dtype)
+            except compressed.FormatError as exc:
+                raise CheckpointError(str(exc)) from None
+            state.update({f"{name}.{k}": v.to("cpu") for k, v in cts.items()})
+    return state
+
+
+def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantConfig, *, overwrite: bool = False,
+                   save_dtype: torch.dtype | None = None, max_shard_size: str = "4GB", extra: dict | None = None,
+                   fmt: str = "gptq", engine: str = "hmq") -> Path:
+    """Write ``model`` (already holding :class:`QuantLinear` modules) as a checkpoint folder ``out``
+    in layout ``fmt``, refusing what ``engine`` could not serve (see :func:`check_engine`)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    out = check_output_dir(out, overwrite)
+    arch = get_arch(model.config.model_type)
+    save_dtype = save_dtype or _save_dtype(model)
+    specs = _module_specs(model, arch)
+    check_engine(specs, arch, fmt, engine)
+    _check_finite_scales(model)
+    state = _state(model, save_dtype, fmt)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        digests = {}
         for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, tmp / filename, metadata={"format": "pt", "hmq": HMQ_VERSION})
+            shard = {n: state[n] for n in names}
+            meta = integrity.shard_metadata(shard)
+            digests[filename] = meta[integrity.SHARD_KEY]
+            save_file(shard, tmp / filename, metadata={"format": "pt", "hmq": HMQ_VERSION, **meta})
         if split.is_sharded:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         cfg = copy.deepcopy(model.config)
-        cfg.quantization_config = quantization_config(specs, config)
+        if fmt == "gptq":
+            cfg.quantization_config = quantization_config(specs, config, arch)
+        else:
+            keep = ["lm_head"] if isinstance(getattr(model, "lm_head", None), nn.Linear) else []
+            cfg.quantization_config = compressed.quantization_config(specs, keep, config.act_order)
         cfg.dtype = save_dtype
         cfg.use_cache = True
         cfg.save_pretrained(tmp)
@@ -147,7 +288,8 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantCo
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {"hmq_version": HMQ_VERSION, "quant_config": config.to_dict(),
+        meta = {"hmq_version": HMQ_VERSION, "format": fmt, "engine": engine, "quant_config": config.to_dict(),
+                "shard_sha256": digests,
                 "modules": {n: (None if s is None else {"bits": s.bits, "group_size": s.group_size, "sym": s.sym})
                             for n, s in specs.items()}}
         meta.update(extra or {})
@@ -166,6 +308,13 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantCo
     return out
 
 
+def _check_finite_scales(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and not bool(torch.isfinite(m.scales).all()):
+            raise CheckpointError(f"{name}.scales holds NaN or Inf: the quantization of {name} failed; re-run with a "
+                                  "higher --damp-percent or keep the module at 16 bits.")
+
+
 def _set_permissions(folder: Path) -> None:
     """mkdtemp makes a private (0700) folder; give the checkpoint the usual umask-based modes."""
     umask = os.umask(0)
@@ -175,23 +324,33 @@ def _set_permissions(folder: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
+QUANT_METHODS = ("gptq", "compressed-tensors")
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     cfg = Path(path).expanduser() / "config.json"
     if not cfg.is_file():
         return False
     qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "gptq"
+    return qc.get("quant_method") in QUANT_METHODS
 
 
 def read_quantization_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{str(path)!r} is not a checkpoint folder: {cfg_file} is missing.")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config")
-    if not qc or qc.get("quant_method") != "gptq":
-        raise CheckpointError(f"{cfg_file} has no GPTQ quantization_config: is {str(path)!r} a quantized checkpoint?")
-    if qc.get("checkpoint_format", "gptq") != "gptq":
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}).") from None
+    if not qc or qc.get("quant_method") not in QUANT_METHODS:
+        raise CheckpointError(f"{cfg_file} has no GPTQ or compressed-tensors quantization_config: is {str(path)!r} a "
+                              "quantized checkpoint?")
+    if qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") != "gptq":
         raise CheckpointError(f"{cfg_file}: checkpoint_format {qc.get('checkpoint_format')!r} is not supported (only 'gptq').")
+    if qc["quant_method"] == "compressed-tensors" and qc.get("format", compressed.FORMAT) != compressed.FORMAT:
+        raise CheckpointError(f"{cfg_file}: compressed-tensors format {qc.get('format')!r} is not supported "
+                              f"(only {compressed.FORMAT!r}).")
     return qc
 
 
@@ -207,21 +366,54 @@ def shard_files(path: Path) -> list[Path]:
     return [path / f for f in files]
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint; with ``verify``, each shard is checked against its SHA-256 digests."""
     tensors = {}
     for f in shard_files(path):
         try:
             with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    tensors[k] = fh.get_tensor(k)
+                metadata = fh.metadata()
+                shard = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as exc:
             raise CheckpointError(f"cannot read shard {f}: {exc} (truncated or not a safetensors file?)") from None
+        if verify:
+            problem = integrity.verify(str(f), shard, metadata)
+            if problem:
+                raise CheckpointError(problem + " Re-export it, or pass --no-verify to load it anyway.")
+        tensors.update(shard)
+    for name, t in tensors.items():
+        if name.endswith((".scales", ".weight_scale")) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name} in {str(path)!r} holds NaN or Inf scales: the checkpoint is corrupt.")
     return tensors
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by :func:`save_quantized` (or any GPTQ-layout checkpoint of a supported
-    architecture): :class:`QuantLinear` where packed tensors are stored, plain modules elsewhere."""
+def _compressed_to_gptq(tensors: dict[str, torch.Tensor], qc: dict, names: list[str]) -> dict:
+    """Replace each compressed-tensors module's tensors by the GPTQ tensors hmq's QuantLinear holds;
+    returns the scheme of every name (None: not quantized)."""
+    specs = compressed.specs_from_config(qc, names)
+    for name, spec in specs.items():
+        keys = [k for k in tensors if k.startswith(name + ".weight_")]
+        if spec is None or not keys:
+            if spec is not None:
+                raise CheckpointError(f"quantization_config quantizes {name} but the checkpoint has no "
+                                      f"{name}.weight_packed.")
+            continue
+        parts = {k[len(name) + 1:]: tensors.pop(k) for k in keys}
+        try:
+            qw = compressed.from_compressed_tensors(parts, spec, name)
+        except compressed.FormatError as exc:
+            raise CheckpointError(str(exc)) from None
+        if bool((qw.zeros < 1).any()):
+            raise CheckpointError(f"{name} has zero points of 0, which hmq's GPTQ-layout modules cannot hold.")
+        tensors.update({f"{name}.{k}": v for k, v in pack_gptq(qw).items()})
+    return specs
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   verify: bool = True):
+    """Rebuild a model saved by :func:`save_quantized` (or any GPTQ or compressed-tensors
+    pack-quantized checkpoint of a supported architecture): :class:`QuantLinear` where packed
+    tensors are stored, plain modules elsewhere."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -233,24 +425,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     del config.quantization_config
     with init_empty_weights():  # parameters on the meta device; buffers such as rotary tables are real
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, verify)
+    names = [f"{arch.layers}.{i}.{n}" for i in range(len(decoder_layers(model, arch))) for n in arch.linears]
+    ct_specs = _compressed_to_gptq(tensors, qc, names) if qc["quant_method"] == "compressed-tensors" else None
     for i, layer in enumerate(decoder_layers(model, arch)):
         for n in arch.linears:
             name = f"{arch.layers}.{i}.{n}"
             if f"{name}.qweight" not in tensors:
                 continue
             linear = layer.get_submodule(n)
-            spec = spec_from_quantization_config(qc, name)
-            qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+            spec = ct_specs[name] if ct_specs is not None else spec_from_quantization_config(qc, name)
             if spec is None:
                 raise CheckpointError(f"{name}.qweight is stored but quantization_config keeps {name} unquantized.")
-            bits = qweight.shape[0] * 32 // linear.in_features
-            if bits != spec.bits or qweight.shape[1] != linear.out_features:
-                raise CheckpointError(f"{name}.qweight has shape {tuple(qweight.shape)}, which does not match "
-                                      f"{spec.bits}-bit weights of shape ({linear.out_features}, {linear.in_features}).")
-            if scales.shape != (group_count(linear.in_features, spec.group_size), linear.out_features):
-                raise CheckpointError(f"{name}.scales has shape {tuple(scales.shape)}, which does not match group size "
-                                      f"{spec.group_size} for in_features={linear.in_features}.")
+            _check_module_shapes(tensors, name, spec, linear.in_features, linear.out_features)
             q = QuantLinear(linear.in_features, linear.out_features, spec.bits, spec.group_size, spec.sym,
                             bias=linear.bias is not None, dtype=dtype, device="meta")
             set_submodule(layer, n, q)
@@ -270,3 +457,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     model.eval()
     model.config.use_cache = False
     return model.to(device)
+
+
+def _check_module_shapes(tensors: dict, name: str, spec: ModuleSpec, in_f: int, out_f: int) -> None:
+    """Every packed tensor of ``name`` must have the shape its scheme and the model's linear imply."""
+    n_groups = group_count(in_f, spec.group_size)
+    expected = {"qweight": (in_f * spec.bits // 32, out_f), "qzeros": (n_groups, out_f * spec.bits // 32),
+                "scales": (n_groups, out_f), "g_idx": (in_f,)}
+    for leaf, shape in expected.items():
+        t = tensors.get(f"{name}.{leaf}")
+        if t is None:
+            raise CheckpointError(f"{name}.{leaf} is missing from the checkpoint.")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{name}.{leaf} has shape {tuple(t.shape)}, but the config's {spec.bits}-bit, "
+                                  f"group {spec.group_size} scheme for a ({out_f}, {in_f}) linear needs {shape}: the "
+                                  "config and the tensors disagree.")

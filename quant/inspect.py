@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from . import compressed
 from .export import read_quantization_config, shard_files, spec_from_quantization_config
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "BOOL": 1}
@@ -24,8 +25,19 @@ def inspect_checkpoint(path: str | Path) -> dict:
                 shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
     nbytes = lambda k: DTYPE_BYTES.get(shapes[k][1], 4) * _numel(shapes[k][0])
     modules = {}
+    ct = qc["quant_method"] == "compressed-tensors"
+    ct_specs = compressed.specs_from_config(qc, [k[: -len(".weight_packed")] for k in shapes
+                                                 if k.endswith(".weight_packed")]) if ct else {}
     for k in sorted(shapes):
-        if k.endswith(".qweight"):
+        if k.endswith(".weight_packed"):
+            name = k[: -len(".weight_packed")]
+            spec = ct_specs[name]
+            out_f, in_f = shapes[k][0][0], shapes[k][0][1] * 32 // spec.bits
+            b = sum(nbytes(f"{name}.{t}") for t in ("weight_packed", "weight_scale", "weight_zero_point")
+                    if f"{name}.{t}" in shapes)
+            modules[name] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                             "params": in_f * out_f, "bytes": b}
+        elif k.endswith(".qweight"):
             name = k[: -len(".qweight")]
             spec = spec_from_quantization_config(qc, name)
             out_f = shapes[k][0][1]
@@ -42,7 +54,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     file_bytes = sum(f.stat().st_size for f in shard_files(path))
     return {"path": str(path), "bpw": 8 * linear_bytes / max(1, params), "bytes": linear_bytes,
             "file_bytes": file_bytes, "params": params, "modules": modules,
-            "quantization_config": {k: v for k, v in qc.items() if k != "dynamic"}}
+            "quantization_config": {k: v for k, v in qc.items() if k not in ("dynamic", "config_groups", "ignore")}}
 
 
 def _numel(shape) -> int:

@@ -114,7 +114,7 @@ def test_frontier_writes_json_and_png(sens_file, tiny_model_dir, tmp_path, capsy
 
 def test_linear_units_may_split_fused_groups(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "linear"
-    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--units", "linear",
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--units", "linear", "--engine", "hmq",
                "--pair-bits", 0, "--budget", 3.0, "--out", out) == 0
     sens = json.loads((tmp_path / "linear.sens").read_text())
     assert len(sens["units"]) == 14 and sens["pairs"] == []
