@@ -30,4 +30,4 @@ from transformers import PreTrainedModel  # noqa: F401  (resolve transformers' l
 import transformers.image_utils  # noqa: F401
 sys.path.insert(0, "$STUB")
 PY
-PYTHONPATH="$VENV/shim" "$VENV/bin/python" -m pytest -p hmq_tvshim -q -m gptqmodel tests/test_export_formats.py "$@"
+PYTHONPATH="$VENV/shim" "$VENV/bin/python" -m pytest -p hmq_tvshim -q -m gptqmodel tests/test_export_formats.py tests/test_real.py "$@"

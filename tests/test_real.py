@@ -93,3 +93,55 @@ def test_mixed_precision_beats_uniform_gptq_at_equal_size(smollm):
     print(results)
     assert results["mixed_bpw"] <= results["uniform_bpw"] + 1e-9
     assert results["mixed"] < results["uniform"]
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_checkpoint_serves_in_transformers_with_hmqs_perplexity(smollm, tmp_path):
+    """A real model, mixed 3/4/8-bit (one MLP kept in fp), exported as compressed-tensors, loaded by
+    transformers' own loader: same perplexity as hmq's QuantLinear, and close to what it was in memory."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    from quant.evaluate import perplexity
+    from quant.export import load_quantized, save_quantized
+    from quant.pipeline import quantize_model
+
+    model, tokenizer, arch, ids, calibration_windows = smollm
+    model = copy.deepcopy(model)
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64, sym=True,
+                      overrides={r"layers\.(0|1)\.": {"bits": 8}, r"layers\.2[0-9]\.mlp": {"bits": 3},
+                                 r"layers\.29\.mlp\.down_proj": {"bits": 16}})
+    quantize_model(model, arch, calibration_windows(tokenizer, None, 2, 64, 0), cfg, CPU, progress=False)
+    in_memory = perplexity(model, ids, 512, 4, CPU, progress=False)["ppl"]
+    out = save_quantized(model, tokenizer, tmp_path / "ct", cfg, fmt="compressed-tensors", engine="transformers")
+    ours = perplexity(load_quantized(out), ids, 512, 4, CPU, progress=False)["ppl"]
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    theirs = perplexity(theirs_model, ids, 512, 4, CPU, progress=False)["ppl"]
+    print(f"SmolLM2 mixed 3/4/8 RTN: in memory {in_memory:.4f}, hmq reload {ours:.4f}, transformers {theirs:.4f}")
+    assert abs(theirs - ours) / ours < 1e-4
+    assert abs(ours - in_memory) / in_memory < 0.01  # only the fp16 storage of embeddings/norms differs
+
+
+@pytest.mark.slow
+@pytest.mark.gptqmodel
+def test_smollm2_mixed_gptq_checkpoint_serves_in_gptqmodel(smollm, tmp_path):
+    """The same on the GPTQ layout, through GPTQModel.load (its own per-module `dynamic` bits)."""
+    from .test_export_formats import _gptqmodel
+
+    gptqmodel = _gptqmodel()
+    from quant.evaluate import perplexity
+    from quant.export import load_quantized, save_quantized
+    from quant.pipeline import quantize_model
+
+    model, tokenizer, arch, ids, calibration_windows = smollm
+    model = copy.deepcopy(model)
+    cfg = QuantConfig(method="rtn", bits=4, group_size=64, sym=True,
+                      overrides={r"layers\.(0|1)\.": {"bits": 8}, r"layers\.2[0-9]\.mlp": {"bits": 3},
+                                 r"layers\.1[0-9]\.self_attn": {"bits": 2}, r"layers\.29\.mlp\.down_proj": {"bits": 16}})
+    quantize_model(model, arch, calibration_windows(tokenizer, None, 2, 64, 0), cfg, CPU, progress=False)
+    out = save_quantized(model, tokenizer, tmp_path / "gptq", cfg, fmt="gptq", engine="gptqmodel")
+    ours = perplexity(load_quantized(out), ids, 512, 4, CPU, progress=False)["ppl"]
+    loaded = gptqmodel.GPTQModel.load(str(out), device="cpu", backend=gptqmodel.BACKEND.TORCH, dtype=torch.float16)
+    theirs = perplexity(loaded.model, ids, 512, 4, CPU, progress=False)["ppl"]
+    print(f"SmolLM2 mixed 2/3/4/8 RTN, GPTQ layout: hmq {ours:.4f}, GPTQModel (fp16) {theirs:.4f}")
+    assert abs(theirs - ours) / ours < 0.01  # their fp16 compute against our fp32
