@@ -176,12 +176,26 @@ def _format_flags(p) -> None:
                         "schemes, fused groups); the README has the table (default vllm)")
 
 
+def _single_bits(args) -> tuple[int, ...] | None:
+    from quant.config import ConfigError
+
+    text = str(args.single_bits).strip()
+    if text == "all":
+        return None
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--single-bits {text!r} must be 'all' or comma-separated widths like 2,3.") from None
+
+
 def _allocation_flags(p) -> None:
     from calibration.sensitivity import OBJECTIVES
 
     p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
-                   help="predicted damage: hessian (default: output error scaled by the Hessian trace, plus "
-                        "inter-layer terms), output (additive output error), trace (HAWQ-V2 Ω)")
+                   help="predicted damage: hessian (default: output error scaled by the Hessian trace, each width "
+                        "calibrated to the measured loss increases, plus inter-layer terms), measured (the measured "
+                        "single-unit loss increases, plus inter-layer terms), output (additive output error), "
+                        "trace (HAWQ-V2 Ω)")
     p.add_argument("--no-pairs", action="store_true", help="ignore the measured inter-layer terms")
 
 
@@ -201,6 +215,9 @@ def _measure_flags(p, standalone: bool) -> None:
     g.add_argument("--loss-seqlen", type=int, default=256, help="tokens per loss window (default 256)")
     g.add_argument("--pair-bits", type=int, default=3, help="width at which single and pair loss increases are "
                                                             "measured (default 3; 0 = no inter-layer terms)")
+    g.add_argument("--single-bits", default="all", help="widths at which each unit's own loss increase is measured "
+                                                        "(default all candidate widths; each holds one fp16 model "
+                                                        "copy in CPU memory until then; e.g. 3 for the pair width only)")
     g.add_argument("--pair-window", type=int, default=1, help="measure pairs of units at most this many decoder "
                                                               "blocks apart (default 1: same and neighbouring)")
 
@@ -291,6 +308,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
                                granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
                                max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
+                               single_bits=_single_bits(args),
                                batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
                                settings=settings)
 

@@ -41,7 +41,7 @@ from .capture import capture_layer_inputs, collect_hessians, run_layer
 from .trace import model_traces
 
 FORMAT = "hmq-sensitivity/1"
-OBJECTIVES = ("hessian", "output", "trace")
+OBJECTIVES = ("hessian", "measured", "output", "trace")
 
 
 class SensitivityError(ConfigError):
@@ -144,6 +144,9 @@ class Sensitivity:
     member_trace_se: list[list[float]] | None = None
     member_sqnorm: list[list[list[float]]] | None = None  # (U, C, M_u)
     member_out_err: list[list[list[float]]] | None = None
+    # measured ΔL with only this unit quantized, at every candidate width in ``single_bits`` (U, C);
+    # None where not measured
+    single_all: list[list[float | None]] | None = None
 
     # ---- file form ----------------------------------------------------------------------------
 
@@ -218,6 +221,12 @@ class Sensitivity:
           measured pair, ``P_ij[a, b] = I_ij · √(D_i[a] D_j[b] / (D_i[p] D_j[p]))`` where
           ``I_ij = max(0, ΔL_ij − ΔL_i − ΔL_j)`` was measured at ``p = pair_bits``: exact at the
           measured point and scaled like a bilinear second-order cross term elsewhere.
+          Where single-unit loss increases were measured at every width (``single_all``), each
+          width's column is rescaled so that its summed prediction equals the summed measurement:
+          the second-order model ranks units within a width, the measurement sets how much a
+          width costs (a pure second-order term underestimates 2-bit damage several-fold);
+        * ``measured``: the measured single-unit loss increases themselves (clamped at 0), with the
+          calibrated ``hessian`` value where a width was not measured, plus the same pair terms.
         """
         a = self.arrays()
         n = np.array([u.params for u in self.units], dtype=float)[:, None]
@@ -227,7 +236,7 @@ class Sensitivity:
         # noise alone never makes a unit look free to quantize.
         tr = np.maximum(np.asarray(self.trace, dtype=float), np.asarray(self.trace_se, dtype=float))[:, None]
         hx = np.asarray(self.hx_trace, dtype=float)[:, None]
-        per_member = self.member_trace is not None and objective in ("trace", "hessian")
+        per_member = self.member_trace is not None and objective in ("trace", "hessian", "measured")
         if per_member:  # each member linear with its own trace: a sum of per-member terms
             D = np.zeros_like(a["sqnorm"])
             for k, u in enumerate(self.units):
@@ -246,14 +255,23 @@ class Sensitivity:
             c = self.pair_column()
             if c is not None and self.single and sum(self.single) > 0:
                 D *= float(sum(self.single) / max(D[:, c].sum(), 1e-30))  # predicted total = measured total
-        elif objective == "hessian":
+        elif objective in ("hessian", "measured"):
             D = 0.5 * tr / d_out * a["out_err"] / np.maximum(hx, 1e-30)
         else:
             raise ConfigError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}.")
+        if objective in ("hessian", "measured") and self.single_all is not None:
+            M = np.array([[np.nan if v is None else v for v in row] for row in self.single_all], dtype=float)
+            for col in range(D.shape[1]):
+                ok = np.isfinite(M[:, col]) & np.isfinite(D[:, col])
+                pred, meas = D[ok, col].sum(), np.maximum(M[ok, col], 0.0).sum()
+                if ok.any() and pred > 1e-30 and meas > 0:
+                    D[:, col] *= meas / pred
+            if objective == "measured":
+                D = np.where(np.isfinite(M), np.maximum(M, 0.0), D)
         D = np.where(np.isfinite(a["cost"]), np.maximum(D, 0.0), np.inf)
         P: dict[tuple[int, int], np.ndarray] = {}
         c = self.pair_column()
-        if objective == "hessian" and pairs and c is not None:
+        if objective in ("hessian", "measured") and pairs and c is not None:
             single = np.asarray(self.single)
             for i, j, lij in self.pairs:
                 inter = lij - single[i] - single[j]
@@ -319,10 +337,12 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                         model_name: str = "", granularity: str = "fused", trace_method: str = "hutchinson",
                         trace_tol: float = 0.05, max_probes: int = 16, pair_bits: int | None = 3,
                         pair_window: int = 1, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                        settings: dict | None = None) -> Sensitivity:
+                        settings: dict | None = None, single_bits: tuple[int, ...] | None = None) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
-    the Hessian traces and the measured single/pair loss increases."""
+    the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
+    candidate width) are the widths at which each unit's own loss increase is measured; their
+    quantized weights are held in fp16 on the CPU until then (one model copy per width)."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
@@ -339,7 +359,10 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     m_sqnorm = [[[0.0] * len(u.members) for _ in range(C)] for u in units]
     m_out_err = [[[0.0] * len(u.members) for _ in range(C)] for u in units]
     hx_trace = [0.0] * U
-    probe_weights: dict[int, dict[str, torch.Tensor]] = {}
+    probe_weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (unit, candidate) -> member weights
+    if single_bits is None:
+        single_bits = tuple(sorted({c.bits for c in candidates if c.bits != 16}))
+    keep_bits = set(single_bits) | ({pair_bits} if pair_bits is not None else set())
 
     # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
     t0 = time.perf_counter()
@@ -379,12 +402,12 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                     row += rows
                 sqnorm[k][c] = float(sq_row.sum())
                 out_err[k][c] = float(per_row.sum())  # tr(ΔW H ΔWᵀ)
-                if cand.bits == pair_bits:
+                if cand.bits in keep_bits:
                     Wq, row = W + dW, 0
-                    probe_weights[k] = {}
+                    probe_weights[(k, c)] = {}
                     for m in u.members:
                         rows = model.get_submodule(m).out_features
-                        probe_weights[k][m] = Wq[row : row + rows].cpu()
+                        probe_weights[(k, c)][m] = Wq[row : row + rows].to("cpu", torch.float16)
                         row += rows
         del hessians
         if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
@@ -419,18 +442,23 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
             return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
 
     base = loss_from(0, {})
-    if pair_bits is not None:
-        todo = [(k,) for k in range(U)]
-        todo += [(a, b) for a in range(U) for b in range(a + 1, U) if units[b].layer - units[a].layer <= pair_window]
-        for t in tqdm(todo, desc="loss deltas", disable=not progress, unit="pass"):
-            swap = {m: w for k in t for m, w in probe_weights[k].items()} if all(k in probe_weights for k in t) else None
-            if swap is None:
-                continue  # pair width not applicable to this unit
-            dl = loss_from(min(units[k].layer for k in t), swap) - base
-            if len(t) == 1:
-                single[t[0]] = dl
-            else:
-                pairs.append((t[0], t[1], dl))
+    pc = next((c for c, cand in enumerate(candidates) if cand.bits == pair_bits), None)
+    single_all: list[list[float | None]] = [[None] * C for _ in range(U)]
+    todo = [((k, c),) for k in range(U) for c, cand in enumerate(candidates) if cand.bits in keep_bits]
+    if pc is not None:
+        todo += [((a, pc), (b, pc)) for a in range(U) for b in range(a + 1, U)
+                 if units[b].layer - units[a].layer <= pair_window]
+    for t in tqdm(todo, desc="loss deltas", disable=not progress, unit="pass"):
+        if not all(kc in probe_weights for kc in t):
+            continue  # the width does not apply to this unit
+        swap = {m: w for kc in t for m, w in probe_weights[kc].items()}
+        dl = loss_from(min(units[k].layer for k, _ in t), swap) - base
+        if len(t) == 1:
+            single_all[t[0][0]][t[0][1]] = dl
+        else:
+            pairs.append((t[0][0], t[1][0], dl))
+    if pc is not None:
+        single = [row[pc] or 0.0 for row in single_all]
     model.to("cpu")
     secs["loss_deltas"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
@@ -438,8 +466,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
-                     "pair_bits": pair_bits, "pair_window": pair_window,
+                     "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(keep_bits),
                      "loss_tokens": int(loss_windows.numel())})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,
-                       m_trace, m_trace_se, m_sqnorm, m_out_err)
+                       m_trace, m_trace_se, m_sqnorm, m_out_err, single_all)

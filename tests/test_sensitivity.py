@@ -75,6 +75,17 @@ def test_loss_deltas_match_a_full_forward(measured):
     assert sens.base_loss == pytest.approx(base, abs=1e-5)
     for k in (1, 6):  # layer 0 o_proj, layer 1 gate/up
         assert sens.single[k] == pytest.approx(loss_with([k]) - base, abs=1e-5)
+        assert sens.single_all[k][0] == sens.single[k]
+
+    def loss_4bit(k):
+        m = build_tiny("llama")
+        for name in sens.units[k].members:
+            lin = m.get_submodule(name)
+            lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(4, 32)).dequantize().half().float()
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss)
+
+    assert sens.single_all[5][1] == pytest.approx(loss_4bit(5) - base, abs=1e-5)  # stored in fp16 until used
     pairs = {(i, j): v for i, j, v in sens.pairs}
     assert (2, 7) in pairs and pairs[(2, 7)] == pytest.approx(loss_with([2, 7]) - base, abs=1e-5)
     assert len(pairs) == 6 + 6 + 16  # within both layers, and across the two neighbouring layers
@@ -87,7 +98,18 @@ def test_tables_follow_their_formulas(measured):
     assert D[3, 0] == pytest.approx(0.5 * tr3 / sens.units[3].params * sens.sqnorm[3][0])
     assert D[3, 2] == 0.0 and not P
     Dh, Ph = sens.tables("hessian")
-    assert Dh[3, 0] == pytest.approx(0.5 * tr3 / 64 * sens.out_err[3][0] / sens.hx_trace[3])
+    M = np.array([[np.nan if v is None else v for v in row] for row in sens.single_all], dtype=float)
+    assert np.isfinite(M[:, :2]).all() and np.isnan(M[:, 2]).all()  # measured at 2 and 4 bits, not for keep
+    # each width's column is calibrated to the summed measured single-unit losses
+    raw = sens.tables("hessian", pairs=False)
+    sens_uncal = Sensitivity(**{**sens.__dict__, "single_all": None})
+    Du, _ = sens_uncal.tables("hessian", pairs=False)
+    for c in (0, 1):
+        assert Dh[:, c].sum() == pytest.approx(np.maximum(M[:, c], 0).sum(), rel=1e-6)
+        assert np.allclose(raw[0][:, c] / Du[:, c], raw[0][0, c] / Du[0, c])  # one scale per width
+    assert Du[3, 0] == pytest.approx(0.5 * tr3 / 64 * sens.out_err[3][0] / sens.hx_trace[3])
+    Dm, _ = sens.tables("measured", pairs=False)
+    assert np.allclose(Dm[:, :2], np.maximum(M[:, :2], 0)) and (Dm[:, 2] == 0).all()
     # a fused unit sums its members, each with its own trace and rows
     qkv = sens.units[0]
     assert qkv.member_out == (64, 32, 32)
@@ -95,7 +117,7 @@ def test_tables_follow_their_formulas(measured):
     assert sum(sens.member_trace[0]) == pytest.approx(sens.trace[0], rel=1e-5)
     expect = sum(0.5 * max(t, se) / d * e / sens.hx_trace[0] for t, se, d, e in
                  zip(sens.member_trace[0], sens.member_trace_se[0], qkv.member_out, sens.member_out_err[0][0]))
-    assert Dh[0, 0] == pytest.approx(expect)
+    assert Du[0, 0] == pytest.approx(expect)
     # the pair term reproduces the measured interaction at the measured width, and vanishes when kept
     # (negative interactions, mostly noise, are not credited)
     for i, j, lij in sens.pairs:
