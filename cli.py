@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ lazy-batch column block (default 128)")
+    q.add_argument("--affine-epochs", type=int, help="affine methods: epochs over the calibration windows per decoder "
+                                                     "block (default 10; the band of each V/O matrix widens per epoch)")
+    q.add_argument("--affine-lr", type=float, help="affine methods: AdamW learning rate of the transforms; the "
+                                                   "clipping factors use twice this (default 0.005)")
     _bool_flag(q, "true-sequential", "quantize q/k/v, o, gate/up, down in turn, each on inputs from the already "
                                      "quantized ones (default on)")
     _bool_flag(q, "partial-groups", "allow a shorter last group when --group-size does not divide in_features "

@@ -346,6 +346,10 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
+    if method.affine:
+        raise ConfigError(f"measure with --method gptq or rtn, not {config.method}: affine transforms are learned per "
+                          "block at quantize time, after the allocation (quantize with --method "
+                          f"{config.method} and a --sensitivity measured with gptq).")
     units = build_units(model, arch, granularity)
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")

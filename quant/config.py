@@ -68,6 +68,8 @@ class QuantConfig:
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs
     partial_groups: bool = False  # allow a shorter last group when group_size does not divide in_features
     unfused: bool = False  # let q/k/v (gate/up) differ: for engines that do not fuse them (vLLM does)
+    affine_epochs: int = 10  # affine methods: epochs over the calibration windows per block
+    affine_lr: float = 5e-3  # affine methods: learning rate of the transforms (clipping: 2×)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class QuantConfig:
         check_group_size(self.group_size)
         if not (0.0 < self.damp_percent < 1.0):
             raise ConfigError(f"damp_percent={self.damp_percent!r} must lie in (0, 1); 0.01 is the usual choice.")
+        if self.affine_epochs < 1 or not (0.0 < self.affine_lr < 1.0):
+            raise ConfigError(f"affine_epochs={self.affine_epochs!r} must be ≥ 1 and affine_lr={self.affine_lr!r} in (0, 1).")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size!r} must be a positive integer.")
         if self.static_groups and not self.act_order:

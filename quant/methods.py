@@ -16,16 +16,19 @@ class MethodInfo:
     """``row_independent``: each output row is quantized on its own given ``H``, so modules sharing an
     input (q/k/v) can be stacked into one call with identical results."""
 
-    def __init__(self, fn: Method, needs_hessian: bool, help: str, row_independent: bool = True):
+    def __init__(self, fn: Method, needs_hessian: bool, help: str, row_independent: bool = True, affine: bool = False):
         self.fn, self.needs_hessian, self.help, self.row_independent = fn, needs_hessian, help, row_independent
+        self.affine = affine  # learn AffineQuant transforms per block first (quant/affine.py), then quantize with fn
+        self.needs_inputs = needs_hessian or affine
 
 
 METHODS: dict[str, MethodInfo] = {}
 
 
-def register(name: str, needs_hessian: bool, help: str, row_independent: bool = True) -> Callable[[Method], Method]:
+def register(name: str, needs_hessian: bool, help: str, row_independent: bool = True,
+             affine: bool = False) -> Callable[[Method], Method]:
     def wrap(fn: Method) -> Method:
-        METHODS[name] = MethodInfo(fn, needs_hessian, help, row_independent)
+        METHODS[name] = MethodInfo(fn, needs_hessian, help, row_independent, affine)
         return fn
 
     return wrap
@@ -54,3 +57,10 @@ def _gptq(weight, H, spec, config, name):
         block_size=config.block_size,
         name=name,
     )
+
+
+register("affine", needs_hessian=False, affine=True,
+         help="AffineQuant-style learned equivalent transforms per block, folded in, then RTN on the learned "
+              "clipping ranges")(_rtn)
+register("affine+gptq", needs_hessian=True, affine=True,
+         help="the affine transforms, folded in, then GPTQ")(_gptq)

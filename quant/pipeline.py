@@ -35,6 +35,7 @@ class ModuleResult:
 class QuantReport:
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
+    affine_loss: list[list[float]] = field(default_factory=list)  # affine methods: per layer, per epoch
 
     @property
     def bpw(self) -> float:
@@ -76,12 +77,32 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     report = QuantReport()
     t_start = time.perf_counter()
     # methods that use no activations (RTN) need no calibration forward passes at all
-    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if method.needs_hessian else None
+    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if method.needs_inputs else None
+    fp_inputs = inputs  # the full-precision stream, which affine methods learn to match
+    if method.affine:
+        from . import affine
+
+        missing = [n for n in affine.LINEARS if n not in arch.linears]
+        if missing:
+            raise ConfigError(f"--method {config.method} needs a Llama-like block (q/k/v/o, gate/up/down, two RMSNorms); "
+                              f"this architecture lacks {missing}.")
+        heads = affine.Heads.of(model.config)
+        settings = affine.AffineSettings(epochs=config.affine_epochs, lr=config.affine_lr, clip_lr=2 * config.affine_lr)
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     bar = tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i].to(device)
         prefix = f"{arch.layers}.{i}."
+        if method.affine:
+            fp_outputs = run_layer(layer, fp_inputs)
+            layer_specs = {n: (None if specs[prefix + n].keep else specs[prefix + n]) for n in arch.linears}
+            T, info = affine.learn_block(layer, heads, layer_specs, inputs, [o.hidden for o in fp_outputs], settings,
+                                         name=f"layer {i}")
+            affine.fold(layer, T, name=f"layer {i}")
+            if not method.needs_hessian:  # RTN: its min/max grid becomes the learned clipped grid
+                affine.clamp_to_clip(layer, T, layer_specs)
+            report.affine_loss.append(info["loss"])
+            fp_inputs = fp_outputs
         results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method)
         inputs = results.pop("__outputs__")
         for n in arch.linears:
