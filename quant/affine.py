@@ -240,3 +240,21 @@ def clamp_to_clip(layer: nn.Module, T: BlockTransforms, specs: dict[str, ModuleS
         wg, xmin, xmax = clip_ranges(w, spec, T.clip[n.replace(".", "_")])
         wg = torch.maximum(torch.minimum(wg, xmax[..., None]), xmin[..., None])
         lin.weight.data = wg.reshape(w.shape[0], -1)[:, : w.shape[1]].to(lin.weight.dtype)
+
+
+@torch.no_grad()
+def learned_grid(layer: nn.Module, T: BlockTransforms, specs: dict[str, ModuleSpec | None]) -> dict[str, list]:
+    """Per linear, the (scale, zero) of each group on its learned clipped range (the grid RTN uses
+    after :func:`clamp_to_clip`), for GPTQ to round on with error feedback."""
+    from .quantizer import compute_qparams
+
+    grids = {}
+    for n, spec in specs.items():
+        if spec is None:
+            continue
+        w = layer.get_submodule(n).weight.float()
+        wg, xmin, xmax = clip_ranges(w, spec, T.clip[n.replace(".", "_")])
+        clamped = torch.maximum(torch.minimum(wg, xmax[..., None]), xmin[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+        gs = w.shape[1] if spec.group_size == -1 else spec.group_size
+        grids[n] = [compute_qparams(clamped[:, g : g + gs], spec.bits, spec.sym) for g in range(0, w.shape[1], gs)]
+    return grids

@@ -61,8 +61,12 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     name: str = "module",
+    grid: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params."""
+    """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params.
+
+    ``grid``: a fixed (scale, zero) per group (each of shape (out,)), e.g. learned clipping ranges;
+    GPTQ then only decides the rounding, with error feedback, on that grid (as with static groups)."""
     W = weight.detach().to(torch.float32).clone()  # (out, in)
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (in, in)
     out_f, in_f = W.shape
@@ -76,6 +80,13 @@ def gptq_quantize(
     static_params = None
     if gs != -1 and static_groups:
         static_params = [compute_qparams(W[:, g : g + gs], bits, spec.sym) for g in range(0, in_f, gs)]
+    if grid is not None:
+        if len(grid) != (1 if gs == -1 else -(-in_f // gs)):
+            raise ValueError(f"{name}: a grid of {len(grid)} groups does not fit in_features={in_f} at group size {gs}.")
+        static_params = [(s.to(W.device, torch.float32), z.to(W.device, torch.float32)) for s, z in grid]
+        gs_eff = in_f if gs == -1 else gs
+    else:
+        gs_eff = gs
 
     perm = torch.arange(in_f, device=W.device)
     if act_order:
@@ -94,7 +105,7 @@ def gptq_quantize(
     codes = torch.zeros_like(W)  # (out, in) in permuted order
     scales, zeros = [], []
     g_of_col = torch.zeros(in_f, dtype=torch.int32, device=W.device)  # group index, permuted order
-    if gs == -1:
+    if gs == -1 and static_params is None:
         scale, zero = compute_qparams(W, bits, spec.sym)
         scales.append(scale), zeros.append(zero)
 
@@ -105,17 +116,16 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if gs != -1:
-                if static_params is not None:
-                    g = int(perm[col]) // gs
-                    scale, zero = static_params[g]
-                    g_of_col[col] = g
-                else:
-                    if col % gs == 0:
-                        group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                        scale, zero = compute_qparams(group_cols, bits, spec.sym)
-                        scales.append(scale), zeros.append(zero)
-                    g_of_col[col] = col // gs
+            if static_params is not None:
+                g = int(perm[col]) // gs_eff
+                scale, zero = static_params[g]
+                g_of_col[col] = g
+            elif gs != -1:
+                if col % gs == 0:
+                    group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                    scale, zero = compute_qparams(group_cols, bits, spec.sym)
+                    scales.append(scale), zeros.append(zero)
+                g_of_col[col] = col // gs
             w = W1[:, i]  # (out,)
             q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
             codes[:, col] = q

@@ -46,7 +46,7 @@ def _rtn(weight, H, spec, config, name):
 
 
 @register("gptq", needs_hessian=True, help="GPTQ: second-order error feedback with H = 2XXᵀ")
-def _gptq(weight, H, spec, config, name):
+def _gptq(weight, H, spec, config, name, grid=None):
     return gptq_quantize(
         weight,
         H,
@@ -56,6 +56,7 @@ def _gptq(weight, H, spec, config, name):
         damp_percent=config.damp_percent,
         block_size=config.block_size,
         name=name,
+        grid=grid,
     )
 
 
@@ -63,4 +64,5 @@ register("affine", needs_hessian=False, affine=True,
          help="AffineQuant-style learned equivalent transforms per block, folded in, then RTN on the learned "
               "clipping ranges")(_rtn)
 register("affine+gptq", needs_hessian=True, affine=True,
-         help="the affine transforms, folded in, then GPTQ")(_gptq)
+         help="the affine transforms, folded in, then GPTQ's error-feedback rounding on the learned clipped "
+              "grid")(_gptq)

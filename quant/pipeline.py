@@ -91,6 +91,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     bar = tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress, unit="layer")
     for i in bar:
+        grids = None
         layer = layers[i].to(device)
         prefix = f"{arch.layers}.{i}."
         if method.affine:
@@ -99,11 +100,13 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             T, info = affine.learn_block(layer, heads, layer_specs, inputs, [o.hidden for o in fp_outputs], settings,
                                          name=f"layer {i}")
             affine.fold(layer, T, name=f"layer {i}")
-            if not method.needs_hessian:  # RTN: its min/max grid becomes the learned clipped grid
+            if method.needs_hessian:  # GPTQ rounds on the learned clipped grid, with error feedback
+                grids = affine.learned_grid(layer, T, layer_specs)
+            else:  # RTN: its min/max grid becomes the learned clipped grid
                 affine.clamp_to_clip(layer, T, layer_specs)
             report.affine_loss.append(info["loss"])
             fp_inputs = fp_outputs
-        results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method)
+        results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids)
         inputs = results.pop("__outputs__")
         for n in arch.linears:
             linear = layer.get_submodule(n)
@@ -121,7 +124,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
 
 
 def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput] | None,
-                   specs: dict[str, ModuleSpec], config: QuantConfig, method) -> dict:
+                   specs: dict[str, ModuleSpec], config: QuantConfig, method, grids: dict | None = None) -> dict:
     """Quantize one decoder layer step by step; returns {linear: (QuantizedWeight, seconds)} plus
     ``__outputs__``, the layer's outputs computed with its quantized weights."""
     results: dict = {}
@@ -140,7 +143,12 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
             linears = [layer.get_submodule(n) for n in members]
             weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
             label = prefix + ("{" + ",".join(members) + "}" if len(members) > 1 else members[0])
-            qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
+            if grids is None:
+                qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
+            else:  # one fixed grid per group, the members' rows stacked like their weights
+                grid = [(torch.cat([grids[n][g][0] for n in members]), torch.cat([grids[n][g][1] for n in members]))
+                        for g in range(len(grids[members[0]]))]
+                qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label, grid=grid)
             secs = (time.perf_counter() - t0) / len(members)
             row = 0
             for n, lin in zip(members, linears):
