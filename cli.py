@@ -181,15 +181,8 @@ def _format_flags(p) -> None:
 
 
 def _single_bits(args) -> tuple[int, ...] | None:
-    from quant.config import ConfigError
-
     text = str(args.single_bits).strip()
-    if text == "all":
-        return None
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise ConfigError(f"--single-bits {text!r} must be 'all' or comma-separated widths like 2,3.") from None
+    return None if text == "all" else tuple(_parse_bits_list(text, "--single-bits"))
 
 
 def _allocation_flags(p) -> None:

@@ -22,6 +22,7 @@ pipeline quantizes the folded block with RTN (on the learned clipping ranges) or
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import ConfigError, ModuleSpec
+from .quantizer import compute_qparams, group_count
 
 log = logging.getLogger("hmq")
 
@@ -76,7 +78,7 @@ class BlockTransforms(nn.Module):
         for n, spec in specs.items():
             if spec is not None:
                 lin = layer.get_submodule(n)
-                groups = _groups(lin.in_features, spec.group_size)
+                groups = group_count(lin.in_features, spec.group_size)
                 self.clip[n.replace(".", "_")] = nn.Parameter(torch.full((lin.out_features, groups, 2), 4.0, device=dev))
 
     def band(self, width: int) -> torch.Tensor:
@@ -96,10 +98,6 @@ class BlockTransforms(nn.Module):
         shrink = torch.where(off > limit, limit / off.clamp_min(1e-12), torch.ones_like(off))
         eye = torch.eye(self.heads.head_dim, device=self.A.device, dtype=torch.bool)
         self.A.copy_(torch.where(eye, self.A, self.A * shrink[..., None]))
-
-
-def _groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else -(-in_features // group_size)
 
 
 def transformed_weights(base: dict[str, torch.Tensor], T: BlockTransforms, width: int) -> dict[str, torch.Tensor]:
@@ -142,7 +140,7 @@ def clip_ranges(w: torch.Tensor, spec: ModuleSpec, logits: torch.Tensor) -> tupl
     """Grouped view of ``w`` (out, groups, gs; zero-padded) and each group's clipped (xmin, xmax)."""
     out_f, in_f = w.shape
     gs = in_f if spec.group_size == -1 else spec.group_size
-    groups = _groups(in_f, spec.group_size)
+    groups = group_count(in_f, spec.group_size)
     wg = F.pad(w, (0, groups * gs - in_f)).view(out_f, groups, gs)
     f = torch.sigmoid(logits)  # (out, groups, 2) in (0, 1): upper, lower
     xmax = wg.amax(-1).clamp(min=0) * f[..., 0]
@@ -203,7 +201,7 @@ def learn_block(layer: nn.Module, heads: Heads, specs: dict[str, ModuleSpec | No
             T.project(width)
             losses.append(float(loss.detach()))
         history.append(sum(losses) / len(losses))
-        if not all(torch.isfinite(torch.tensor(history[-1:]))):
+        if not math.isfinite(history[-1]):
             raise AffineError(f"{name}: the affine loss became {history[-1]} in epoch {epoch}: lower --affine-lr.")
     log.debug("%s affine loss by epoch: %s", name, ", ".join(f"{v:.3g}" for v in history))
     return T, {"loss": history}
@@ -228,33 +226,33 @@ def fold(layer: nn.Module, T: BlockTransforms, name: str = "block") -> None:
         target.data = v.to(target.dtype)
 
 
+def _clamped(w: torch.Tensor, spec: ModuleSpec, logits: torch.Tensor) -> torch.Tensor:
+    """``w`` clamped to each group's learned clipped range (same shape as ``w``)."""
+    wg, xmin, xmax = clip_ranges(w, spec, logits)
+    wg = torch.maximum(torch.minimum(wg, xmax[..., None]), xmin[..., None])
+    return wg.reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
 @torch.no_grad()
 def clamp_to_clip(layer: nn.Module, T: BlockTransforms, specs: dict[str, ModuleSpec | None]) -> None:
     """Clamp each folded weight to its learned group ranges, so that RTN's min/max grid *is* the
     learned clipped grid (values outside are rounded to the edge, as in the learning loop)."""
     for n, spec in specs.items():
-        if spec is None:
-            continue
-        lin = layer.get_submodule(n)
-        w = lin.weight.float()
-        wg, xmin, xmax = clip_ranges(w, spec, T.clip[n.replace(".", "_")])
-        wg = torch.maximum(torch.minimum(wg, xmax[..., None]), xmin[..., None])
-        lin.weight.data = wg.reshape(w.shape[0], -1)[:, : w.shape[1]].to(lin.weight.dtype)
+        if spec is not None:
+            lin = layer.get_submodule(n)
+            lin.weight.data = _clamped(lin.weight.float(), spec, T.clip[n.replace(".", "_")]).to(lin.weight.dtype)
 
 
 @torch.no_grad()
 def learned_grid(layer: nn.Module, T: BlockTransforms, specs: dict[str, ModuleSpec | None]) -> dict[str, list]:
     """Per linear, the (scale, zero) of each group on its learned clipped range (the grid RTN uses
     after :func:`clamp_to_clip`), for GPTQ to round on with error feedback."""
-    from .quantizer import compute_qparams
-
     grids = {}
     for n, spec in specs.items():
         if spec is None:
             continue
         w = layer.get_submodule(n).weight.float()
-        wg, xmin, xmax = clip_ranges(w, spec, T.clip[n.replace(".", "_")])
-        clamped = torch.maximum(torch.minimum(wg, xmax[..., None]), xmin[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
+        clamped = _clamped(w, spec, T.clip[n.replace(".", "_")])
         gs = w.shape[1] if spec.group_size == -1 else spec.group_size
         grids[n] = [compute_qparams(clamped[:, g : g + gs], spec.bits, spec.sym) for g in range(0, w.shape[1], gs)]
     return grids
