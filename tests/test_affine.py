@@ -168,3 +168,35 @@ def grid_dequantize(codes, grid):
     zeros = torch.stack([z for _, z in grid])
     g = torch.arange(codes.shape[1]) // 32
     return (codes - zeros[g].T) * scales[g].T
+
+
+@pytest.mark.parametrize("method", ["affine", "affine+gptq"])
+def test_pipeline_quantizes_on_the_learned_grid(method):
+    """Layer 0 through the pipeline equals the steps by hand: learn, fold, then RTN on the clamped
+    weights (affine) or GPTQ's scales being the learned grid (affine+gptq)."""
+    from quant.pipeline import module_specs
+
+    arch = get_arch("llama")
+    w = windows(4, 32)
+    cfg = QuantConfig(method=method, bits=3, group_size=32, affine_epochs=2)
+    model = build_tiny("llama")
+    quantize_model(model, arch, w, cfg, CPU, batch_size=4, progress=False)
+    ref = build_tiny("llama")
+    inputs = capture_layer_inputs(ref, ref.model.layers, w, CPU, 4)
+    layer = ref.model.layers[0]
+    targets = [o.hidden for o in run_layer(layer, inputs)]
+    specs = {n.removeprefix("model.layers.0."): s for n, s in module_specs(ref, arch, cfg).items()
+             if n.startswith("model.layers.0.")}
+    T, _ = affine.learn_block(layer, affine.Heads.of(ref.config), specs, inputs, targets,
+                              affine.AffineSettings(epochs=2, lr=cfg.affine_lr, clip_lr=2 * cfg.affine_lr))
+    affine.fold(layer, T)
+    if method == "affine":
+        affine.clamp_to_clip(layer, T, specs)
+        for n in ("self_attn.v_proj", "mlp.down_proj"):
+            expect = rtn_quantize(layer.get_submodule(n).weight, specs[n]).dequantize()
+            assert torch.equal(model.model.layers[0].get_submodule(n).dequantize(), expect), n
+    else:
+        grids = affine.learned_grid(layer, T, specs)
+        for n in ("self_attn.v_proj", "mlp.down_proj"):
+            scales = torch.stack([s for s, _ in grids[n]]).half()
+            assert torch.equal(model.model.layers[0].get_submodule(n).scales, scales), n

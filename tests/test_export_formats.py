@@ -120,6 +120,9 @@ def test_hmq_reloads_either_layout_bit_identically(quantized, tmp_path, fmt):
             for buf in ("qweight", "qzeros", "scales", "g_idx"):
                 assert torch.equal(getattr(r, buf), getattr(m, buf)), (name, buf)
     assert not isinstance(reloaded.get_submodule("model.layers.1.self_attn.o_proj"), QuantLinear)
+    stored = set(read_tensors(tmp_path / fmt))
+    ours, other = (("qweight", "weight_packed") if fmt == "gptq" else ("weight_packed", "qweight"))
+    assert f"model.layers.0.mlp.up_proj.{ours}" in stored and not any(k.endswith("." + other) for k in stored)
     assert torch.allclose(reloaded(X).logits, model(X).logits, atol=1e-2)  # fp16 storage of the kept parts
 
 
@@ -315,10 +318,17 @@ def test_cli_quantize_to_compressed_tensors_and_export_back(tiny_model_dir, text
     assert (back / "tokenizer_config.json").is_file()
 
 
-def test_cli_refuses_what_the_engine_cannot_load_before_quantizing(tiny_model_dir, text_file, tmp_path, capsys):
+def test_cli_refuses_what_the_engine_cannot_load_before_quantizing(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                     monkeypatch):
     import cli
+    import quant.pipeline
 
     from .test_cli import quantize_args
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("quantization ran before the engine check")
+
+    monkeypatch.setattr(quant.pipeline, "quantize_model", must_not_run)
 
     out = tmp_path / "w3"
     code = cli.main([str(a) for a in quantize_args(tiny_model_dir, text_file, out, "--bits", 3,
