@@ -62,7 +62,9 @@ def main() -> None:
             res = evaluate(model)
             rows.append({"method": method, "bits": bits, "ppl": res["ppl"], "quant_seconds": report.seconds,
                          "bpw": report.bpw, **({"affine_loss_first_last": [[v[0], v[-1]] for v in report.affine_loss]}
-                                               if report.affine_loss else {})})
+                                               if report.affine_loss else {}),
+                         **({"learned_grid_rows": sum(report.learned_grid_rows) / len(report.learned_grid_rows)}
+                            if report.learned_grid_rows else {})})
             print(f"{method} w{bits}: ppl {res['ppl']:.3f} in {report.seconds:.1f} s", flush=True)
             del model
 

@@ -17,6 +17,7 @@ from .arch import Arch, decoder_layers, set_submodule
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .methods import get_method
 from .qlinear import QuantLinear
+from .quantizer import best_rows
 
 log = logging.getLogger("hmq")
 
@@ -36,6 +37,7 @@ class QuantReport:
     modules: list[ModuleResult] = field(default_factory=list)
     seconds: float = 0.0
     affine_loss: list[list[float]] = field(default_factory=list)  # affine methods: per layer, per epoch
+    learned_grid_rows: list[float] = field(default_factory=list)  # affine+gptq: per layer, share of rows on the learned grid
 
     @property
     def bpw(self) -> float:
@@ -108,6 +110,9 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             fp_inputs = fp_outputs
         results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids)
         inputs = results.pop("__outputs__")
+        kept, solved = results.pop("__grid_rows__")
+        if solved:
+            report.learned_grid_rows.append(kept / solved)
         for n in arch.linears:
             linear = layer.get_submodule(n)
             if n in results:
@@ -128,6 +133,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
     """Quantize one decoder layer step by step; returns {linear: (QuantizedWeight, seconds)} plus
     ``__outputs__``, the layer's outputs computed with its quantized weights."""
     results: dict = {}
+    grid_rows = [0, 0]  # rows that kept the learned grid, rows solved on one
     replay = Replay()
     done: set[str] = set()
     for group in steps:
@@ -148,7 +154,14 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
             else:  # one fixed grid per group, the members' rows stacked like their weights
                 grid = [(torch.cat([grids[n][g][0] for n in members]), torch.cat([grids[n][g][1] for n in members]))
                         for g in range(len(grids[members[0]]))]
-                qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label, grid=grid)
+                H = hessians.get(members[0])
+                learned = method.fn(weight, H, specs[prefix + members[0]], config, label, grid=grid)
+                own = method.fn(weight, H, specs[prefix + members[0]], config, label)
+                # per output row, whichever grid leaves the lower layer-output error: the learned
+                # clipping helps at 2-3 bits but can hurt where GPTQ's own min/max grid is already fine
+                qw, pick = best_rows([own, learned], weight, H)
+                grid_rows[0] += int(pick.sum())
+                grid_rows[1] += pick.numel()
             secs = (time.perf_counter() - t0) / len(members)
             row = 0
             for n, lin in zip(members, linears):
@@ -165,6 +178,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
                 replay.outputs[block.module] = [(o, None) for o in outs] if block.returns_tuple else outs
         del hessians, kept
     results["__outputs__"] = run_layer(layer, inputs, replay) if inputs is not None else None
+    results["__grid_rows__"] = tuple(grid_rows)
     return results
 
 

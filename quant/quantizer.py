@@ -47,6 +47,28 @@ class QuantizedWeight:
         return w.to(dtype)
 
 
+def row_errors(qw: "QuantizedWeight", weight: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per output row, the layer-output error ``ΔW_r H ΔW_rᵀ`` of ``qw`` against ``weight`` (out,)."""
+    dW = qw.dequantize(torch.float32) - weight.to(torch.float32)
+    return ((dW @ H.to(dW.device, torch.float32)) * dW).sum(1)
+
+
+def best_rows(options: list["QuantizedWeight"], weight: torch.Tensor, H: torch.Tensor) -> tuple["QuantizedWeight", torch.Tensor]:
+    """Per output row, the option with the lowest ``ΔW_r H ΔW_rᵀ``. Rows of a GPTQ solve are
+    independent given ``H``, so mixing rows of solves with the same ``g_idx`` is itself a valid
+    solve. Returns the mixed weight and the index of the option each row came from."""
+    first = options[0]
+    for o in options[1:]:
+        if not (torch.equal(o.g_idx, first.g_idx) and (o.bits, o.group_size, o.sym) == (first.bits, first.group_size, first.sym)):
+            raise ValueError("best_rows needs options with the same bits, groups and column order")
+    errs = torch.stack([row_errors(o, weight, H) for o in options])  # (options, out)
+    pick = errs.argmin(0)
+    codes = torch.stack([o.intweight for o in options])[pick, torch.arange(pick.numel())]
+    scales = torch.stack([o.scales for o in options]).gather(0, pick[None, None].expand(1, *first.scales.shape))[0]
+    zeros = torch.stack([o.zeros for o in options]).gather(0, pick[None, None].expand(1, *first.zeros.shape))[0]
+    return QuantizedWeight(codes, scales, zeros, first.g_idx, first.bits, first.group_size, first.sym), pick
+
+
 def max_code(bits: int) -> int:
     return (1 << bits) - 1
 

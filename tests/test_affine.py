@@ -11,7 +11,8 @@ from quant.arch import get_arch
 from quant.config import ModuleSpec, QuantConfig
 from quant.export import load_quantized, save_quantized
 from quant.pipeline import quantize_model
-from quant.quantizer import rtn_quantize
+from quant.gptq import gptq_quantize
+from quant.quantizer import best_rows, compute_qparams, row_errors, rtn_quantize
 
 from .conftest import build_tiny, windows
 
@@ -143,8 +144,7 @@ def test_cli_quantizes_with_affine_gptq_and_evaluates(tiny_model_dir, text_file,
 def test_gptq_on_a_fixed_grid():
     """With a given grid GPTQ only decides the rounding: on H = I that is RTN on the grid; on a real H
     it has lower output error than RTN on the same grid, and the stored scales are the grid's."""
-    from quant.gptq import gptq_quantize
-    from quant.quantizer import compute_qparams, quantize_codes
+    from quant.quantizer import quantize_codes
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(16, 64, generator=g)
@@ -197,6 +197,32 @@ def test_pipeline_quantizes_on_the_learned_grid(method):
             assert torch.equal(model.model.layers[0].get_submodule(n).dequantize(), expect), n
     else:
         grids = affine.learned_grid(layer, T, specs)
-        for n in ("self_attn.v_proj", "mlp.down_proj"):
-            scales = torch.stack([s for s, _ in grids[n]]).half()
-            assert torch.equal(model.model.layers[0].get_submodule(n).scales, scales), n
+        for n in ("self_attn.v_proj", "mlp.down_proj"):  # each row on the learned grid or GPTQ's own
+            learned = torch.stack([s for s, _ in grids[n]]).half()
+            w = layer.get_submodule(n).weight.float()
+            own0 = compute_qparams(w[:, :32], 3, False)[0].half()  # GPTQ's own first group (later ones see its feedback)
+            got = model.model.layers[0].get_submodule(n).scales
+            on_learned = (got == learned).all(0)
+            assert bool((on_learned | (got[0] == own0)).all()), n
+            assert bool(on_learned.any()), n  # the learned clipping is used somewhere
+
+
+def test_best_rows_takes_each_rows_lower_output_error():
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    W[::2, 0] = 8.0  # outliers on an input that barely matters: clipping them pays in those rows
+    X = torch.randn(256, 64) * torch.linspace(0.01, 3, 64)
+    H = 2 * X.T @ X / 256
+    spec = ModuleSpec(3, 32, False)
+    grid = [compute_qparams(W[:, c : c + 32] * 0.7, 3, False) for c in (0, 32)]
+    own, learned = gptq_quantize(W, H, spec), gptq_quantize(W, H, spec, grid=grid)
+    best, pick = best_rows([own, learned], W, H)
+    e_own, e_learned, e_best = (row_errors(q, W, H) for q in (own, learned, best))
+    assert torch.allclose(e_best, torch.minimum(e_own, e_learned))
+    assert 0 < int(pick.sum()) < 16  # both options win somewhere on this problem
+    for r in range(16):
+        src = learned if pick[r] else own
+        assert torch.equal(best.intweight[r], src.intweight[r]) and torch.equal(best.scales[:, r], src.scales[:, r])
+        assert torch.equal(best.zeros[:, r], src.zeros[:, r])
+    with pytest.raises(ValueError, match="same bits"):
+        best_rows([own, gptq_quantize(W, H, ModuleSpec(4, 32, False))], W, H)
