@@ -198,8 +198,10 @@ def _allocation_flags(p) -> None:
 
 def _measure_flags(p, standalone: bool) -> None:
     g = p.add_argument_group("sensitivity measurement") if not standalone else p
-    g.add_argument("--candidates", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8; keeping 16 is "
-                                                           "always a candidate unless --no-keep)")
+    g.add_argument("--candidates", default="2,3,4,8", help="candidate bit widths at --group-size, or bits with their own "
+                                                           "group size such as 3g-1 (one group per output channel) or "
+                                                           "2g64 (default 2,3,4,8; keeping 16 is always a candidate "
+                                                           "unless --no-keep)")
     g.add_argument("--no-keep", action="store_true", help="do not allow keeping a unit in 16 bits")
     g.add_argument("--units", choices=("fused", "linear"), default="fused",
                    help="what gets one precision: fused groups as engines run them (default) or each linear")
@@ -293,7 +295,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     for k in ("loss_samples", "loss_seqlen", "probes"):
         if getattr(args, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
-    candidates = parse_candidates(_parse_bits_list(args.candidates, "--candidates"), config.group_size, not args.no_keep)
+    candidates = parse_candidates(args.candidates.split(","), config.group_size, not args.no_keep)
     calib = run["calib"] or DEFAULT_SOURCE
     log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
              run["nsamples"], run["seqlen"], calib, args.loss_samples, args.loss_seqlen)

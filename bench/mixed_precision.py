@@ -53,6 +53,10 @@ def main() -> None:
     ap.add_argument("--objectives", nargs="+", default=["trace", "output", "hessian"])
     ap.add_argument("--uniform-bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--candidates", default="2,3,4,8", help="when measuring here: as `hmq measure --candidates`")
+    ap.add_argument("--frontier-points", type=int, default=21)
+    ap.add_argument("--single-bits", type=int, nargs="+", default=[2, 3, 4],
+                    help="when measuring here: widths whose single-unit loss increases are measured")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32, help="held-out evaluation windows of --eval-seqlen tokens")
@@ -74,8 +78,9 @@ def main() -> None:
         sens.check_model(model, arch)
     else:
         loss_windows = calibration_windows(tok, "foldoc", 2, 256, 1)
-        sens = measure_sensitivity(model, arch, windows, loss_windows, parse_candidates([2, 3, 4, 8], args.group_size),
-                                   base, device, model_name=args.model or "SmolLM2-135M-Instruct")
+        sens = measure_sensitivity(model, arch, windows, loss_windows, parse_candidates(args.candidates.split(","), args.group_size),
+                                   base, device, model_name=args.model or "SmolLM2-135M-Instruct",
+                                   single_bits=tuple(args.single_bits))
         sens.save(args.sens or Path(args.json).with_suffix(".sens"))
     fp = perplexity(model.to(device), ids, args.eval_seqlen, args.windows, device, progress=False)["ppl"]
     model.to("cpu")
@@ -83,6 +88,13 @@ def main() -> None:
     n = total_params(sens)
     rows = [{"config": "fp16", "bpw": 16.0, "ppl": fp}]
     print(f"fp perplexity {fp:.3f} on {args.windows} × {args.eval_seqlen} held-out tokens", flush=True)
+
+    partial = Path(args.json).with_suffix(".partial.json")  # rows so far, in case a long run is stopped
+
+    def checkpoint(mixed_rows):
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"fp_ppl": fp, "uniform": rows, "mixed": mixed_rows,
+                                       "measurement_seconds": sens.seconds, "settings": vars(args)}, indent=1))
 
     for method in ("rtn", "gptq"):
         for bits in args.uniform_bits:
@@ -92,6 +104,7 @@ def main() -> None:
             rows.append({"config": f"uniform {method} w{bits}", "method": method, "bits": bits, "bpw": report.bpw,
                          "ppl": ppl, "seconds": time.perf_counter() - t0})
             print(rows[-1], flush=True)
+            checkpoint([])
 
     mixed = []
     for budget in args.budgets:
@@ -100,13 +113,14 @@ def main() -> None:
             t0 = time.perf_counter()
             ppl, report, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
                                                 args.eval_seqlen, args.windows)
-            counts = {b: alloc.bits.count(b) for b in sorted(set(alloc.bits))}
+            counts = {lab: alloc.candidates.count(lab) for lab in sorted(set(alloc.candidates))}
             mixed.append({"config": f"mixed {objective}", "objective": objective, "budget": budget, "bpw": report.bpw,
                           "ppl": ppl, "predicted_dloss": alloc.predicted_dloss, "measured_dloss": float(np.log(ppl / fp)),
                           "solve_seconds": alloc.solution.seconds, "status": alloc.solution.status,
-                          "gap": alloc.solution.gap, "bits_histogram": counts, "seconds": time.perf_counter() - t0,
+                          "gap": alloc.solution.gap, "candidates_histogram": counts, "seconds": time.perf_counter() - t0,
                           "units": dict(zip(alloc.unit_names, alloc.candidates))})
             print({k: v for k, v in mixed[-1].items() if k != "units"}, flush=True)
+            checkpoint(mixed)
 
     # how well each objective predicts the measured loss increase of single units at pair_bits
     c = sens.pair_column()
@@ -123,7 +137,7 @@ def main() -> None:
 
     solve_times = synthetic_solve_seconds()
     lo, hi = min_max_bpw(sens)
-    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), args.plot_objective)
+    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), args.frontier_points), args.plot_objective)
     predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss)}
                  for a in front]
     uniform = [{"method": r["method"], "bits": r["bits"], "bpw": r["bpw"], "ppl": r["ppl"]} for r in rows if "method" in r]
@@ -141,12 +155,12 @@ def main() -> None:
         print(f"{m['config']:<24} {m['budget']:>6.2f} {m['bpw']:>6.3f} {m['ppl']:>10.3f} {m['predicted_dloss']:>10.4f} "
               f"{m['measured_dloss']:>10.4f} {m['solve_seconds']:>8.2f}")
     g3 = next((r for r in rows if r["config"] == "uniform gptq w3"), None)
-    m3 = next((m for m in mixed if m["objective"] == "hessian" and m["budget"] == 3.0), None)
-    closed = None
-    if g3 and m3:
-        closed = (g3["ppl"] - m3["ppl"]) / (g3["ppl"] - fp)
-        print(f"\nat 3.0 bpw, mixed (hessian) closes {100 * closed:.0f}% of uniform GPTQ w3's gap to fp "
-              f"(GPTQ w3 is {g3['bpw']:.3f} bpw)")
+    closed = {}
+    for m3 in (m for m in mixed if m["budget"] == 3.0):
+        if g3:
+            closed[m3["objective"]] = (g3["ppl"] - m3["ppl"]) / (g3["ppl"] - fp)
+            print(f"at 3.0 bpw, mixed ({m3['objective']}) closes {100 * closed[m3['objective']]:.0f}% of uniform GPTQ "
+                  f"w3's gap to fp (GPTQ w3 is {g3['bpw']:.3f} bpw)")
     print(f"measurement: {sens.seconds}; ILP 224 units × 5 candidates: {solve_times}")
     print(f"single-unit ΔNLL at {sens.settings.get('pair_bits')} bits, predicted vs measured: {agreement}")
     print(f"{len(inter)} pairs: mean interaction {np.mean(inter):+.5f}, mean |interaction| {np.mean(np.abs(inter)):.5f} "
@@ -158,6 +172,7 @@ def main() -> None:
                "interactions": {"pairs": len(inter), "mean": float(np.mean(inter)), "mean_abs": float(np.mean(np.abs(inter)))}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1))
+    partial.unlink(missing_ok=True)
     print(f"wrote {args.json} and {args.png}")
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.arch import Arch, decoder_layers
-from quant.config import ConfigError, ModuleSpec, QuantConfig
+from quant.config import ConfigError, ModuleSpec, QuantConfig, check_bits, check_group_size
 from quant.methods import get_method
 from quant.packing import check_packable
 from quant.quantizer import check_groupable, storage_bytes
@@ -97,13 +97,26 @@ def build_units(model: nn.Module, arch: Arch, granularity: str = "fused") -> lis
     return units
 
 
-def parse_candidates(bits: list[int], group_size: int, keep: bool = True) -> list[Candidate]:
-    cands = [Candidate(b, group_size) for b in sorted(set(bits)) if b != 16]
-    if keep or 16 in bits:
-        cands.append(Candidate(16, -1))
+def parse_candidates(items, group_size: int, keep: bool = True) -> list[Candidate]:
+    """Candidates from bit widths at ``group_size`` (``3``) or explicit (bits, group size) pairs
+    (``"3g-1"``: 3 bits, one group per output channel; ``"w2g64"``). For each width the
+    ``group_size`` candidate comes first (it is the one ``pair_bits`` measures pairs at)."""
+    cands = set()
+    for item in items:
+        text = str(item).strip().lower().removeprefix("w")
+        b, sep, g = text.partition("g")
+        try:
+            bits, gs = int(b), (int(g) if sep else group_size)
+        except ValueError:
+            raise ConfigError(f"candidate {item!r} is not a bit width (3) or bits and group size (3g128, 3g-1 for "
+                              "one group per output channel).") from None
+        check_bits(bits, "candidate bits")
+        cands.add(Candidate(16, -1) if bits == 16 else Candidate(bits, check_group_size(gs, f"candidate {item!r} group size")))
+    if keep:
+        cands.add(Candidate(16, -1))
     if not cands:
         raise ConfigError("no candidate bit widths: pass some of 2, 3, 4, 8 (and 16 to allow keeping a unit).")
-    return cands
+    return sorted(cands, key=lambda c: (c.bits, c.group_size != group_size, c.group_size))
 
 
 def fingerprint(model: nn.Module, units: list[Unit]) -> str:

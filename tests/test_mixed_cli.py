@@ -146,3 +146,32 @@ def test_latency_budget(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
     assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
                "--latency-table", path, "--budget-latency", 100, "--out", tmp_path / "z") == 2
     assert "no entry for unit shape(s)" in capsys.readouterr().err
+
+
+def test_candidates_with_their_own_group_size(tiny_model_dir, text_file, tmp_path, capsys):
+    """`--candidates 2,3,3g-1,4`: a per-channel 3-bit candidate beside g32; the allocation may mix
+    group sizes, and the checkpoint carries each module's own group size."""
+    out = tmp_path / "groups"
+    cands = "2,3,3g-1,4"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--candidates", cands,
+               "--budget", 3.1, "--out", out) == 0
+    sens = json.loads((tmp_path / "groups.sens").read_text())
+    assert [(c["bits"], c["group_size"]) for c in sens["candidates"]] == [(2, 32), (3, 32), (3, -1), (4, 32), (16, -1)]
+    cost = [row[1:3] for row in sens["cost"]]
+    assert all(ch < g for g, ch in cost)  # one scale per row is cheaper than one per 32 columns
+    assert len(sens["single_all"][0]) == 5 and sens["single_all"][0][2] is not None
+    meta = json.loads((out / "hmq.json").read_text())
+    chosen = meta["allocation"]["units"]
+    capsys.readouterr()
+    assert run("inspect", out, "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    members = {u["name"]: u["members"] for u in sens["units"]}
+    assert {lab for lab in chosen.values()} >= {"w3g-1"}  # the cheap 3-bit option is used at this budget
+    for unit, label in chosen.items():
+        for m in members[unit]:
+            got = rep["modules"][m]
+            assert (label == "fp16" and got["bits"] == 16) or label == f"w{got['bits']}g{got['group_size']}", m
+    assert rep["bpw"] <= 3.1 + 1e-9
+    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2],
+               "--candidates", "3gx", "--out", tmp_path / "bad.sens") == 2
+    assert "candidate '3gx' is not a bit width" in capsys.readouterr().err
