@@ -1,5 +1,5 @@
-"""Bit allocation as pure functions on measured tables: an exact integer program (``pulp``/CBC),
-the Pareto frontier of (cost, predicted loss), and a brute-force twin for tests.
+"""Bit allocation as pure functions on measured tables: an exact integer program (``pulp``, with
+HiGHS or CBC), the Pareto frontier of (cost, predicted loss), and a brute-force twin for tests.
 
 The problem (HAWQ-V2 §3.3; *Augmenting Hessians with Inter-Layer Dependencies*, §3): pick one
 candidate ``c_u`` per unit ``u`` to minimise
@@ -120,23 +120,42 @@ def _build(problem: Problem, budget: float, relax: bool):
     return prob, x
 
 
-def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_rel: float = 5e-3) -> Solution:
-    """The optimum under ``Σ cost ≤ budget`` (CBC), to within ``gap_rel`` of the best bound, or the
-    best solution found in ``time_limit`` seconds (``status`` says which, ``gap`` how far from the
-    LP-relaxation bound it may be). Raises :class:`BudgetError` when no configuration fits,
-    naming the smallest cost that does."""
+def _solver_name(solver: str) -> str:
+    if solver == "auto":
+        try:
+            import highspy  # noqa: F401
+        except ImportError:
+            return "cbc"
+        return "highs"
+    if solver not in ("highs", "cbc"):
+        raise ValueError(f"solver {solver!r} is unknown: use highs, cbc or auto.")
+    return solver
+
+
+def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_rel: float = 5e-3,
+          solver: str = "auto") -> Solution:
+    """The optimum under ``Σ cost ≤ budget``, to within ``gap_rel`` of the best bound, or the best
+    solution found in ``time_limit`` seconds (``status`` says which, ``gap`` how far from the
+    proven bound it may be). ``solver``: ``highs`` (HiGHS through pulp; several times faster than
+    CBC on these problems, and it reports its own bound), ``cbc`` (pulp's bundled CBC; the bound is
+    then the LP relaxation's), ``auto`` (HiGHS when ``highspy`` is installed). Raises
+    :class:`BudgetError` when no configuration fits, naming the smallest cost that does."""
     t0 = time.perf_counter()
     floor = problem.min_cost()
     if budget < floor - 1e-9:
         raise BudgetError(f"budget {budget:g} is below the cheapest configuration, {floor:g}")
     U, C = problem.shape
+    name = _solver_name(solver)
     prob, x = _build(problem, budget, relax=False)
-    # CBC's integer preprocessing returns wrong "optimal" answers on some of these knapsack-like
-    # problems (found by the brute-force test), so it is turned off.
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=gap_rel, timeLimit=time_limit, options=["preprocess off"]))
+    if name == "highs":
+        prob.solve(pulp.HiGHS(msg=False, gapRel=gap_rel, timeLimit=time_limit))
+    else:
+        # CBC's integer preprocessing returns wrong "optimal" answers on some of these knapsack-like
+        # problems (found by the brute-force test), so it is turned off.
+        prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=gap_rel, timeLimit=time_limit, options=["preprocess off"]))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise BudgetError(f"the integer program found no solution at budget {budget:g} "
-                          f"(CBC: {pulp.LpSolution.get(prob.sol_status, prob.sol_status)})")
+                          f"({name}: {pulp.LpSolution.get(prob.sol_status, prob.sol_status)})")
     status_name = ("Optimal" if gap_rel == 0 else f"Optimal within {gap_rel:.1%}") if prob.sol_status == pulp.LpSolutionOptimal \
         else "Feasible (time limit)"
     choice = []
@@ -144,11 +163,16 @@ def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_
         vals = [(x[u, c].value() or 0.0, c) for c in range(C) if (u, c) in x]
         choice.append(max(vals)[1])
     objective = problem.objective(choice)
-    relaxed, _ = _build(problem, budget, relax=True)
-    relaxed.solve(pulp.PULP_CBC_CMD(msg=False))
-    bound = pulp.value(relaxed.objective) if relaxed.status == 1 else -math.inf
+    if name == "highs":
+        bound = float(prob.solverModel.getInfo().mip_dual_bound)
+    else:
+        relaxed, _ = _build(problem, budget, relax=True)
+        relaxed.solve(pulp.PULP_CBC_CMD(msg=False))
+        bound = pulp.value(relaxed.objective) if relaxed.status == 1 else -math.inf
+    bound = bound if math.isfinite(bound) else -math.inf
     gap = 0.0 if objective - bound <= 1e-12 else (objective - bound) / max(abs(objective), 1e-12)
-    return Solution(choice, objective, problem.total_cost(choice), status_name, gap, time.perf_counter() - t0)
+    return Solution(choice, objective, problem.total_cost(choice), f"{status_name} ({name})", gap,
+                    time.perf_counter() - t0)
 
 
 def brute_force(problem: Problem, budget: float) -> tuple[list[int], float] | None:
