@@ -40,8 +40,10 @@ def synthetic_solve_seconds(units: int = 224, cands: int = 5, seed: int = 0) -> 
     out = {}
     for label, pairs in (("additive", {}),
                          ("with pairs", {(i, i + 1): rng.normal(scale=0.05, size=(cands, cands)) for i in range(units - 1)})):
-        sol = solve(Problem(D, cost, pairs), 3.0 / 16 * cost[:, -1].sum())
-        out[label] = {"seconds": sol.seconds, "status": sol.status, "pairs": len(pairs)}
+        for solver in ("highs", "cbc"):
+            sol = solve(Problem(D, cost, pairs), 3.0 / 16 * cost[:, -1].sum(), solver=solver)
+            out[f"{label}, {solver}"] = {"seconds": sol.seconds, "status": sol.status, "gap": sol.gap,
+                                         "objective": sol.objective, "pairs": len(pairs)}
     return out
 
 
