@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--candidates", default="2,3,4,8", help="when measuring here: as `hmq measure --candidates`")
     ap.add_argument("--frontier-points", type=int, default=21)
+    ap.add_argument("--equal-objectives", nargs="*", default=["hessian"],
+                    help="also allocate at each uniform GPTQ width's real bpw with these objectives")
     ap.add_argument("--single-bits", type=int, nargs="+", default=[2, 3, 4],
                     help="when measuring here: widths whose single-unit loss increases are measured")
     ap.add_argument("--nsamples", type=int, default=16)
@@ -109,20 +111,25 @@ def main() -> None:
             checkpoint([])
 
     mixed = []
-    for budget in args.budgets:
-        for objective in args.objectives:
-            alloc = allocate(sens, budget * n / 8, objective)
-            t0 = time.perf_counter()
-            ppl, report, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
-                                                args.eval_seqlen, args.windows)
-            counts = {lab: alloc.candidates.count(lab) for lab in sorted(set(alloc.candidates))}
-            mixed.append({"config": f"mixed {objective}", "objective": objective, "budget": budget, "bpw": report.bpw,
-                          "ppl": ppl, "predicted_dloss": alloc.predicted_dloss, "measured_dloss": float(np.log(ppl / fp)),
-                          "solve_seconds": alloc.solution.seconds, "status": alloc.solution.status,
-                          "gap": alloc.solution.gap, "candidates_histogram": counts, "seconds": time.perf_counter() - t0,
-                          "units": dict(zip(alloc.unit_names, alloc.candidates))})
-            print({k: v for k, v in mixed[-1].items() if k != "units"}, flush=True)
-            checkpoint(mixed)
+    # the budgets asked for, every objective; then each uniform GPTQ width's own real bpw (so the
+    # comparison is at exactly equal size) for --equal-objectives
+    runs = [(b, o, "budget") for b in args.budgets for o in args.objectives]
+    runs += [(r["bpw"], o, f"= uniform gptq w{r['bits']}") for r in rows if r.get("method") == "gptq" and r["bits"] != 2
+             for o in args.equal_objectives]
+    for budget, objective, kind in runs:
+        alloc = allocate(sens, budget * n / 8, objective)
+        t0 = time.perf_counter()
+        ppl, report, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
+                                            args.eval_seqlen, args.windows)
+        counts = {lab: alloc.candidates.count(lab) for lab in sorted(set(alloc.candidates))}
+        mixed.append({"config": f"mixed {objective}", "objective": objective, "budget": budget, "kind": kind,
+                      "bpw": report.bpw,
+                      "ppl": ppl, "predicted_dloss": alloc.predicted_dloss, "measured_dloss": float(np.log(ppl / fp)),
+                      "solve_seconds": alloc.solution.seconds, "status": alloc.solution.status,
+                      "gap": alloc.solution.gap, "candidates_histogram": counts, "seconds": time.perf_counter() - t0,
+                      "units": dict(zip(alloc.unit_names, alloc.candidates))})
+        print({k: v for k, v in mixed[-1].items() if k != "units"}, flush=True)
+        checkpoint(mixed)
 
     # how well each objective predicts the measured loss increase of single units at pair_bits
     c = sens.pair_column()
@@ -154,11 +161,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['config']:<24} {'':>6} {r['bpw']:>6.3f} {r['ppl']:>10.3f}")
     for m in mixed:
-        print(f"{m['config']:<24} {m['budget']:>6.2f} {m['bpw']:>6.3f} {m['ppl']:>10.3f} {m['predicted_dloss']:>10.4f} "
-              f"{m['measured_dloss']:>10.4f} {m['solve_seconds']:>8.2f}")
+        print(f"{m['config']:<24} {m['budget']:>6.3f} {m['bpw']:>6.3f} {m['ppl']:>10.3f} {m['predicted_dloss']:>10.4f} "
+              f"{m['measured_dloss']:>10.4f} {m['solve_seconds']:>8.2f}  {m['kind']}")
     g3 = next((r for r in rows if r["config"] == "uniform gptq w3"), None)
     closed = {}
-    for m3 in (m for m in mixed if m["budget"] == 3.0):
+    for m in (m for m in mixed if m["kind"] != "budget"):
+        u = next(r for r in rows if r["config"] == m["kind"].removeprefix("= "))
+        print(f"at {u['bpw']:.3f} bpw (= {u['config']}, ppl {u['ppl']:.2f}), mixed ({m['objective']}) ppl {m['ppl']:.2f}")
+    for m3 in (m for m in mixed if m["budget"] == 3.0 and m["kind"] == "budget"):
         if g3:
             closed[m3["objective"]] = (g3["ppl"] - m3["ppl"]) / (g3["ppl"] - fp)
             print(f"at 3.0 bpw, mixed ({m3['objective']}) closes {100 * closed[m3['objective']]:.0f}% of uniform GPTQ "
