@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--candidates", default="2,3,4,8", help="when measuring here: as `hmq measure --candidates`")
     ap.add_argument("--frontier-points", type=int, default=21)
+    ap.add_argument("--affine-epochs", type=int, default=5,
+                    help="also reconstruct the equal-size allocations with affine+gptq (0: do not)")
     ap.add_argument("--equal-objectives", nargs="*", default=["hessian"],
                     help="also allocate at each uniform GPTQ width's real bpw with these objectives")
     ap.add_argument("--single-bits", type=int, nargs="+", default=[2, 3, 4],
@@ -116,13 +118,18 @@ def main() -> None:
     runs = [(b, o, "budget") for b in args.budgets for o in args.objectives]
     runs += [(r["bpw"], o, f"= uniform gptq w{r['bits']}") for r in rows if r.get("method") == "gptq" and r["bits"] != 2
              for o in args.equal_objectives]
+    runs += [(r["bpw"], o, f"= uniform gptq w{r['bits']}, affine+gptq") for r in rows
+             if r.get("method") == "gptq" and r["bits"] != 2 and args.affine_epochs for o in args.equal_objectives]
     for budget, objective, kind in runs:
         alloc = allocate(sens, budget * n / 8, objective)
         t0 = time.perf_counter()
-        ppl, report, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
-                                            args.eval_seqlen, args.windows)
+        cfg = config_for(sens, alloc, base)
+        if kind.endswith("affine+gptq"):  # the same allocation, reconstructed with learned affine transforms
+            cfg = QuantConfig(**{**cfg.to_dict(), "method": "affine+gptq", "affine_epochs": args.affine_epochs})
+        ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, args.eval_seqlen, args.windows)
         counts = {lab: alloc.candidates.count(lab) for lab in sorted(set(alloc.candidates))}
-        mixed.append({"config": f"mixed {objective}", "objective": objective, "budget": budget, "kind": kind,
+        mixed.append({"config": f"mixed {objective}" + (" + affine" if kind.endswith("affine+gptq") else ""),
+                      "objective": objective, "budget": budget, "kind": kind,
                       "bpw": report.bpw,
                       "ppl": ppl, "predicted_dloss": alloc.predicted_dloss, "measured_dloss": float(np.log(ppl / fp)),
                       "solve_seconds": alloc.solution.seconds, "status": alloc.solution.status,
@@ -166,8 +173,8 @@ def main() -> None:
     g3 = next((r for r in rows if r["config"] == "uniform gptq w3"), None)
     closed = {}
     for m in (m for m in mixed if m["kind"] != "budget"):
-        u = next(r for r in rows if r["config"] == m["kind"].removeprefix("= "))
-        print(f"at {u['bpw']:.3f} bpw (= {u['config']}, ppl {u['ppl']:.2f}), mixed ({m['objective']}) ppl {m['ppl']:.2f}")
+        u = next(r for r in rows if r["config"] == m["kind"].removeprefix("= ").split(",")[0])
+        print(f"at {u['bpw']:.3f} bpw (= {u['config']}, ppl {u['ppl']:.2f}), {m['config']} ppl {m['ppl']:.2f}")
     for m3 in (m for m in mixed if m["budget"] == 3.0 and m["kind"] == "budget"):
         if g3:
             closed[m3["objective"]] = (g3["ppl"] - m3["ppl"]) / (g3["ppl"] - fp)
