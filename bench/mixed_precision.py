@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--frontier-points", type=int, default=21)
     ap.add_argument("--affine-epochs", type=int, default=5,
                     help="also reconstruct the equal-size allocations with affine+gptq (0: do not)")
+    ap.add_argument("--affine-bits", type=int, nargs="*", default=[3], help="... at these uniform widths' sizes")
     ap.add_argument("--equal-objectives", nargs="*", default=["hessian"],
                     help="also allocate at each uniform GPTQ width's real bpw with these objectives")
     ap.add_argument("--single-bits", type=int, nargs="+", default=[2, 3, 4],
@@ -119,7 +120,8 @@ def main() -> None:
     runs += [(r["bpw"], o, f"= uniform gptq w{r['bits']}") for r in rows if r.get("method") == "gptq" and r["bits"] != 2
              for o in args.equal_objectives]
     runs += [(r["bpw"], o, f"= uniform gptq w{r['bits']}, affine+gptq") for r in rows
-             if r.get("method") == "gptq" and r["bits"] != 2 and args.affine_epochs for o in args.equal_objectives]
+             if r.get("method") == "gptq" and r["bits"] in args.affine_bits and args.affine_epochs
+             for o in args.equal_objectives]
     for budget, objective, kind in runs:
         alloc = allocate(sens, budget * n / 8, objective)
         t0 = time.perf_counter()
