@@ -101,6 +101,8 @@ def _build(problem: Problem, budget: float, relax: bool):
          if np.isfinite(problem.D[u, c]) and np.isfinite(problem.cost[u, c])}
     terms = [(problem.D[u, c], x[u, c]) for (u, c) in x]
     for (i, j), P in problem.pairs.items():
+        if not np.any(P[np.ix_(*[[c for c in range(C) if (u, c) in x] for u in (i, j)])]):
+            continue  # an all-zero term changes nothing; its C² variables would only slow the solver
         y = {(a, b): pulp.LpVariable(f"y_{i}_{j}_{a}_{b}", 0) for a in range(C) for b in range(C)
              if (i, a) in x and (j, b) in x}
         terms += [(P[a, b], v) for (a, b), v in y.items()]
