@@ -94,3 +94,19 @@ def test_bisection_finds_smallest_passing_budget():
     assert [b for b, _ in history] == seen
     with pytest.raises(BudgetError, match="largest budget"):
         bisect_budget(measure, 2.0, 8.0, lambda v: v <= 1.0)
+
+
+def test_all_zero_pair_terms_add_no_variables():
+    """An all-zero pair term cannot change the optimum, so the program leaves it out (the SmolLM2
+    measurement has half its 644 interactions clipped to zero)."""
+    from quant.allocate import _build
+
+    rng = np.random.default_rng(3)
+    p = random_problem(rng, U=5, C=3, pairs=True)
+    zeroed = Problem(p.D, p.cost, {**p.pairs, (0, 2): np.zeros((3, 3)), (1, 3): np.zeros((3, 3))})
+    prob, _ = _build(zeroed, p.cost.min(axis=1).sum() + 5, relax=False)
+    names = {v.name for v in prob.variables()}
+    assert not any(n.startswith(("y_0_2_", "y_1_3_")) for n in names)
+    assert any(n.startswith("y_0_1_") for n in names)
+    budget = float(p.cost.min(axis=1).sum() + 5)
+    assert solve(zeroed, budget, gap_rel=0.0).objective == pytest.approx(brute_force(zeroed, budget)[1], abs=1e-7)
