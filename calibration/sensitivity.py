@@ -279,8 +279,11 @@ class Sensitivity:
                 pred, meas = D[ok, col].sum(), np.maximum(M[ok, col], 0.0).sum()
                 if ok.any() and pred > 1e-30 and meas > 0:
                     D[:, col] *= meas / pred
-            if objective == "measured":
-                D = np.where(np.isfinite(M), np.maximum(M, 0.0), D)
+        # the pair terms scale with the second-order model (a measured single can be 0, and would
+        # make the ratio below blow up)
+        shape = np.nan_to_num(np.where(np.isfinite(a["cost"]), np.maximum(D, 0.0), 0.0), posinf=0.0)
+        if objective == "measured" and self.single_all is not None:
+            D = np.where(np.isfinite(M), np.maximum(M, 0.0), D)
         D = np.where(np.isfinite(a["cost"]), np.maximum(D, 0.0), np.inf)
         P: dict[tuple[int, int], np.ndarray] = {}
         c = self.pair_column()
@@ -288,13 +291,13 @@ class Sensitivity:
             single = np.asarray(self.single)
             for i, j, lij in self.pairs:
                 inter = lij - single[i] - single[j]
-                denom = math.sqrt(max(D[i, c] * D[j, c], 1e-30))
+                denom = math.sqrt(max(shape[i, c] * shape[j, c], 1e-30))
                 # Only super-additive (positive) interactions are credited. Measured on a few hundred
                 # tokens, a negative interaction is mostly noise, and the ILP would exploit it: with
                 # signed terms the SmolLM2 benchmark predicted a *negative* ΔNLL at 4.25 bpw and
                 # measured 95 ppl.
                 inter = max(inter, 0.0)
-                P[(i, j)] = inter * np.sqrt(np.outer(np.nan_to_num(D[i], posinf=0), np.nan_to_num(D[j], posinf=0))) / denom
+                P[(i, j)] = inter * np.sqrt(np.outer(shape[i], shape[j])) / denom
         return D, P
 
 

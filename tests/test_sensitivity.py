@@ -125,6 +125,16 @@ def test_tables_follow_their_formulas(measured):
     for i, j, lij in sens.pairs:
         assert Ph[(i, j)][0, 0] == pytest.approx(max(0.0, lij - sens.single[i] - sens.single[j]))
         assert Ph[(i, j)][2, 0] == 0.0 and Ph[(i, j)][0, 2] == 0.0 and (Ph[(i, j)] >= 0).all()
+    # the measured objective shares the pair terms, scaled by the second-order model: a unit whose
+    # measured single is ≤ 0 must not blow them up
+    noisy = Sensitivity(**{**sens.__dict__, "single_all": [list(r) for r in sens.single_all]})
+    i, j, _ = sens.pairs[0]
+    noisy.single_all[i][1] = -1e-3  # 4 bits: measured below zero (noise)
+    for obj_sens in (sens, noisy):
+        _, Pm = obj_sens.tables("measured")
+        _, Ph2 = obj_sens.tables("hessian")
+        assert Pm.keys() == Ph2.keys() and all(np.allclose(Pm[k], Ph2[k]) for k in Pm)
+        assert all(np.isfinite(v).all() and v.max() < 10 * max(1e-9, max(p[2] for p in sens.pairs)) for v in Pm.values())
     Do, _ = sens.tables("output")
     ratio = Do[:, 0] / np.asarray(sens.out_err)[:, 0]
     assert np.allclose(ratio, ratio[0])  # one global scale: the ranking is the output error's
