@@ -191,7 +191,8 @@ def _allocation_flags(p) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
                    help="predicted damage: hessian (default: output error scaled by the Hessian trace, each width "
                         "calibrated to the measured loss increases, plus inter-layer terms), measured (the measured "
-                        "single-unit loss increases, plus inter-layer terms), output (additive output error), "
+                        "single-unit loss increases, plus inter-layer terms), context (measured loss changes around "
+                        "the uniform --context-bits model; needs hmq measure --context-bits), output (additive output error), "
                         "trace (HAWQ-V2 Ω)")
     p.add_argument("--no-pairs", action="store_true", help="ignore the measured inter-layer terms")
 
@@ -217,6 +218,9 @@ def _measure_flags(p, standalone: bool) -> None:
     g.add_argument("--single-bits", default="all", help="widths at which each unit's own loss increase is measured "
                                                         "(default all candidate widths; each holds one fp16 model "
                                                         "copy in CPU memory until then; e.g. 3 for the pair width only)")
+    g.add_argument("--context-bits", type=int, default=0,
+                   help="also measure each unit at every candidate with all other units at this width, for "
+                        "--objective context (e.g. 3; default 0: not measured; holds one fp16 model copy per candidate)")
     g.add_argument("--pair-window", type=int, default=1, help="measure pairs of units at most this many decoder "
                                                               "blocks apart (default 1: same and neighbouring)")
 
@@ -307,7 +311,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
                                granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
                                max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
-                               single_bits=_single_bits(args),
+                               single_bits=_single_bits(args), context_bits=args.context_bits or None,
                                batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
                                settings=settings)
 

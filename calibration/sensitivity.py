@@ -41,7 +41,7 @@ from .capture import capture_layer_inputs, collect_hessians, run_layer
 from .trace import model_traces
 
 FORMAT = "hmq-sensitivity/1"
-OBJECTIVES = ("hessian", "measured", "output", "trace")
+OBJECTIVES = ("hessian", "measured", "context", "output", "trace")
 
 
 class SensitivityError(ConfigError):
@@ -160,6 +160,12 @@ class Sensitivity:
     # measured ΔL with only this unit quantized, at every candidate width in ``single_bits`` (U, C);
     # None where not measured
     single_all: list[list[float | None]] | None = None
+    # measured *in context*: with every unit at ``context`` (a candidate label), the loss change when
+    # this one unit takes each candidate instead (U, C; 0 at ``context``), and the loss increase of
+    # that all-``context`` model over fp
+    context: str | None = None
+    context_single: list[list[float | None]] | None = None
+    context_dloss: float | None = None
 
     # ---- file form ----------------------------------------------------------------------------
 
@@ -241,6 +247,8 @@ class Sensitivity:
         * ``measured``: the measured single-unit loss increases themselves (clamped at 0), with the
           calibrated ``hessian`` value where a width was not measured, plus the same pair terms.
         """
+        if objective == "context":
+            return self._context_table(), {}
         a = self.arrays()
         n = np.array([u.params for u in self.units], dtype=float)[:, None]
         d_out = np.array([u.out_features for u in self.units], dtype=float)[:, None]
@@ -301,6 +309,22 @@ class Sensitivity:
         return D, P
 
 
+    def _context_table(self) -> np.ndarray:
+        """``context`` objective: the measured loss change of moving each unit alone from the
+        all-``context`` model to each candidate (signed: a wider candidate lowers the loss), so the
+        prediction is exact for that uniform model and first-order around it; candidates not
+        measured are not allowed."""
+        if self.context_single is None:
+            raise ConfigError("this measurement has no in-context losses: re-run `hmq measure --context-bits 3` "
+                              "to use --objective context.")
+        D = np.array([[np.inf if v is None else v for v in row] for row in self.context_single], dtype=float)
+        return np.where(np.isfinite(np.asarray(self.cost, dtype=float)), D, np.inf)
+
+    def offset(self, objective: str) -> float:
+        """Constant added to the summed table: the all-``context`` model's loss increase."""
+        return float(self.context_dloss or 0.0) if objective == "context" else 0.0
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -353,12 +377,16 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                         model_name: str = "", granularity: str = "fused", trace_method: str = "hutchinson",
                         trace_tol: float = 0.05, max_probes: int = 16, pair_bits: int | None = 3,
                         pair_window: int = 1, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                        settings: dict | None = None, single_bits: tuple[int, ...] | None = None) -> Sensitivity:
+                        settings: dict | None = None, single_bits: tuple[int, ...] | None = None,
+                        context_bits: int | None = None) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
     the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
     candidate width) are the widths at which each unit's own loss increase is measured; their
-    quantized weights are held in fp16 on the CPU until then (one model copy per width)."""
+    quantized weights are held in fp16 on the CPU until then (one model copy per width).
+    ``context_bits``: also measure every unit at every candidate *in context*, with all other units
+    at that width (its default-group candidate), for ``--objective context``; this holds every
+    candidate's weights (one fp16 model copy per candidate)."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
@@ -367,6 +395,9 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                           "block at quantize time, after the allocation (quantize with --method "
                           f"{config.method} and a --sensitivity measured with gptq).")
     units = build_units(model, arch, granularity)
+    if context_bits is not None and context_bits not in [c.bits for c in candidates if c.bits != 16]:
+        raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths "
+                          f"{sorted({c.bits for c in candidates if c.bits != 16})}.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
@@ -383,6 +414,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     if single_bits is None:
         single_bits = tuple(sorted({c.bits for c in candidates if c.bits != 16}))
     keep_bits = set(single_bits) | ({pair_bits} if pair_bits is not None else set())
+    if context_bits is not None:
+        keep_bits |= {c.bits for c in candidates if c.bits != 16}
 
     # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
     t0 = time.perf_counter()
@@ -479,6 +512,12 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
             pairs.append((t[0][0], t[1][0], dl))
     if pc is not None:
         single = [row[pc] or 0.0 for row in single_all]
+    context = context_single = context_dloss = None
+    if context_bits is not None:
+        cc = next(c for c, cand in enumerate(candidates) if cand.bits == context_bits)
+        context = candidates[cc].label
+        context_single, context_dloss = _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc,
+                                                            loss_windows, device, as_tuple, base, progress)
     model.to("cpu")
     secs["loss_deltas"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
@@ -487,7 +526,40 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(keep_bits),
-                     "loss_tokens": int(loss_windows.numel())})
+                     "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,
-                       m_trace, m_trace_se, m_sqnorm, m_out_err, single_all)
+                       m_trace, m_trace_se, m_sqnorm, m_out_err, single_all, context, context_single, context_dloss)
+
+
+@torch.no_grad()
+def _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
+                        fp_loss, progress):
+    """Loss change of each (unit, candidate) with every other unit at candidate ``cc``; the layers in
+    front of a unit are replayed from the all-``cc`` model's cached outputs."""
+    U, C = len(units), len(candidates)
+    ctx = {m: w for k in range(U) if (k, cc) in probe_weights for m, w in probe_weights[(k, cc)].items()}
+    fp_w = {m: model.get_submodule(m).weight.data for u in units for m in u.members}
+    ids = loss_windows.to(device)
+    out: list[list[float | None]] = [[None] * C for _ in range(U)]
+    with _swapped(model, ctx):
+        h = capture_layer_inputs(model, layers, loss_windows, device, len(loss_windows))
+        outs = []
+        for layer in layers:
+            h = run_layer(layer, h)
+            outs.append(h[0].hidden)
+
+        def loss_from(start, swap):
+            with _skip_layers(layers, start, outs, as_tuple), _swapped(model, swap):
+                return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+
+        base = loss_from(0, {})
+        todo = [(k, c) for k in range(U) for c in range(C) if c != cc
+                and (candidates[c].bits == 16 or (k, c) in probe_weights)]
+        for k in range(U):
+            if (k, cc) in probe_weights:
+                out[k][cc] = 0.0
+        for k, c in tqdm(todo, desc="in-context deltas", disable=not progress, unit="pass"):
+            swap = ({m: fp_w[m] for m in units[k].members} if candidates[c].bits == 16 else probe_weights[(k, c)])
+            out[k][c] = loss_from(units[k].layer, swap) - base
+    return out, base - fp_loss

@@ -35,6 +35,7 @@ class Problem:
     cost: np.ndarray
     pairs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     ties: list[tuple[int, int]] = field(default_factory=list)  # units that must take the same candidate
+    offset: float = 0.0  # constant added to the objective (the loss of the configuration D is measured around)
 
     def __post_init__(self) -> None:
         self.D = np.asarray(self.D, dtype=float)
@@ -48,7 +49,7 @@ class Problem:
 
     def objective(self, choice) -> float:
         choice = list(choice)
-        total = float(sum(self.D[u, c] for u, c in enumerate(choice)))
+        total = self.offset + float(sum(self.D[u, c] for u, c in enumerate(choice)))
         return total + float(sum(P[choice[i], choice[j]] for (i, j), P in self.pairs.items()))
 
     def total_cost(self, choice) -> float:
@@ -166,11 +167,11 @@ def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_
         choice.append(max(vals)[1])
     objective = problem.objective(choice)
     if name == "highs":
-        bound = float(prob.solverModel.getInfo().mip_dual_bound)
+        bound = float(prob.solverModel.getInfo().mip_dual_bound) + problem.offset
     else:
         relaxed, _ = _build(problem, budget, relax=True)
         relaxed.solve(pulp.PULP_CBC_CMD(msg=False))
-        bound = pulp.value(relaxed.objective) if relaxed.status == 1 else -math.inf
+        bound = pulp.value(relaxed.objective) + problem.offset if relaxed.status == 1 else -math.inf
     bound = bound if math.isfinite(bound) else -math.inf
     gap = 0.0 if objective - bound <= 1e-12 else (objective - bound) / max(abs(objective), 1e-12)
     return Solution(choice, objective, problem.total_cost(choice), f"{status_name} ({name})", gap,

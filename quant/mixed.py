@@ -76,7 +76,7 @@ def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = Tr
                  latency: dict | None = None) -> Problem:
     D, P = sens.tables(objective, pairs)
     cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
-    return Problem(D, cost, P)
+    return Problem(D, cost, P, offset=sens.offset(objective))
 
 
 def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian", pairs: bool = True,

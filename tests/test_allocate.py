@@ -35,6 +35,22 @@ def test_ilp_equals_brute_force(pairs, ties, solver):
             assert sol.choice[0] == sol.choice[2]
 
 
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_signed_tables_around_a_measured_configuration(solver):
+    """The ``context`` objective: D is a loss change around a configuration (negative for wider
+    candidates) plus a constant offset; the ILP still equals brute force and reports a valid gap."""
+    rng = np.random.default_rng(7)
+    for _ in range(8):
+        p = random_problem(rng, pairs=False)
+        p = Problem(p.D - p.D[:, [1]], p.cost, offset=float(rng.uniform(1, 3)))  # 0 at candidate 1
+        budget = float(rng.uniform(p.min_cost(), p.cost.max(axis=1).sum()))
+        sol = solve(p, budget, gap_rel=0.0, solver=solver)
+        best = brute_force(p, budget)
+        assert sol.objective == pytest.approx(best[1], abs=1e-7)
+        assert sol.objective == pytest.approx(p.offset + sum(p.D[u, c] for u, c in enumerate(sol.choice)))
+        assert 0.0 <= sol.gap < 1.0
+
+
 def test_pair_terms_change_the_answer():
     """A strong positive interaction makes the solver split the damage that pure additivity would pair up."""
     D = np.array([[1.0, 0.0], [1.0, 0.0], [1.2, 0.0]])

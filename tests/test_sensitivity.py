@@ -21,7 +21,7 @@ def measured():
     cands = parse_candidates([2, 4], 32)
     sens = measure_sensitivity(model, arch, windows(4, 32), windows(2, 32, seed=5), cands, QuantConfig(method="rtn"),
                                torch.device("cpu"), model_name="tiny", max_probes=4, pair_bits=2, pair_window=1,
-                               progress=False)
+                               progress=False, context_bits=2)
     return model, arch, sens
 
 
@@ -140,6 +140,45 @@ def test_tables_follow_their_formulas(measured):
     assert np.allclose(ratio, ratio[0])  # one global scale: the ranking is the output error's
     with pytest.raises(Exception, match="unknown objective"):
         sens.tables("nonsense")
+
+
+def test_in_context_losses_match_a_full_forward(measured):
+    """``context_bits=2``: each unit's loss change when it alone leaves the all-2-bit model equals a
+    plain forward of such a copy, and the ``context`` objective is exact at those configurations."""
+    from quant.mixed import make_problem
+
+    model, arch, sens = measured
+    ids = windows(2, 32, seed=5)
+
+    def loss_with(bits_of):  # unit -> bits (16: fp), the rest at 2 bits
+        m = build_tiny("llama")
+        for k, u in enumerate(sens.units):
+            b = bits_of.get(k, 2)
+            for name in u.members:
+                lin = m.get_submodule(name)
+                if b != 16:
+                    lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss)
+
+    ctx = loss_with({})
+    assert sens.context == "w2g32"
+    assert sens.context_dloss == pytest.approx(ctx - sens.base_loss, abs=1e-5)
+    problem = make_problem(sens, "context")
+    assert not problem.pairs
+    assert problem.objective([0] * len(sens.units)) == pytest.approx(ctx - sens.base_loss, abs=1e-5)
+    for k, c, bits in ((1, 1, 4), (6, 2, 16), (3, 1, 4)):
+        assert sens.context_single[k][0] == 0.0
+        assert sens.context_single[k][c] == pytest.approx(loss_with({k: bits}) - ctx, abs=1e-5), (k, bits)
+        choice = [0] * len(sens.units)
+        choice[k] = c
+        assert problem.objective(choice) == pytest.approx(loss_with({k: bits}) - sens.base_loss, abs=1e-5)
+    # wider is better in context, and the table keeps the sign the ILP needs
+    D, _ = sens.tables("context")
+    assert (D[:, 2] < 0).sum() > len(sens.units) // 2
+    no_ctx = Sensitivity(**{**sens.__dict__, "context_single": None})
+    with pytest.raises(Exception, match="--context-bits"):
+        no_ctx.tables("context")
 
 
 def test_file_round_trip_and_model_check(measured, tmp_path):
