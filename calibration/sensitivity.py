@@ -413,7 +413,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     probe_weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (unit, candidate) -> member weights
     if single_bits is None:
         single_bits = tuple(sorted({c.bits for c in candidates if c.bits != 16}))
-    keep_bits = set(single_bits) | ({pair_bits} if pair_bits is not None else set())
+    single_set = set(single_bits) | ({pair_bits} if pair_bits is not None else set())  # widths of fp-frame singles
+    keep_bits = set(single_set)
     if context_bits is not None:
         keep_bits |= {c.bits for c in candidates if c.bits != 16}
 
@@ -497,7 +498,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     base = loss_from(0, {})
     pc = next((c for c, cand in enumerate(candidates) if cand.bits == pair_bits), None)
     single_all: list[list[float | None]] = [[None] * C for _ in range(U)]
-    todo = [((k, c),) for k in range(U) for c, cand in enumerate(candidates) if cand.bits in keep_bits]
+    todo = [((k, c),) for k in range(U) for c, cand in enumerate(candidates) if cand.bits in single_set]
     if pc is not None:
         todo += [((a, pc), (b, pc)) for a in range(U) for b in range(a + 1, U)
                  if units[b].layer - units[a].layer <= pair_window]
@@ -525,7 +526,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
-                     "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(keep_bits),
+                     "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
                      "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,

@@ -176,6 +176,13 @@ def test_in_context_losses_match_a_full_forward(measured):
     # wider is better in context, and the table keeps the sign the ILP needs
     D, _ = sens.tables("context")
     assert (D[:, 2] < 0).sum() > len(sens.units) // 2
+    # in-context widths do not add fp-frame singles the user did not ask for
+    only2 = measure_sensitivity(model, arch, windows(4, 32), ids, parse_candidates([2, 4], 32), QuantConfig(method="rtn"),
+                                torch.device("cpu"), max_probes=1, pair_bits=None, single_bits=(2,), context_bits=2,
+                                progress=False)
+    assert all(row[1] is None and row[0] is not None for row in only2.single_all)
+    assert all(row[1] is not None and row[2] is not None for row in only2.context_single)
+    assert only2.settings["single_bits"] == [2]
     no_ctx = Sensitivity(**{**sens.__dict__, "context_single": None})
     with pytest.raises(Exception, match="--context-bits"):
         no_ctx.tables("context")
