@@ -308,7 +308,6 @@ class Sensitivity:
                 P[(i, j)] = inter * np.sqrt(np.outer(shape[i], shape[j])) / denom
         return D, P
 
-
     def _context_table(self) -> np.ndarray:
         """``context`` objective: the measured loss change of moving each unit alone from the
         all-``context`` model to each candidate (signed: a wider candidate lowers the loss), so the
@@ -357,6 +356,13 @@ def _skip_layers(layers: nn.ModuleList, upto: int, outputs: list[torch.Tensor], 
             del layers[k].forward
 
 
+def _loss_from(model: nn.Module, layers: nn.ModuleList, outputs: list[torch.Tensor], as_tuple: bool,
+               ids: torch.Tensor, start: int, swap: dict[str, torch.Tensor]) -> float:
+    """Mean NLL on ``ids`` with ``swap``'s weights, layers ``< start`` replayed from ``outputs``."""
+    with _skip_layers(layers, start, outputs, as_tuple), _swapped(model, swap):
+        return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
 @contextlib.contextmanager
 def _swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
     old = {}
@@ -395,9 +401,9 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                           "block at quantize time, after the allocation (quantize with --method "
                           f"{config.method} and a --sensitivity measured with gptq).")
     units = build_units(model, arch, granularity)
-    if context_bits is not None and context_bits not in [c.bits for c in candidates if c.bits != 16]:
-        raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths "
-                          f"{sorted({c.bits for c in candidates if c.bits != 16})}.")
+    widths = sorted({c.bits for c in candidates if c.bits != 16})  # quantized candidate widths
+    if context_bits is not None and context_bits not in widths:
+        raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
@@ -412,11 +418,9 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     hx_trace = [0.0] * U
     probe_weights: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (unit, candidate) -> member weights
     if single_bits is None:
-        single_bits = tuple(sorted({c.bits for c in candidates if c.bits != 16}))
+        single_bits = tuple(widths)
     single_set = set(single_bits) | ({pair_bits} if pair_bits is not None else set())  # widths of fp-frame singles
-    keep_bits = set(single_set)
-    if context_bits is not None:
-        keep_bits |= {c.bits for c in candidates if c.bits != 16}
+    keep_bits = set(widths) if context_bits is not None else single_set  # widths whose weights are held
 
     # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
     t0 = time.perf_counter()
@@ -492,8 +496,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     ids = loss_windows.to(device)
 
     def loss_from(start: int, swap: dict[str, torch.Tensor]) -> float:
-        with _skip_layers(layers, start, layer_outs, as_tuple), _swapped(model, swap):
-            return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        return _loss_from(model, layers, layer_outs, as_tuple, ids, start, swap)
 
     base = loss_from(0, {})
     pc = next((c for c, cand in enumerate(candidates) if cand.bits == pair_bits), None)
@@ -517,7 +520,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     if context_bits is not None:
         cc = next(c for c, cand in enumerate(candidates) if cand.bits == context_bits)
         context = candidates[cc].label
-        context_single, context_dloss = _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc,
+        context_single, context_dloss = _measure_in_context(model, layers, units, candidates, probe_weights, cc,
                                                             loss_windows, device, as_tuple, base, progress)
     model.to("cpu")
     secs["loss_deltas"] = time.perf_counter() - t0
@@ -534,7 +537,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
 
 
 @torch.no_grad()
-def _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
+def _measure_in_context(model, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
                         fp_loss, progress):
     """Loss change of each (unit, candidate) with every other unit at candidate ``cc``; the layers in
     front of a unit are replayed from the all-``cc`` model's cached outputs."""
@@ -550,11 +553,7 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
             h = run_layer(layer, h)
             outs.append(h[0].hidden)
 
-        def loss_from(start, swap):
-            with _skip_layers(layers, start, outs, as_tuple), _swapped(model, swap):
-                return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
-
-        base = loss_from(0, {})
+        base = _loss_from(model, layers, outs, as_tuple, ids, 0, {})
         todo = [(k, c) for k in range(U) for c in range(C) if c != cc
                 and (candidates[c].bits == 16 or (k, c) in probe_weights)]
         for k in range(U):
@@ -562,5 +561,5 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
                 out[k][cc] = 0.0
         for k, c in tqdm(todo, desc="in-context deltas", disable=not progress, unit="pass"):
             swap = ({m: fp_w[m] for m in units[k].members} if candidates[c].bits == 16 else probe_weights[(k, c)])
-            out[k][c] = loss_from(units[k].layer, swap) - base
+            out[k][c] = _loss_from(model, layers, outs, as_tuple, ids, units[k].layer, swap) - base
     return out, base - fp_loss
