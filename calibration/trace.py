@@ -90,12 +90,14 @@ def _loss(model: nn.Module, windows: torch.Tensor, device) -> torch.Tensor:
 
 def model_traces(model: nn.Module, param_names: list[str], windows: torch.Tensor, device: torch.device, *,
                  method: str = "hutchinson", tol: float = 0.05, min_probes: int = 4, max_probes: int = 32,
-                 seed: int = 0, progress: bool = True) -> TraceEstimate:
+                 seed: int = 0, progress: bool = True, max_batch_tokens: int = 1024) -> TraceEstimate:
     """Trace of the Hessian of the mean calibration NLL on ``windows`` (n, seq) w.r.t. each named
     parameter. ``method="fisher"``: the empirical Fisher ``E‖∇ℓ_window‖²`` instead (squared
     gradients of each window's loss; one backward per window, no double backward).
 
-    The whole model sits on ``device`` for this pass (backpropagation needs every layer)."""
+    The whole model sits on ``device`` for this pass (backpropagation needs every layer). Hutchinson
+    keeps the double-backward graph of at most ``max_batch_tokens`` tokens: beyond that, each probe
+    rebuilds it batch by batch (more compute, bounded memory)."""
     params = [model.get_parameter(n) for n in param_names]
     model.to(device)
     try:
@@ -108,12 +110,25 @@ def model_traces(model: nn.Module, param_names: list[str], windows: torch.Tensor
             return _summarise(torch.stack(rows), len(rows))
         if method != "hutchinson":
             raise ValueError(f"unknown trace method {method!r}: use hutchinson or fisher.")
+        per = max(1, max_batch_tokens // max(1, windows.shape[1]))
+        batches = [windows[b : b + per] for b in range(0, len(windows), per)]
         with _grad_only(model, params, "eager"):
-            grads = torch.autograd.grad(_loss(model, windows, device), params, create_graph=True)
+            if len(batches) == 1:  # keep the double-backward graph across probes
+                grads = torch.autograd.grad(_loss(model, windows, device), params, create_graph=True)
 
-            def hvp(v):
-                return torch.autograd.grad(grads, params, grad_outputs=[t.to(g.dtype) for t, g in zip(v, grads)],
-                                           retain_graph=True)
+                def hvp(v):
+                    return torch.autograd.grad(grads, params, grad_outputs=[t.to(g.dtype) for t, g in zip(v, grads)],
+                                               retain_graph=True)
+            else:  # bounded memory: rebuild the graph one batch at a time, H v = Σ_b n_b/n · H_b v
+
+                def hvp(v):
+                    total = None
+                    for w in batches:
+                        g = torch.autograd.grad(_loss(model, w, device), params, create_graph=True)
+                        hv = torch.autograd.grad(g, params, grad_outputs=[t.to(x.dtype) for t, x in zip(v, g)])
+                        hv = [h * (len(w) / len(windows)) for h in hv]
+                        total = hv if total is None else [a + b for a, b in zip(total, hv)]
+                    return total
 
             gen = torch.Generator().manual_seed(seed)
             return hutchinson(hvp, [p.shape for p in params], tol=tol, min_probes=min_probes, max_probes=max_probes,
