@@ -221,6 +221,14 @@ def _measure_flags(p, standalone: bool) -> None:
     g.add_argument("--context-bits", type=int, default=0,
                    help="also measure each unit at every candidate with all other units at this width, for "
                         "--objective context (e.g. 3; default 0: not measured; holds one fp16 model copy per candidate)")
+    g.add_argument("--context-method", choices=("exact", "taylor"), default="exact",
+                   help="how --context-bits measures: exact (one pass per unit and candidate) or taylor (one pass "
+                        "per unit and --context-exact-bits width, the rest from the gradient at the all-context "
+                        "model plus a per-unit curvature fitted to those passes: far cheaper, so affordable on "
+                        "more loss tokens and candidates)")
+    g.add_argument("--context-exact-bits", default="16",
+                   help="with --context-method taylor, widths measured by a pass (default 16: the fp weights; "
+                        "e.g. 2,16 where 2-bit damage is far from quadratic)")
     g.add_argument("--pair-window", type=int, default=1, help="measure pairs of units at most this many decoder "
                                                               "blocks apart (default 1: same and neighbouring)")
 
@@ -312,6 +320,8 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
                                granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
                                max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
                                single_bits=_single_bits(args), context_bits=args.context_bits or None,
+                               context_method=args.context_method,
+                               context_exact_bits=tuple(_parse_bits_list(args.context_exact_bits, "--context-exact-bits")),
                                batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
                                settings=settings)
 

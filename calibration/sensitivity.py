@@ -166,6 +166,9 @@ class Sensitivity:
     context: str | None = None
     context_single: list[list[float | None]] | None = None
     context_dloss: float | None = None
+    # with ``settings["context_method"] == "taylor"``: the in-context changes that were measured by a
+    # forward pass (U, C; None where ``context_single`` holds the Taylor prediction)
+    context_exact: list[list[float | None]] | None = None
 
     # ---- file form ----------------------------------------------------------------------------
 
@@ -384,7 +387,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                         trace_tol: float = 0.05, max_probes: int = 16, pair_bits: int | None = 3,
                         pair_window: int = 1, batch_size: int = 8, seed: int = 0, progress: bool = True,
                         settings: dict | None = None, single_bits: tuple[int, ...] | None = None,
-                        context_bits: int | None = None) -> Sensitivity:
+                        context_bits: int | None = None, context_method: str = "exact",
+                        context_exact_bits: tuple[int, ...] = (16,)) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
     the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
@@ -392,7 +396,10 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     quantized weights are held in fp16 on the CPU until then (one model copy per width).
     ``context_bits``: also measure every unit at every candidate *in context*, with all other units
     at that width (its default-group candidate), for ``--objective context``; this holds every
-    candidate's weights (one fp16 model copy per candidate)."""
+    candidate's weights (one fp16 model copy per candidate). ``context_method``: ``exact`` runs one
+    pass per (unit, candidate); ``taylor`` runs one pass per unit and width in ``context_exact_bits``
+    (16 = the fp weights) and predicts the rest from the gradient at the all-context model plus a
+    per-unit curvature fitted to those passes (see :func:`_taylor_in_context`)."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
@@ -402,6 +409,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                           f"{config.method} and a --sensitivity measured with gptq).")
     units = build_units(model, arch, granularity)
     widths = sorted({c.bits for c in candidates if c.bits != 16})  # quantized candidate widths
+    if context_method not in ("exact", "taylor"):
+        raise ConfigError(f"context method {context_method!r} is unknown: use exact or taylor.")
     if context_bits is not None and context_bits not in widths:
         raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
@@ -516,12 +525,13 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
             pairs.append((t[0][0], t[1][0], dl))
     if pc is not None:
         single = [row[pc] or 0.0 for row in single_all]
-    context = context_single = context_dloss = None
+    context = context_single = context_dloss = context_exact = None
     if context_bits is not None:
         cc = next(c for c, cand in enumerate(candidates) if cand.bits == context_bits)
         context = candidates[cc].label
-        context_single, context_dloss = _measure_in_context(model, layers, units, candidates, probe_weights, cc,
-                                                            loss_windows, device, as_tuple, base, progress)
+        context_single, context_dloss, context_exact = _measure_in_context(
+            model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple, base, progress,
+            context_method, context_exact_bits)
     model.to("cpu")
     secs["loss_deltas"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
@@ -530,36 +540,113 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
-                     "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits})
+                     "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits,
+                     "context_method": context_method if context_bits is not None else None,
+                     "context_exact_bits": list(context_exact_bits) if context_method == "taylor" else None})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,
-                       m_trace, m_trace_se, m_sqnorm, m_out_err, single_all, context, context_single, context_dloss)
+                       m_trace, m_trace_se, m_sqnorm, m_out_err, single_all, context, context_single, context_dloss,
+                       context_exact)
 
 
 @torch.no_grad()
-def _measure_in_context(model, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
-                        fp_loss, progress):
+def _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
+                        fp_loss, progress, method="exact", exact_bits=(16,)):
     """Loss change of each (unit, candidate) with every other unit at candidate ``cc``; the layers in
-    front of a unit are replayed from the all-``cc`` model's cached outputs."""
+    front of a unit are replayed from the all-``cc`` model's cached outputs. ``exact``: one pass per
+    (unit, candidate). ``taylor``: passes only at the widths in ``exact_bits``, the rest predicted.
+    Returns (changes (U, C), loss increase of the all-``cc`` model over fp, exactly measured (U, C) or
+    None)."""
     U, C = len(units), len(candidates)
     ctx = {m: w for k in range(U) if (k, cc) in probe_weights for m, w in probe_weights[(k, cc)].items()}
     fp_w = {m: model.get_submodule(m).weight.data for u in units for m in u.members}
     ids = loss_windows.to(device)
     out: list[list[float | None]] = [[None] * C for _ in range(U)]
+    taylor = method == "taylor"
+    hx: dict[str, torch.Tensor] = {}
     with _swapped(model, ctx):
         h = capture_layer_inputs(model, layers, loss_windows, device, len(loss_windows))
         outs = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
+            if taylor:  # the input second moment of every linear, in the all-cc model
+                hs, _ = collect_hessians(layer, list(arch.linears), h, f"{arch.layers}.{i}.", None, (), arch.shared_input)
+                hx.update({f"{arch.layers}.{i}.{n}": H for n, H in hs.items()})
             h = run_layer(layer, h)
             outs.append(h[0].hidden)
 
         base = _loss_from(model, layers, outs, as_tuple, ids, 0, {})
-        todo = [(k, c) for k in range(U) for c in range(C) if c != cc
-                and (candidates[c].bits == 16 or (k, c) in probe_weights)]
+        exact_c = [c for c in range(C) if c != cc and (not taylor or candidates[c].bits in exact_bits)]
+        todo = [(k, c) for k in range(U) for c in exact_c if candidates[c].bits == 16 or (k, c) in probe_weights]
+        if taylor:  # the fp weights calibrate the curvature even where keeping 16 is not a candidate
+            todo += [(k, None) for k in range(U) if 16 in exact_bits and not any(candidates[c].bits == 16 for c in exact_c)]
         for k in range(U):
             if (k, cc) in probe_weights:
                 out[k][cc] = 0.0
+        fp_dl = [None] * U
         for k, c in tqdm(todo, desc="in-context deltas", disable=not progress, unit="pass"):
-            swap = ({m: fp_w[m] for m in units[k].members} if candidates[c].bits == 16 else probe_weights[(k, c)])
-            out[k][c] = _loss_from(model, layers, outs, as_tuple, ids, units[k].layer, swap) - base
-    return out, base - fp_loss
+            swap = ({m: fp_w[m] for m in units[k].members} if c is None or candidates[c].bits == 16
+                    else probe_weights[(k, c)])
+            dl = _loss_from(model, layers, outs, as_tuple, ids, units[k].layer, swap) - base
+            if c is None:
+                fp_dl[k] = dl
+            else:
+                out[k][c] = dl
+        if not taylor:
+            return out, base - fp_loss, None
+        exact = [row[:] for row in out]
+        grads = _unit_gradients(model, units, ids)
+    for k, u in enumerate(units):
+        if (k, cc) not in probe_weights:
+            continue
+        anchor = probe_weights[(k, cc)]
+
+        def step(weights):  # (g·Δ, tr(Δ H_x Δᵀ)) of moving unit k from the anchor to ``weights``
+            lin = quad = 0.0
+            for m in u.members:
+                d = weights[m].float() - anchor[m].float()
+                lin += float((grads[m] * d).sum())
+                quad += float(((d @ hx[m]) * d).sum())
+            return lin, quad
+
+        fitted = {}  # bits -> curvature scale fitted to that width's exact pass
+        for c in range(C):
+            if exact[k][c] is not None and c != cc:
+                fitted.setdefault(candidates[c].bits, _curvature(exact[k][c], *step(
+                    fp_w if candidates[c].bits == 16 else probe_weights[(k, c)])))
+        if fp_dl[k] is not None:
+            fitted.setdefault(16, _curvature(fp_dl[k], *step(fp_w)))
+        for c, cand in enumerate(candidates):
+            if out[k][c] is not None or (cand.bits != 16 and (k, c) not in probe_weights):
+                continue
+            lin, quad = step(fp_w if cand.bits == 16 else probe_weights[(k, c)])
+            ref = min(fitted, key=lambda b: (abs(b - cand.bits), -b)) if fitted else None
+            out[k][c] = lin + 0.5 * (fitted[ref] if ref is not None else 0.0) * quad
+    return out, base - fp_loss, exact
+
+
+def _curvature(exact: float, lin: float, quad: float) -> float:
+    """Scale ``s`` with ``exact = lin + ½ s · quad`` (≥ 0: curvature near a trained model is)."""
+    return max(0.0, 2.0 * (exact - lin) / quad) if quad > 0 else 0.0
+
+
+def _unit_gradients(model: nn.Module, units: list[Unit], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradient of the mean NLL on ``ids`` with respect to every unit linear's weight, one window at
+    a time (the windows have equal lengths, so their mean is the mean over all tokens)."""
+    names = [m for u in units for m in u.members]
+    params = {n: p for n, p in model.named_parameters()}
+    wanted = {params[f"{m}.weight"] for m in names}
+    saved = {n: p.requires_grad for n, p in params.items()}
+    grads = {m: torch.zeros_like(params[f"{m}.weight"], dtype=torch.float32) for m in names}
+    try:
+        for p in params.values():
+            p.requires_grad_(p in wanted)
+        with torch.enable_grad():
+            for b in range(len(ids)):
+                loss = model(input_ids=ids[b : b + 1], labels=ids[b : b + 1], use_cache=False).loss / len(ids)
+                gs = torch.autograd.grad(loss, [params[f"{m}.weight"] for m in names])
+                for m, g in zip(names, gs):
+                    grads[m] += g.float()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+    return grads

@@ -188,6 +188,31 @@ def test_in_context_losses_match_a_full_forward(measured):
         no_ctx.tables("context")
 
 
+def test_taylor_in_context_tracks_the_exact_passes(measured):
+    """``context_method="taylor"``: the widths it measures by a pass equal the exact method's, and
+    the ones it predicts (gradient at the all-2-bit model plus a curvature fitted per unit) follow
+    the exact passes closely; measuring every width leaves nothing to predict."""
+    model, arch, exact = measured  # candidates w2g32 (context), w4g32, fp16
+    args = (model, arch, windows(4, 32), windows(2, 32, seed=5), exact.candidates, QuantConfig(method="rtn"),
+            torch.device("cpu"))
+    kw = dict(max_probes=1, pair_bits=None, single_bits=(), progress=False, context_bits=2, context_method="taylor")
+    taylor = measure_sensitivity(*args, **kw)
+    E = np.array(exact.context_single, dtype=float)
+    T = np.array(taylor.context_single, dtype=float)
+    X = np.array([[np.nan if v is None else v for v in row] for row in taylor.context_exact])
+    assert np.isnan(X[:, 1]).all() and np.allclose(X[:, 2], E[:, 2], atol=1e-6)  # fp16 measured, w4 predicted
+    assert np.allclose(T[:, 2], E[:, 2], atol=1e-6) and (T[:, 0] == 0).all()
+    assert not np.allclose(T[:, 1], E[:, 1], atol=1e-6)  # a prediction, not a pass
+    assert np.corrcoef(T[:, 1], E[:, 1])[0, 1] > 0.95
+    assert np.abs(T[:, 1] - E[:, 1]).mean() < 0.2 * np.abs(E[:, 1]).mean()
+    assert taylor.context_dloss == pytest.approx(exact.context_dloss, abs=1e-6)
+    assert taylor.settings["context_method"] == "taylor" and taylor.settings["context_exact_bits"] == [16]
+    every = measure_sensitivity(*args, **{**kw, "context_exact_bits": (4, 16)})
+    assert np.allclose(np.array(every.context_single, dtype=float), E, atol=1e-6)
+    with pytest.raises(Exception, match="context method"):
+        measure_sensitivity(*args, **{**kw, "context_method": "guess"})
+
+
 def test_file_round_trip_and_model_check(measured, tmp_path):
     model, arch, sens = measured
     path = sens.save(tmp_path / "m.sens")
