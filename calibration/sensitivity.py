@@ -554,7 +554,8 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
                         fp_loss, progress, method="exact", exact_bits=(16,)):
     """Loss change of each (unit, candidate) with every other unit at candidate ``cc``; the layers in
     front of a unit are replayed from the all-``cc`` model's cached outputs. ``exact``: one pass per
-    (unit, candidate). ``taylor``: passes only at the widths in ``exact_bits``, the rest predicted.
+    (unit, candidate). ``taylor``: passes only at the widths in ``exact_bits`` (each at its first,
+    default-group candidate), the rest predicted, each with the curvature fitted at the nearest width.
     Returns (changes (U, C), loss increase of the all-``cc`` model over fp, exactly measured (U, C) or
     None)."""
     U, C = len(units), len(candidates)
@@ -575,7 +576,10 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
             outs.append(h[0].hidden)
 
         base = _loss_from(model, layers, outs, as_tuple, ids, 0, {})
-        exact_c = [c for c in range(C) if c != cc and (not taylor or candidates[c].bits in exact_bits)]
+        # taylor: one pass per width in exact_bits, at its first (default-group) candidate
+        first = {cand.bits: c for c, cand in reversed(list(enumerate(candidates)))}
+        exact_c = [c for c in range(C) if c != cc and (not taylor or (candidates[c].bits in exact_bits
+                                                                      and first[candidates[c].bits] == c))]
         todo = [(k, c) for k in range(U) for c in exact_c if candidates[c].bits == 16 or (k, c) in probe_weights]
         if taylor:  # the fp weights calibrate the curvature even where keeping 16 is not a candidate
             todo += [(k, None) for k in range(U) if 16 in exact_bits and not any(candidates[c].bits == 16 for c in exact_c)]

@@ -209,6 +209,12 @@ def test_taylor_in_context_tracks_the_exact_passes(measured):
     assert taylor.settings["context_method"] == "taylor" and taylor.settings["context_exact_bits"] == [16]
     every = measure_sensitivity(*args, **{**kw, "context_exact_bits": (4, 16)})
     assert np.allclose(np.array(every.context_single, dtype=float), E, atol=1e-6)
+    # one pass per width, at its default group: w4g16 is predicted with the curvature fitted at w4g32
+    more = parse_candidates([2, 4, "4g16"], 32)
+    assert [c.label for c in more] == ["w2g32", "w4g32", "w4g16", "fp16"]
+    extra = measure_sensitivity(*args[:4], more, *args[5:], **{**kw, "context_exact_bits": (4, 16)})
+    assert [row[2] is None and row[1] is not None for row in extra.context_exact] == [True] * len(extra.units)
+    assert np.allclose(np.array(extra.context_single, dtype=float)[:, [0, 1, 3]], E, atol=1e-6)
     with pytest.raises(Exception, match="context method"):
         measure_sensitivity(*args, **{**kw, "context_method": "guess"})
 
