@@ -144,7 +144,7 @@ def main() -> None:
     c = sens.pair_column()
     measured_single = np.asarray(sens.single)
     agreement = {}
-    for objective in args.objectives:
+    for objective in (args.objectives if c is not None else []):  # a context-only measurement has no singles
         D, _ = sens.tables(objective, pairs=False)
         pred = D[:, c]
         rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
@@ -184,13 +184,15 @@ def main() -> None:
                   f"w3's gap to fp (GPTQ w3 is {g3['bpw']:.3f} bpw)")
     print(f"measurement: {sens.seconds}; ILP 224 units × 5 candidates: {solve_times}")
     print(f"single-unit ΔNLL at {sens.settings.get('pair_bits')} bits, predicted vs measured: {agreement}")
-    print(f"{len(inter)} pairs: mean interaction {np.mean(inter):+.5f}, mean |interaction| {np.mean(np.abs(inter)):.5f} "
-          f"nats (mean single {measured_single.mean():.5f})")
+    if inter:
+        print(f"{len(inter)} pairs: mean interaction {np.mean(inter):+.5f}, mean |interaction| {np.mean(np.abs(inter)):.5f} "
+              f"nats (mean single {measured_single.mean():.5f})")
     payload = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads" if device.type == "cpu"
                else torch.cuda.get_device_name(), "settings": vars(args), "fp_ppl": fp, "uniform": rows, "mixed": mixed,
                "closed_gap_at_3bpw": closed, "measurement_seconds": sens.seconds, "measurement_settings": sens.settings,
                "synthetic_solve": solve_times, "frontier": predicted, "single_unit_agreement": agreement,
-               "interactions": {"pairs": len(inter), "mean": float(np.mean(inter)), "mean_abs": float(np.mean(np.abs(inter)))}}
+               "interactions": {"pairs": len(inter), "mean": float(np.mean(inter)) if inter else None,
+                                "mean_abs": float(np.mean(np.abs(inter))) if inter else None}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1))
     partial.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.sensitivity import Sensitivity
+from calibration.sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
 
 from .allocate import BudgetError, Problem, Solution, frontier, solve
 from .config import QuantConfig
@@ -73,15 +73,15 @@ def latency_costs(sens: Sensitivity, table: dict) -> np.ndarray:
 
 
 def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = True,
-                 latency: dict | None = None) -> Problem:
-    D, P = sens.tables(objective, pairs)
+                 latency: dict | None = None, gain_scale: float = CONTEXT_GAIN_SCALE) -> Problem:
+    D, P = sens.tables(objective, pairs, gain_scale)
     cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
     return Problem(D, cost, P, offset=sens.offset(objective))
 
 
 def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian", pairs: bool = True,
-             problem: Problem | None = None) -> Allocation:
-    problem = problem or make_problem(sens, objective, pairs)
+             problem: Problem | None = None, gain_scale: float = CONTEXT_GAIN_SCALE) -> Allocation:
+    problem = problem or make_problem(sens, objective, pairs, gain_scale=gain_scale)
     n = total_params(sens)
     floor = problem.min_cost()
     if budget_bytes < floor - 1e-9:
@@ -97,9 +97,9 @@ def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian",
 
 
 def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: str = "hessian",
-                     pairs: bool = True) -> Allocation:
+                     pairs: bool = True, gain_scale: float = CONTEXT_GAIN_SCALE) -> Allocation:
     """Like :func:`allocate`, with the summed per-unit latency of ``table`` as the budgeted cost."""
-    problem = make_problem(sens, objective, pairs, table)
+    problem = make_problem(sens, objective, pairs, table, gain_scale)
     floor = problem.min_cost()
     if not budget >= floor - 1e-12:
         raise BudgetError(f"a latency budget of {budget:g} is below the fastest configuration the table allows, "
@@ -114,8 +114,9 @@ def _allocation(sens: Sensitivity, problem: Problem, budget: float, sol: Solutio
                       8 * nbytes / total_params(sens), [u.name for u in sens.units])
 
 
-def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pairs: bool = True) -> list[Allocation]:
-    problem = make_problem(sens, objective, pairs)
+def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pairs: bool = True,
+                         gain_scale: float = CONTEXT_GAIN_SCALE) -> list[Allocation]:
+    problem = make_problem(sens, objective, pairs, gain_scale=gain_scale)
     n = total_params(sens)
     sols = frontier(problem, [b * n / 8 for b in bpws])
     return [_allocation(sens, problem, s.cost, s) for s in sols]

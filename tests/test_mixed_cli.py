@@ -175,3 +175,25 @@ def test_candidates_with_their_own_group_size(tiny_model_dir, text_file, tmp_pat
     assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2],
                "--candidates", "3gx", "--out", tmp_path / "bad.sens") == 2
     assert "candidate '3gx' is not a bit width" in capsys.readouterr().err
+
+
+def test_taylor_context_measurement_and_gain_scale(tiny_model_dir, text_file, tmp_path, capsys):
+    """`hmq measure --context-bits 3 --context-method taylor`: one pass per unit at the fp weights,
+    the other candidates predicted; `quantize --objective context --gain-scale S` allocates on it,
+    and a scale outside (0, 1] is refused with the flag's name."""
+    path = tmp_path / "taylor.sens"
+    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
+               "--single-bits", 3, "--context-bits", 3, "--context-method", "taylor", "--out", path) == 0
+    sens = json.loads(path.read_text())
+    assert sens["settings"]["context_method"] == "taylor" and sens["settings"]["context_exact_bits"] == [16]
+    for exact, pred in zip(sens["context_exact"], sens["context_single"]):
+        assert exact[-1] is not None and exact[0] is None and pred[0] is not None  # fp measured, w2 predicted
+    out = tmp_path / "ctx"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", path,
+               "--objective", "context", "--gain-scale", 0.7, "--budget", 3.5, "--out", out) == 0
+    assert "mixed precision (context)" in capsys.readouterr().out
+    assert json.loads((out / "hmq.json").read_text())["allocation"]["bpw"] <= 3.5 + 1e-9
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", path,
+               "--objective", "context", "--gain-scale", 1.5, "--budget", 3.5, "--out", tmp_path / "bad") == 2
+    assert "--gain-scale 1.5 must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

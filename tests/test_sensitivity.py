@@ -164,7 +164,7 @@ def test_in_context_losses_match_a_full_forward(measured):
     ctx = loss_with({})
     assert sens.context == "w2g32"
     assert sens.context_dloss == pytest.approx(ctx - sens.base_loss, abs=1e-5)
-    problem = make_problem(sens, "context")
+    problem = make_problem(sens, "context", gain_scale=1.0)  # gains as measured: exact at single moves
     assert not problem.pairs
     assert problem.objective([0] * len(sens.units)) == pytest.approx(ctx - sens.base_loss, abs=1e-5)
     for k, c, bits in ((1, 1, 4), (6, 2, 16), (3, 1, 4)):
@@ -183,6 +183,13 @@ def test_in_context_losses_match_a_full_forward(measured):
     assert all(row[1] is None and row[0] is not None for row in only2.single_all)
     assert all(row[1] is not None and row[2] is not None for row in only2.context_single)
     assert only2.settings["single_bits"] == [2]
+    # gains (negative changes) count at gain_scale, damages in full
+    full, half = sens.tables("context", gain_scale=1.0)[0], sens.tables("context", gain_scale=0.5)[0]
+    assert (full < 0).any() and (full > 0).any()
+    assert np.array_equal(half, np.where(full < 0, 0.5 * full, full))
+    assert np.array_equal(sens.tables("context")[0], half)  # the default
+    with pytest.raises(Exception, match="gain-scale"):
+        sens.tables("context", gain_scale=0.0)
     no_ctx = Sensitivity(**{**sens.__dict__, "context_single": None})
     with pytest.raises(Exception, match="--context-bits"):
         no_ctx.tables("context")
