@@ -409,7 +409,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     candidate's weights (one fp16 model copy per candidate). ``context_method``: ``exact`` runs one
     pass per (unit, candidate); ``taylor`` runs one pass per unit and width in ``context_exact_bits``
     (16 = the fp weights) and predicts the rest from the gradient at the all-context model plus a
-    per-unit curvature fitted to those passes (see :func:`_taylor_in_context`)."""
+    per-unit curvature fitted to those passes (see :func:`_measure_in_context`)."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
