@@ -186,7 +186,7 @@ def _single_bits(args) -> tuple[int, ...] | None:
 
 
 def _allocation_flags(p) -> None:
-    from calibration.sensitivity import OBJECTIVES
+    from calibration.sensitivity import CONTEXT_GAIN_SCALE, OBJECTIVES
 
     p.add_argument("--objective", choices=OBJECTIVES, default="hessian",
                    help="predicted damage: hessian (default: output error scaled by the Hessian trace, each width "
@@ -195,13 +195,9 @@ def _allocation_flags(p) -> None:
                         "the uniform --context-bits model; needs hmq measure --context-bits), output (additive output error), "
                         "trace (HAWQ-V2 Ω)")
     p.add_argument("--no-pairs", action="store_true", help="ignore the measured inter-layer terms")
-    p.add_argument("--gain-scale", type=float, default=None, metavar="S",
-                   help="--objective context: the share of each measured in-context gain that counts (default 0.5; "
+    p.add_argument("--gain-scale", type=float, default=CONTEXT_GAIN_SCALE, metavar="S",
+                   help=f"--objective context: the share of each measured in-context gain that counts (default {CONTEXT_GAIN_SCALE}; "
                         "a unit's gain includes damage it shares with the others, counted once per widened unit)")
-
-
-def _gain(args) -> dict:
-    return {} if getattr(args, "gain_scale", None) is None else {"gain_scale": args.gain_scale}
 
 
 def _measure_flags(p, standalone: bool) -> None:
@@ -395,10 +391,10 @@ def _budget_allocation(args, sens):
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--latency-table {args.latency_table!r} is not a readable JSON file ({exc}).") from None
         alloc = allocate_latency(sens, table, args.budget_latency, args.objective, not args.no_pairs,
-                                 **_gain(args))
+                                 gain_scale=args.gain_scale)
     else:
         alloc = allocate(sens, budget_to_bytes(sens, args.budget, args.budget_gb), args.objective, not args.no_pairs,
-                         **_gain(args))
+                         gain_scale=args.gain_scale)
     log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
              alloc.bpw, alloc.predicted_dloss, alloc.solution.status, alloc.solution.gap, alloc.solution.seconds)
     return alloc
@@ -506,7 +502,7 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
     kept: dict = {}
 
     def measure(bpw):
-        alloc = allocate(sens, bpw * n / 8, args.objective, not args.no_pairs, **_gain(args))
+        alloc = allocate(sens, bpw * n / 8, args.objective, not args.no_pairs, gain_scale=args.gain_scale)
         cfg = config_for(sens, alloc, config)
         ppl, report, qmodel, _ = quantize_and_eval(lambda: load_model(run["model"], dtype), windows, cfg, device, ids,
                                                    args.eval_seqlen, args.eval_windows, run["batch_size"])
@@ -570,7 +566,7 @@ def cmd_frontier(args) -> int:
     pairs = not args.no_pairs
     lo, hi = min_max_bpw(sens)
     grid = np.linspace(lo, min(hi, 8.5), 41)
-    front = frontier_allocations(sens, grid, args.objective, pairs, **_gain(args))
+    front = frontier_allocations(sens, grid, args.objective, pairs, gain_scale=args.gain_scale)
     predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
                   "units": dict(zip(a.unit_names, a.candidates))} for a in front]
     base = base_config(sens)
@@ -581,7 +577,7 @@ def cmd_frontier(args) -> int:
     u4 = 8 * sum(sens.cost[k][[c.bits for c in sens.candidates].index(4)] for k in range(len(sens.units))) / n \
         if 4 in [c.bits for c in sens.candidates] else hi
     for bpw in (np.linspace(lo + 0.25, u4 + 0.1, args.verify) if args.verify else []):
-        alloc = allocate(sens, bpw * n / 8, args.objective, pairs, **_gain(args))
+        alloc = allocate(sens, bpw * n / 8, args.objective, pairs, gain_scale=args.gain_scale)
         ppl, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
                                      args.eval_seqlen, args.eval_windows)
         verified.append({"bpw": alloc.bpw, "ppl": ppl, "predicted_ppl": predicted_ppl(fp, alloc.predicted_dloss),
@@ -593,7 +589,7 @@ def cmd_frontier(args) -> int:
             ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, args.eval_seqlen, args.eval_windows)
             uniform.append({"method": method, "bits": bits, "bpw": report.bpw, "ppl": ppl})
             log.info("uniform %s w%d: %.3f bpw, ppl %.3f", method, bits, report.bpw, ppl)
-    heat = allocate(sens, max(args.map_budget, lo) * n / 8, args.objective, pairs, **_gain(args))
+    heat = allocate(sens, max(args.map_budget, lo) * n / 8, args.objective, pairs, gain_scale=args.gain_scale)
     payload = {"model": sens.model, "objective": args.objective, "pairs": pairs, "fp_ppl": fp,
                "eval_windows": args.eval_windows, "predicted": predicted, "verified": verified, "uniform": uniform,
                "bit_map": heat.to_dict()}

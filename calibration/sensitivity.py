@@ -38,7 +38,7 @@ from quant.packing import check_packable
 from quant.quantizer import check_groupable, storage_bytes
 
 from .capture import capture_layer_inputs, collect_hessians, run_layer
-from .trace import model_traces
+from .trace import grad_only, model_traces, window_loss
 
 FORMAT = "hmq-sensitivity/1"
 OBJECTIVES = ("hessian", "measured", "context", "output", "trace")
@@ -647,20 +647,10 @@ def _unit_gradients(model: nn.Module, units: list[Unit], ids: torch.Tensor) -> d
     """Gradient of the mean NLL on ``ids`` with respect to every unit linear's weight, one window at
     a time (the windows have equal lengths, so their mean is the mean over all tokens)."""
     names = [m for u in units for m in u.members]
-    params = {n: p for n, p in model.named_parameters()}
-    wanted = {params[f"{m}.weight"] for m in names}
-    saved = {n: p.requires_grad for n, p in params.items()}
-    grads = {m: torch.zeros_like(params[f"{m}.weight"], dtype=torch.float32) for m in names}
-    try:
-        for p in params.values():
-            p.requires_grad_(p in wanted)
-        with torch.enable_grad():
-            for b in range(len(ids)):
-                loss = model(input_ids=ids[b : b + 1], labels=ids[b : b + 1], use_cache=False).loss / len(ids)
-                gs = torch.autograd.grad(loss, [params[f"{m}.weight"] for m in names])
-                for m, g in zip(names, gs):
-                    grads[m] += g.float()
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(saved[n])
+    params = [model.get_parameter(f"{m}.weight") for m in names]
+    grads = {m: torch.zeros_like(p, dtype=torch.float32) for m, p in zip(names, params)}
+    with grad_only(model, params, None), torch.enable_grad():
+        for w in ids:
+            for m, g in zip(names, torch.autograd.grad(window_loss(model, w[None], ids.device) / len(ids), params)):
+                grads[m] += g.float()
     return grads

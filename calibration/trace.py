@@ -61,7 +61,7 @@ def hutchinson(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shapes: 
 
 
 @contextlib.contextmanager
-def _grad_only(model: nn.Module, params: list[nn.Parameter], attn: str | None):
+def grad_only(model: nn.Module, params: list[nn.Parameter], attn: str | None):
     """Gradients for ``params`` only; eager attention (SDPA/flash kernels have no double backward)."""
     old_flags = {p: p.requires_grad for p in model.parameters()}
     old_attn = getattr(model.config, "_attn_implementation", None)
@@ -83,7 +83,7 @@ def _grad_only(model: nn.Module, params: list[nn.Parameter], attn: str | None):
         model.train(was_training)
 
 
-def _loss(model: nn.Module, windows: torch.Tensor, device) -> torch.Tensor:
+def window_loss(model: nn.Module, windows: torch.Tensor, device) -> torch.Tensor:
     ids = windows.to(device)
     return model(input_ids=ids, labels=ids, use_cache=False).loss  # mean next-token NLL
 
@@ -102,19 +102,19 @@ def model_traces(model: nn.Module, param_names: list[str], windows: torch.Tensor
     model.to(device)
     try:
         if method == "fisher":
-            with _grad_only(model, params, None):
+            with grad_only(model, params, None):
                 rows = []
                 for w in tqdm(windows, desc="fisher", disable=not progress, unit="window"):
-                    grads = torch.autograd.grad(_loss(model, w[None], device), params)
+                    grads = torch.autograd.grad(window_loss(model, w[None], device), params)
                     rows.append(torch.stack([g.to(torch.float32).pow(2).sum().cpu() for g in grads]))
             return _summarise(torch.stack(rows), len(rows))
         if method != "hutchinson":
             raise ValueError(f"unknown trace method {method!r}: use hutchinson or fisher.")
         per = max(1, max_batch_tokens // max(1, windows.shape[1]))
         batches = [windows[b : b + per] for b in range(0, len(windows), per)]
-        with _grad_only(model, params, "eager"):
+        with grad_only(model, params, "eager"):
             if len(batches) == 1:  # keep the double-backward graph across probes
-                grads = torch.autograd.grad(_loss(model, windows, device), params, create_graph=True)
+                grads = torch.autograd.grad(window_loss(model, windows, device), params, create_graph=True)
 
                 def hvp(v):
                     return torch.autograd.grad(grads, params, grad_outputs=[t.to(g.dtype) for t, g in zip(v, grads)],
@@ -124,7 +124,7 @@ def model_traces(model: nn.Module, param_names: list[str], windows: torch.Tensor
                 def hvp(v):
                     total = None
                     for w in batches:
-                        g = torch.autograd.grad(_loss(model, w, device), params, create_graph=True)
+                        g = torch.autograd.grad(window_loss(model, w, device), params, create_graph=True)
                         hv = torch.autograd.grad(g, params, grad_outputs=[t.to(x.dtype) for t, x in zip(v, g)])
                         hv = [h * (len(w) / len(windows)) for h in hv]
                         total = hv if total is None else [a + b for a, b in zip(total, hv)]
