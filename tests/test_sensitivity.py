@@ -211,7 +211,8 @@ def test_taylor_in_context_tracks_the_exact_passes(measured):
     assert np.allclose(T[:, 2], E[:, 2], atol=1e-6) and (T[:, 0] == 0).all()
     assert not np.allclose(T[:, 1], E[:, 1], atol=1e-6)  # a prediction, not a pass
     assert np.corrcoef(T[:, 1], E[:, 1])[0, 1] > 0.95
-    assert np.abs(T[:, 1] - E[:, 1]).mean() < 0.2 * np.abs(E[:, 1]).mean()
+    # 4% here; the gradient term alone (no fitted curvature) is off by 20%
+    assert np.abs(T[:, 1] - E[:, 1]).mean() < 0.1 * np.abs(E[:, 1]).mean()
     assert taylor.context_dloss == pytest.approx(exact.context_dloss, abs=1e-6)
     assert taylor.settings["context_method"] == "taylor" and taylor.settings["context_exact_bits"] == [16]
     every = measure_sensitivity(*args, **{**kw, "context_exact_bits": (4, 16)})
