@@ -18,10 +18,10 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-30))).item()
 
 
-def make_layer(bits, K, N, act_order, seed=0):
+def make_layer(bits, K, N, act_order, seed=0, group_size=32):
     torch.manual_seed(seed)
     w = torch.randn(N, K)
-    spec = ModuleSpec(bits, 32, False)
+    spec = ModuleSpec(bits, group_size, False)
     if act_order:
         x = torch.randn(256, K) * torch.linspace(0.1, 3, K)
         qw = gptq_quantize(w, 2 * x.T @ x / 256, spec, act_order=True)
@@ -37,9 +37,11 @@ def reference(layer, x):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("batch", [1, 3, 16, 33])
-@pytest.mark.parametrize("K,N,act_order", [(96, 160, False), (352, 96, True)])
-def test_kernel_matches_reference_fp32(bits, batch, K, N, act_order):
-    layer = make_layer(bits, K, N, act_order)
+@pytest.mark.parametrize("K,N,act_order,group_size", [(96, 160, False, 32), (352, 96, True, 32), (320, 96, False, 64)])
+def test_kernel_matches_reference_fp32(bits, batch, K, N, act_order, group_size):
+    """Group 32 and act-order dequantize row by row (``g_idx``); group 64 tiles lie inside one group,
+    where scale and zero are applied after the sum."""
+    layer = make_layer(bits, K, N, act_order, group_size=group_size)
     x = torch.randn(batch, K, device=DEVICE)
     out, ref = triton_qmm.qmatmul(x, layer), reference(layer, x)
     assert out.shape == ref.shape and out.dtype == x.dtype
@@ -50,12 +52,24 @@ def test_kernel_matches_reference_fp32(bits, batch, K, N, act_order):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,batch", [(4, 1), (3, 16), (2, 5)])
 def test_kernel_half_precision_activations(dtype, bits, batch):
-    layer = make_layer(bits, 128, 96, act_order=bits == 3)
+    layer = make_layer(bits, 128, 96, act_order=bits == 3, group_size=32 if bits == 3 else 128)
     x = torch.randn(2, batch, 128, device=DEVICE).to(dtype)  # 3-D input: (..., in)
     out = triton_qmm.qmatmul(x, layer)
     ref = reference(layer, x.float())
     assert out.dtype == dtype and out.shape == (2, batch, 96)
     assert sqnr_db(ref, out.float()) > (35 if dtype == torch.float16 else 28)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_large_batches_dequantize_then_matmul(bits, act_order, monkeypatch):
+    """From ``DEQUANT_MIN_ROWS`` rows the weight is dequantized by a Triton kernel and multiplied by
+    cuBLAS; the dequantized weight must equal the reference's exactly."""
+    layer = make_layer(bits, 352 if act_order else 320, 96, act_order, group_size=32 if act_order else 64)
+    assert torch.equal(triton_qmm.dequantize_t(layer, torch.float32), layer.dequantize(torch.float32).T)
+    monkeypatch.setattr(triton_qmm, "DEQUANT_MIN_ROWS", 4)
+    x = torch.randn(5, layer.in_features, device=DEVICE)
+    assert torch.allclose(triton_qmm.qmatmul(x, layer), reference(layer, x), rtol=1e-4, atol=1e-4)
 
 
 def test_three_bit_runtime_layout_holds_the_same_codes():

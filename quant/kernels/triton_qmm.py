@@ -1,19 +1,21 @@
 """Triton matmul of activations with GPTQ-packed 2/3/4/8-bit weights: ``y = x @ dequant(W)ᵀ``.
 
-Two kernels share one dequantization routine:
+Three paths, by batch (rows of ``x``), sharing one unpacking routine:
 
 * **GEMV / skinny GEMM** (batch ≤ 8): each program owns ``BLOCK_N`` output columns and a slice of
   K (split-K); partial sums are added into an fp32 output with atomics. Products are reduced with
   ``tl.sum``, which wastes nothing at batch 1 where ``tl.dot``'s 16-row minimum would.
-* **GEMM** (batch > 8): tiles of ``BLOCK_M × BLOCK_N``; each K step dequantizes a
-  ``BLOCK_K × BLOCK_N`` weight tile into the activation dtype and feeds ``tl.dot``.
+* **GEMM** (batch 9 … ``DEQUANT_MIN_ROWS`` − 1): tiles of ``BLOCK_M × BLOCK_N`` through ``tl.dot``.
+* **Dequantize + cuBLAS** (larger batches, e.g. prefill): one kernel writes the weight in the
+  activation dtype, then ``torch.matmul``; on an H100 this beat the tiled kernel 2–4× from batch 128.
 
-Dequantization: codes are unpacked with a shift and a mask from words holding whole codes; the
-group of each K row comes from ``g_idx`` (so act-order checkpoints work) and its scale and zero
-are loaded once per (row, column) tile. 3-bit words straddle code boundaries, so at load time a
-3-bit weight is repacked into a *runtime layout* of two planes that hold whole codes — the low 2
-bits (16 codes per word) and the high bit (32 per word); the on-disk layout stays GPTQ's.
-Zeros are unpacked once to int32 (``groups × N``, small). Accumulation is fp32 throughout.
+Unpacking: each packed word is loaded once and split into its codes by shifts. Where a K tile lies
+inside one quantization group, scale and zero are applied once per tile after the sum
+(``Σ a·(q − z)·s = s·(Σ a·q − z·Σ a)``); otherwise (act-order ``g_idx``, small groups) each row's
+scale and zero are gathered. 3-bit words straddle code boundaries, so at load time a 3-bit weight is
+repacked into a *runtime layout* of two planes that hold whole codes — the low 2 bits (16 codes per
+word) and the high bit (32 per word); the on-disk layout stays GPTQ's. Accumulation is fp32.
+Tile sizes follow fixed rules of the shape (see :func:`qmatmul`); numbers: ``bench/kernels.py``.
 """
 from __future__ import annotations
 
@@ -30,77 +32,80 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K,
-                  LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile (BLOCK_K, BLOCK_N) in fp32 from the runtime layout.
-
-    ``GS`` > 0 means groups are runs of ``GS`` rows (no act-order); when a K tile fits in one group,
-    its scales and zeros are one row loaded once. Otherwise each row's group comes from ``g_idx``.
-    """
+def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, BLOCK_K: tl.constexpr,
+           BLOCK_N: tl.constexpr):
+    """Integer codes (BLOCK_K, BLOCK_N) of rows ``k0 …`` from the runtime layout: each packed word is
+    loaded once and split by shifts into its codes (a (words, per, N) tensor reshaped to (K, N)).
+    (Loading each code's word separately, ``per`` loads of every word, ran 1.0–2.5× slower on an H100.)"""
     PER: tl.constexpr = 32 // LO_BITS
-    mk = offs_k < K
-    mask = mk[:, None] & (offs_n < N)[None, :]
-    words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    codes = (words >> ((offs_k % PER) * LO_BITS)[:, None]) & ((1 << LO_BITS) - 1)
+    mn = offs_n < N
+    rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows < K // PER)[:, None] & mn[None, :], other=0)
+    shifts = tl.arange(0, PER) * LO_BITS
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << LO_BITS) - 1), (BLOCK_K, BLOCK_N))
     if HAS_HI:
-        hi = tl.load(qhi_ptr + (offs_k // 32)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        codes = codes | (((hi >> (offs_k % 32)[:, None]) & 1) << LO_BITS)
-    if GS > 0 and GS % BLOCK_K == 0:
-        g0 = k0 // GS
-        mn = offs_n < N
-        scale = tl.load(scales_ptr + g0 * N + offs_n, mask=mn, other=0.0).to(tl.float32)  # (BN,)
-        zero = tl.load(zeros_ptr + g0 * N + offs_n, mask=mn, other=0)
-        return (codes - zero[None, :]).to(tl.float32) * scale[None, :]
-    else:
-        g = tl.load(gidx_ptr + offs_k, mask=mk, other=0)
-        scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        return (codes - zero).to(tl.float32) * scale
+        hrows = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        hw = tl.load(qhi_ptr + hrows[:, None] * N + offs_n[None, :], mask=(hrows < K // 32)[:, None] & mn[None, :],
+                     other=0)
+        hi = tl.reshape((hw[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1, (BLOCK_K, BLOCK_N))
+        codes = codes | (hi << LO_BITS)
+    return codes
 
 
-def _configs(gemm: bool):
-    if INTERPRET:  # the interpreter runs every config it is given: keep one
-        return [triton.Config({"BLOCK_M": 16 if gemm else 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2})]
-    out = []
-    for bn in (64, 128, 256):
-        for bk in (32, 64, 128):
-            for sk in ((1, 2, 4) if gemm else (1, 2, 4, 8, 16)):
-                for bm in ((16, 32, 64) if gemm else (1,)):
-                    for warps in (4, 8):
-                        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
-                                                 num_warps=warps, num_stages=3))
-    return out
-
-
-@triton.autotune(configs=_configs(False), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI", "GS"], reset_to_zero=["out_ptr"])
 @triton.jit
-def _qgemv_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K, M_BUCKET,
+def _group_rows(scales_ptr, zeros_ptr, g0, offs_n, N):
+    """Scale and zero (fp32, (BLOCK_N,)) of group ``g0``, for a K tile that lies inside one group."""
+    mn = offs_n < N
+    scale = tl.load(scales_ptr + g0 * N + offs_n, mask=mn, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + g0 * N + offs_n, mask=mn, other=0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _dequant_rows(codes, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K):
+    """fp32 weights (BLOCK_K, BLOCK_N), each row's group read from ``g_idx`` (act-order checkpoints)."""
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    g = tl.load(gidx_ptr + offs_k, mask=offs_k < K, other=0)
+    scale = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    return (codes - zero).to(tl.float32) * scale
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K,
                   stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr,
-                  ROWS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                  ONE_GROUP: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Batch ≤ 8, all rows in one program (the weight tile is read once); split-K, atomic adds.
+    ``ONE_GROUP``: a K tile lies in one group, so ``Σ a·(q − z)·s = s·(Σ a·q − z·Σ a)`` per tile."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, ROWS)  # all batch rows (≤ 8) in one program: the weight tile is read once
+    offs_m = tl.arange(0, ROWS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)  # (ROWS, BK)
-        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K, LO_BITS, HAS_HI,
-                          GS, BLOCK_K)
-        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)  # (ROWS, BN)
+        codes = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, LO_BITS, HAS_HI, BLOCK_K, BLOCK_N)
+        if ONE_GROUP:
+            scale, zero = _group_rows(scales_ptr, zeros_ptr, k0 // GS, offs_n, N)
+            part = tl.sum(a[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)  # (ROWS, BN)
+            acc += (part - tl.sum(a, axis=1)[:, None] * zero[None, :]) * scale[None, :]
+        else:
+            w = _dequant_rows(codes, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K)
+            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
-@triton.autotune(configs=_configs(True), key=["M_BUCKET", "N", "K", "LO_BITS", "HAS_HI", "GS"], reset_to_zero=["out_ptr"])
 @triton.jit
-def _qgemm_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K, M_BUCKET,
+def _qgemm_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, M, N, K,
                   stride_xm, stride_xk, LO_BITS: tl.constexpr, HAS_HI: tl.constexpr, GS: tl.constexpr,
-                  ROWS: tl.constexpr,
-                  UPCAST: tl.constexpr,
+                  ONE_GROUP: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Batch > 8: ``BLOCK_M × BLOCK_N`` tiles through ``tl.dot``. In one group per tile the codes enter
+    the dot as they are (small integers are exact in fp16 and bf16); scale and zero come after."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -111,14 +116,41 @@ def _qgemm_kernel(x_ptr, qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_p
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)  # (BM, BK)
-        w = _dequant_tile(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, N, K, LO_BITS, HAS_HI,
-                          GS, BLOCK_K)
-        if UPCAST:  # fp32 inputs, or bf16 under the interpreter (its bf16 tl.dot is wrong)
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+        codes = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, LO_BITS, HAS_HI, BLOCK_K, BLOCK_N)
+        if ONE_GROUP:
+            scale, zero = _group_rows(scales_ptr, zeros_ptr, k0 // GS, offs_n, N)
+            if UPCAST:  # fp32 inputs, or bf16 under the interpreter (its bf16 tl.dot is wrong)
+                part = tl.dot(a.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, codes.to(a.dtype))
+            acc += (part - tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]) * scale[None, :]
         else:
-            acc += tl.dot(a, w.to(a.dtype))
+            w = _dequant_rows(codes, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K)
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, N, K, LO_BITS: tl.constexpr,
+                    HAS_HI: tl.constexpr, GS: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """The whole weight, transposed, (K, N) in ``out_ptr``'s dtype: for large batches, where cuBLAS
+    on the dequantized weight beats dequantizing inside every output tile."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(0) * BLOCK_K
+    codes = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, LO_BITS, HAS_HI, BLOCK_K, BLOCK_N)
+    if ONE_GROUP:
+        scale, zero = _group_rows(scales_ptr, zeros_ptr, k0 // GS, offs_n, N)
+        w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+    else:
+        w = _dequant_rows(codes, scales_ptr, zeros_ptr, gidx_ptr, offs_k, offs_n, N, K)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
 
 
 GEMV_MAX_ROWS = 8
@@ -162,26 +194,74 @@ def _pack_bits(bits01: torch.Tensor) -> torch.Tensor:
 
 
 def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())  # autotune per power-of-two batch size
+    return 1 << max(0, (m - 1).bit_length())
+
+
+DEQUANT_MIN_ROWS = 128  # from this batch up: dequantize to the activation dtype, then cuBLAS
+
+
+def _sms(device: torch.device) -> int:
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_k(tiles: int, K: int, block_k: int, sms: int, most: int) -> int:
+    """Smallest power-of-two split of K that puts about four programs on every SM."""
+    sk = 1
+    while tiles * sk < 4 * sms and sk < most and K >= 2 * sk * block_k:
+        sk *= 2
+    return sk
+
+
+def _block_k(block_k: int, gs: int) -> int:
+    """A K tile inside one group when the groups allow it (``gs`` ≥ 64), else the default."""
+    return min(block_k, gs) if gs >= 64 else block_k
+
+
+def dequantize_t(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight, transposed, (in, out) in ``dtype``, by one Triton kernel."""
+    rt = runtime_layout(layer)
+    K, N, gs = layer.in_features, layer.out_features, rt["gs"]
+    bk, bn = 64, 64 if INTERPRET else 128
+    out = torch.empty(K, N, dtype=dtype, device=layer.qweight.device)
+    _dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
+        rt["qw"], rt["qhi"], rt["scales"], rt["zeros"], rt["g_idx"], out, N, K, LO_BITS=rt["lo_bits"],
+        HAS_HI=rt["has_hi"], GS=gs, ONE_GROUP=gs > 0 and gs % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return out
 
 
 def qmatmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-    """``x`` (..., in) -> (..., out) in ``x``'s dtype."""
+    """``x`` (..., in) -> (..., out) in ``x``'s dtype.
+
+    Tile sizes follow fixed rules of the shape rather than autotuning, which would compile every
+    candidate config per bit width and batch size and make a model's first forward pass take minutes."""
     rt = runtime_layout(layer)
     x2 = x.reshape(-1, layer.in_features)  # (M, K)
     M, K, N = x2.shape[0], layer.in_features, layer.out_features
+    gs = rt["gs"]
+    if M >= DEQUANT_MIN_ROWS:
+        y = x2 @ dequantize_t(layer, x.dtype)
+        if layer.bias is not None:
+            y += layer.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], N)
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    args = (x2, rt["qw"], rt["qhi"], rt["scales"], rt["zeros"], rt["g_idx"], out, M, N, K, _bucket(M),
-            x2.stride(0), x2.stride(1))
+    args = (x2, rt["qw"], rt["qhi"], rt["scales"], rt["zeros"], rt["g_idx"], out, M, N, K, x2.stride(0), x2.stride(1))
+    common = dict(LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], GS=gs)
     if M <= GEMV_MAX_ROWS:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
-        _qgemv_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], GS=rt["gs"],
-                             ROWS=_bucket(M))
+        rows = _bucket(M)
+        bn, bk = (32, 64) if INTERPRET else (64, 128) if rows == 1 else (64, 64) if rows <= 4 else (32, 64)
+        bk = _block_k(bk, gs)
+        sk = _split_k(triton.cdiv(N, bn), K, bk, _sms(x.device), 16)
+        _qgemv_kernel[(triton.cdiv(N, bn), sk)](*args, **common, ONE_GROUP=gs > 0 and gs % bk == 0, ROWS=rows,
+                                                 BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"]))
+        bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+        bn, bk = (32, 64) if INTERPRET else (128, 64) if bm == 128 else (64, 64)
+        bk = _block_k(bk, gs)
+        sk = _split_k(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, _sms(x.device), 8)
         upcast = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-        _qgemm_kernel[grid](*args, LO_BITS=rt["lo_bits"], HAS_HI=rt["has_hi"], GS=rt["gs"],
-                            ROWS=1, UPCAST=upcast)
+        _qgemm_kernel[(triton.cdiv(N, bn), sk, triton.cdiv(M, bm))](
+            *args, **common, ONE_GROUP=gs > 0 and gs % bk == 0, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            SPLIT_K=sk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
