@@ -174,6 +174,9 @@ class Sensitivity:
     # with ``settings["context_method"] == "taylor"``: the in-context changes that were measured by a
     # forward pass (U, C; None where ``context_single`` holds the Taylor prediction)
     context_exact: list[list[float | None]] | None = None
+    # the candidate label of every unit in the model the in-context changes were measured around, when
+    # that model is not uniform (``context`` is then "mixed")
+    context_anchor: list[str] | None = None
 
     # ---- file form ----------------------------------------------------------------------------
 
@@ -398,7 +401,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                         pair_window: int = 1, batch_size: int = 8, seed: int = 0, progress: bool = True,
                         settings: dict | None = None, single_bits: tuple[int, ...] | None = None,
                         context_bits: int | None = None, context_method: str = "exact",
-                        context_exact_bits: tuple[int, ...] = (16,)) -> Sensitivity:
+                        context_exact_bits: tuple[int, ...] = (16,),
+                        context_anchor: list[str] | None = None) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
     the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
@@ -409,7 +413,10 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     candidate's weights (one fp16 model copy per candidate). ``context_method``: ``exact`` runs one
     pass per (unit, candidate); ``taylor`` runs one pass per unit and width in ``context_exact_bits``
     (16 = the fp weights) and predicts the rest from the gradient at the all-context model plus a
-    per-unit curvature fitted to those passes (see :func:`_measure_in_context`)."""
+    per-unit curvature fitted to those passes (see :func:`_measure_in_context`).
+    ``context_anchor`` (a candidate label per unit, e.g. an allocation chosen from an earlier
+    measurement) replaces the uniform ``context_bits`` model as the point the in-context changes are
+    measured around."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
@@ -423,6 +430,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
         raise ConfigError(f"context method {context_method!r} is unknown: use exact or taylor.")
     if context_bits is not None and context_bits not in widths:
         raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
+    anchor = _context_anchor(units, candidates, context_bits, context_anchor)
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
@@ -439,7 +447,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     if single_bits is None:
         single_bits = tuple(widths)
     single_set = set(single_bits) | ({pair_bits} if pair_bits is not None else set())  # widths of fp-frame singles
-    keep_bits = set(widths) if context_bits is not None else single_set  # widths whose weights are held
+    keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are held
 
     # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
     t0 = time.perf_counter()
@@ -536,12 +544,11 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     if pc is not None:
         single = [row[pc] or 0.0 for row in single_all]
     context = context_single = context_dloss = context_exact = None
-    if context_bits is not None:
-        cc = next(c for c, cand in enumerate(candidates) if cand.bits == context_bits)
-        context = candidates[cc].label
+    if anchor is not None:
+        context = candidates[anchor[0]].label if context_anchor is None else "mixed"
         context_single, context_dloss, context_exact = _measure_in_context(
-            model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple, base, progress,
-            context_method, context_exact_bits)
+            model, arch, layers, units, candidates, probe_weights, anchor, loss_windows, device, as_tuple, base,
+            progress, context_method, context_exact_bits)
     model.to("cpu")
     secs["loss_deltas"] = time.perf_counter() - t0
     secs["total"] = time.perf_counter() - t_all
@@ -551,26 +558,51 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
                      "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits,
-                     "context_method": context_method if context_bits is not None else None,
+                     "context_method": context_method if anchor is not None else None,
                      "context_exact_bits": list(context_exact_bits) if context_method == "taylor" else None})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,
                        m_trace, m_trace_se, m_sqnorm, m_out_err, single_all, context, context_single, context_dloss,
-                       context_exact)
+                       context_exact, list(context_anchor) if context_anchor is not None else None)
+
+
+def _context_anchor(units: list[Unit], candidates: list[Candidate], context_bits: int | None,
+                    labels: list[str] | None) -> list[int] | None:
+    """Candidate index per unit of the model measured around: uniform at ``context_bits`` (each unit
+    at that width's first, default-group candidate), or the given candidate labels."""
+    if labels is None:
+        if context_bits is None:
+            return None
+        return [next(c for c, cand in enumerate(candidates) if cand.bits == context_bits)] * len(units)
+    if context_bits is not None:
+        raise ConfigError("give either --context-bits (a uniform model) or an anchor allocation, not both.")
+    known = {cand.label: c for c, cand in enumerate(candidates)}
+    if len(labels) != len(units) or any(lab not in known for lab in labels):
+        bad = [lab for lab in labels if lab not in known][:3]
+        raise ConfigError(f"the anchor allocation must give one of the candidates {sorted(known)} for each of the "
+                          f"{len(units)} units; it gives {len(labels)}" + (f" (unknown: {bad})" if bad else "") + ".")
+    return [known[lab] for lab in labels]
 
 
 @torch.no_grad()
-def _measure_in_context(model, arch, layers, units, candidates, probe_weights, cc, loss_windows, device, as_tuple,
+def _measure_in_context(model, arch, layers, units, candidates, probe_weights, anchor, loss_windows, device, as_tuple,
                         fp_loss, progress, method="exact", exact_bits=(16,)):
-    """Loss change of each (unit, candidate) with every other unit at candidate ``cc``; the layers in
-    front of a unit are replayed from the all-``cc`` model's cached outputs. ``exact``: one pass per
-    (unit, candidate). ``taylor``: passes only at the widths in ``exact_bits`` (each at its first,
-    default-group candidate), the rest predicted, each with the curvature fitted at the nearest width.
-    Returns (changes (U, C), loss increase of the all-``cc`` model over fp, exactly measured (U, C) or
-    None)."""
+    """Loss change of each (unit, candidate) with every other unit at its ``anchor`` candidate (a list
+    of candidate indices); the layers in front of a unit are replayed from the anchor model's cached
+    outputs. ``exact``: one pass per (unit, candidate). ``taylor``: passes only at the widths in
+    ``exact_bits`` (each at its first, default-group candidate; a unit anchored at one of those
+    widths gets a pass at the next of the quantized widths ≤ 4 instead), the rest predicted, each with
+    the curvature fitted at the nearest width. Returns (changes (U, C), loss increase of the anchor
+    model over fp, exactly measured (U, C) or None)."""
     U, C = len(units), len(candidates)
-    ctx = {m: w for k in range(U) if (k, cc) in probe_weights for m, w in probe_weights[(k, cc)].items()}
     fp_w = {m: model.get_submodule(m).weight.data for u in units for m in u.members}
+
+    def weights(k, c):  # the member weights of unit k at candidate c (None: the candidate does not apply)
+        return {m: fp_w[m] for m in units[k].members} if candidates[c].bits == 16 else probe_weights.get((k, c))
+
+    ok = [weights(k, anchor[k]) is not None for k in range(U)]
+    ctx = {m: w for k in range(U) if ok[k] and candidates[anchor[k]].bits != 16
+           for m, w in probe_weights[(k, anchor[k])].items()}
     ids = loss_windows.to(device)
     out: list[list[float | None]] = [[None] * C for _ in range(U)]
     taylor = method == "taylor"
@@ -579,27 +611,34 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
         h = capture_layer_inputs(model, layers, loss_windows, device, len(loss_windows))
         outs = []
         for i, layer in enumerate(layers):
-            if taylor:  # the input second moment of every linear, in the all-cc model
+            if taylor:  # the input second moment of every linear, in the anchor model
                 hs, _ = collect_hessians(layer, list(arch.linears), h, f"{arch.layers}.{i}.", None, (), arch.shared_input)
                 hx.update({f"{arch.layers}.{i}.{n}": H for n, H in hs.items()})
             h = run_layer(layer, h)
             outs.append(h[0].hidden)
 
         base = _loss_from(model, layers, outs, as_tuple, ids, 0, {})
-        # taylor: one pass per width in exact_bits, at its first (default-group) candidate
-        first = {cand.bits: c for c, cand in reversed(list(enumerate(candidates)))}
-        exact_c = [c for c in range(C) if c != cc and (not taylor or (candidates[c].bits in exact_bits
-                                                                      and first[candidates[c].bits] == c))]
-        todo = [(k, c) for k in range(U) for c in exact_c if candidates[c].bits == 16 or (k, c) in probe_weights]
-        if taylor:  # the fp weights calibrate the curvature even where keeping 16 is not a candidate
-            todo += [(k, None) for k in range(U) if 16 in exact_bits and not any(candidates[c].bits == 16 for c in exact_c)]
+        first = {cand.bits: c for c, cand in reversed(list(enumerate(candidates)))}  # width -> default-group candidate
+        fallback = [b for b in sorted(first, reverse=True) if b <= 4]
+        todo = []
         for k in range(U):
-            if (k, cc) in probe_weights:
-                out[k][cc] = 0.0
+            if not ok[k]:  # its anchor candidate does not apply: it stays at fp in the anchor model
+                todo += [] if taylor else [(k, c) for c in range(C) if weights(k, c) is not None]
+                continue
+            out[k][anchor[k]] = 0.0
+            if not taylor:
+                todo += [(k, c) for c in range(C) if c != anchor[k] and weights(k, c) is not None]
+                continue
+            bits = [b for b in exact_bits if b != candidates[anchor[k]].bits]
+            if len(bits) < len(exact_bits):  # anchored at an exact width: fit at the next width down instead
+                bits += [b for b in fallback if b < candidates[anchor[k]].bits and b not in bits][:1]
+            for b in bits:  # 16 is measured at the fp weights even where keeping 16 is not a candidate
+                c = first.get(b)
+                if b == 16 or (c is not None and weights(k, c) is not None):
+                    todo.append((k, c))
         fp_dl = [None] * U
         for k, c in tqdm(todo, desc="in-context deltas", disable=not progress, unit="pass"):
-            swap = ({m: fp_w[m] for m in units[k].members} if c is None or candidates[c].bits == 16
-                    else probe_weights[(k, c)])
+            swap = {m: fp_w[m] for m in units[k].members} if c is None else weights(k, c)
             dl = _loss_from(model, layers, outs, as_tuple, ids, units[k].layer, swap) - base
             if c is None:
                 fp_dl[k] = dl
@@ -610,29 +649,28 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, c
         exact = [row[:] for row in out]
         grads = _unit_gradients(model, units, ids)
     for k, u in enumerate(units):
-        if (k, cc) not in probe_weights:
+        if not ok[k]:
             continue
-        anchor = probe_weights[(k, cc)]
+        at = weights(k, anchor[k])
 
-        def step(weights):  # (g·Δ, tr(Δ H_x Δᵀ)) of moving unit k from the anchor to ``weights``
+        def step(w):  # (g·Δ, tr(Δ H_x Δᵀ)) of moving unit k from the anchor to weights ``w``
             lin = quad = 0.0
             for m in u.members:
-                d = weights[m].float() - anchor[m].float()
+                d = w[m].float() - at[m].float()
                 lin += float((grads[m] * d).sum())
                 quad += float(((d @ hx[m]) * d).sum())
             return lin, quad
 
         fitted = {}  # bits -> curvature scale fitted to that width's exact pass
         for c in range(C):
-            if exact[k][c] is not None and c != cc:
-                fitted.setdefault(candidates[c].bits, _curvature(exact[k][c], *step(
-                    fp_w if candidates[c].bits == 16 else probe_weights[(k, c)])))
+            if exact[k][c] is not None and c != anchor[k]:
+                fitted.setdefault(candidates[c].bits, _curvature(exact[k][c], *step(weights(k, c))))
         if fp_dl[k] is not None:
             fitted.setdefault(16, _curvature(fp_dl[k], *step(fp_w)))
         for c, cand in enumerate(candidates):
-            if out[k][c] is not None or (cand.bits != 16 and (k, c) not in probe_weights):
+            if out[k][c] is not None or weights(k, c) is None:
                 continue
-            lin, quad = step(fp_w if cand.bits == 16 else probe_weights[(k, c)])
+            lin, quad = step(weights(k, c))
             ref = min(fitted, key=lambda b: (abs(b - cand.bits), -b)) if fitted else None
             out[k][c] = lin + 0.5 * (fitted[ref] if ref is not None else 0.0) * quad
     return out, base - fp_loss, exact

@@ -227,6 +227,58 @@ def test_taylor_in_context_tracks_the_exact_passes(measured):
         measure_sensitivity(*args, **{**kw, "context_method": "guess"})
 
 
+def test_in_context_around_a_mixed_anchor(measured):
+    """``context_anchor``: the changes are measured around any allocation (here units at 2, 4 and 16
+    bits), exactly by a full forward, and the Taylor method tracks them (a unit anchored at fp16 has
+    its curvature fitted at the 4-bit pass instead)."""
+    from quant.mixed import make_problem
+
+    model, arch, sens = measured
+    ids = windows(2, 32, seed=5)
+    labels = ["w2g32", "w4g32", "fp16"]
+    anchor = [labels[k % 3] for k in range(len(sens.units))]
+    bits = {"w2g32": 2, "w4g32": 4, "fp16": 16}
+
+    def loss_with(change):  # unit -> label, the rest at the anchor
+        m = build_tiny("llama")
+        for k, u in enumerate(sens.units):
+            b = bits[change.get(k, anchor[k])]
+            for name in u.members:
+                lin = m.get_submodule(name)
+                if b != 16:
+                    lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
+        with torch.no_grad():
+            return float(m(input_ids=ids, labels=ids).loss)
+
+    args = (model, arch, windows(4, 32), ids, sens.candidates, QuantConfig(method="rtn"), torch.device("cpu"))
+    kw = dict(max_probes=1, pair_bits=None, single_bits=(), progress=False, context_anchor=anchor)
+    exact = measure_sensitivity(*args, **kw)
+    at = loss_with({})
+    assert exact.context == "mixed" and exact.context_anchor == anchor
+    assert exact.context_dloss == pytest.approx(at - exact.base_loss, abs=1e-5)
+    for k, lab in ((0, "w4g32"), (1, "fp16"), (2, "w2g32"), (5, "w2g32")):
+        c = labels.index(lab)
+        assert exact.context_single[k][labels.index(anchor[k])] == 0.0
+        assert exact.context_single[k][c] == pytest.approx(loss_with({k: lab}) - at, abs=1e-5), (k, lab)
+    problem = make_problem(exact, "context", gain_scale=1.0)
+    start = [labels.index(lab) for lab in anchor]
+    assert problem.objective(start) == pytest.approx(at - exact.base_loss, abs=1e-5)
+    taylor = measure_sensitivity(*args, **{**kw, "context_method": "taylor"})
+    E = np.array(exact.context_single, dtype=float)
+    T = np.array(taylor.context_single, dtype=float)
+    X = np.array([[np.nan if v is None else v for v in row] for row in taylor.context_exact])
+    for k in range(len(anchor)):  # passes: fp16, or w4 for the units anchored at fp16
+        measured_c = labels.index("w4g32" if anchor[k] == "fp16" else "fp16")
+        assert np.isfinite(X[k, measured_c]) and X[k, measured_c] == pytest.approx(E[k, measured_c], abs=1e-6)
+        assert np.isnan(X[k, [c for c in range(3) if c not in (measured_c, start[k])]]).all()
+    moved = ~np.isfinite(X) & (T != 0)
+    assert np.corrcoef(T[moved], E[moved])[0, 1] > 0.95
+    with pytest.raises(Exception, match="one of the candidates"):
+        measure_sensitivity(*args, **{**kw, "context_anchor": anchor[:-1]})
+    with pytest.raises(Exception, match="not both"):
+        measure_sensitivity(*args, **{**kw, "context_bits": 2})
+
+
 def test_file_round_trip_and_model_check(measured, tmp_path):
     model, arch, sens = measured
     path = sens.save(tmp_path / "m.sens")
