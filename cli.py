@@ -135,15 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="where to write the measurement (e.g. m.sens)")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _measure_flags(m, standalone=True)
-    around = m.add_argument_group("re-anchoring (--objective context)")
-    around.add_argument("--context-around", metavar="FILE",
-                        help="measure the in-context changes around the allocation that this earlier measurement "
-                             "gives at --budget/--budget-gb (with its candidates), instead of around a uniform "
-                             "--context-bits model: the prediction is then exact at that allocation")
-    around.add_argument("--budget", type=float, metavar="BPW", help="with --context-around: the allocation's budget")
-    around.add_argument("--budget-gb", type=float, metavar="GB", help="with --context-around: the allocation's size")
-    _allocation_flags(around)
-    m.set_defaults(objective=None, budget_latency=None, latency_table=None)  # objective: context where measured
 
     f = sub.add_parser("frontier", help="Pareto frontier of size vs predicted and measured perplexity (JSON + PNG)")
     f.add_argument("--model", help="the measured model (default: the offline SmolLM2-135M-Instruct)")
@@ -308,9 +299,8 @@ def _parse_bits_list(text: str, flag: str) -> list[int]:
     return [check_bits(b, flag) for b in values]
 
 
-def _measure(args, run, config, model, tokenizer, arch, device, model_label: str, anchor=None):
-    """Run `hmq measure` on an already loaded model. ``anchor``: (the earlier measurement, its
-    allocation) to measure the in-context changes around (``--context-around``)."""
+def _measure(args, run, config, model, tokenizer, arch, device, model_label: str):
+    """Run `hmq measure` on an already loaded model."""
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
@@ -320,8 +310,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     for k in ("loss_samples", "loss_seqlen", "probes"):
         if getattr(args, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
-    candidates = (anchor[0].candidates if anchor is not None
-                  else parse_candidates(args.candidates.split(","), config.group_size, not args.no_keep))
+    candidates = parse_candidates(args.candidates.split(","), config.group_size, not args.no_keep)
     calib = run["calib"] or DEFAULT_SOURCE
     log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
              run["nsamples"], run["seqlen"], calib, args.loss_samples, args.loss_seqlen)
@@ -334,7 +323,6 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
                                granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
                                max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
                                single_bits=_single_bits(args), context_bits=args.context_bits or None,
-                               context_anchor=list(anchor[1].candidates) if anchor is not None else None,
                                context_method=args.context_method,
                                context_exact_bits=tuple(_parse_bits_list(args.context_exact_bits, "--context-exact-bits")),
                                batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
@@ -367,27 +355,8 @@ def cmd_measure(args) -> int:
     run, config, explicit_gs = resolve_settings(args)
     if not str(args.out).strip():
         raise ConfigError("--out must name a file, e.g. m.sens.")
-    anchor = None
-    if args.context_around:
-        if args.context_bits:
-            raise ConfigError("--context-around measures around an allocation instead of the uniform --context-bits "
-                              "model: give one of them.")
-        if (args.budget is None) == (args.budget_gb is None):
-            raise ConfigError("--context-around needs the budget of the allocation to measure around: --budget BPW "
-                              "or --budget-gb GB.")
     model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit_gs)
-    if args.context_around:
-        from calibration.sensitivity import Sensitivity
-
-        earlier = Sensitivity.load(args.context_around)
-        earlier.check_model(model, arch)
-        if args.objective is None:
-            args.objective = "context" if earlier.context_single is not None else "hessian"
-        alloc = _budget_allocation(args, earlier)
-        log.info("measuring in context around the %.3f bpw allocation of %s (predicted ΔNLL %.4f)", alloc.bpw,
-                 args.context_around, alloc.predicted_dloss)
-        anchor = (earlier, alloc)
-    sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct", anchor)
+    sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct")
     path = sens.save(args.out)
     print_sensitivity(sens)
     print(f"measured in {time.perf_counter() - t0:.1f} s; wrote {path}")

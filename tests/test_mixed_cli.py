@@ -197,37 +197,3 @@ def test_taylor_context_measurement_and_gain_scale(tiny_model_dir, text_file, tm
                "--objective", "context", "--gain-scale", 1.5, "--budget", 3.5, "--out", tmp_path / "bad") == 2
     assert "--gain-scale 1.5 must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-
-
-def test_measure_around_an_allocation(tiny_model_dir, text_file, tmp_path, capsys):
-    """`hmq measure --context-around m.sens --budget B`: the in-context changes are measured around the
-    allocation m.sens gives at B (with m.sens's candidates), so the context objective is exact there;
-    without a budget, or together with --context-bits, it is refused before any work."""
-    from calibration.sensitivity import Sensitivity
-    from quant.mixed import allocate, total_params
-
-    first = tmp_path / "first.sens"
-    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
-               "--single-bits", 3, "--context-bits", 3, "--context-method", "taylor", "--out", first) == 0
-    earlier = Sensitivity.load(first)
-    expected = allocate(earlier, 3.2 * total_params(earlier) / 8, "context").candidates
-    assert len(set(expected)) > 1  # a mixed allocation, not the uniform anchor again
-    second = tmp_path / "second.sens"
-    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
-               "--single-bits", 3, "--context-around", first, "--budget", 3.2, "--context-method", "taylor",
-               "--out", second) == 0
-    again = Sensitivity.load(second)
-    assert again.context == "mixed" and again.context_anchor == list(expected)
-    assert [c.label for c in again.candidates] == [c.label for c in earlier.candidates]
-    for k, lab in enumerate(expected):
-        assert again.context_single[k][[c.label for c in again.candidates].index(lab)] == 0.0
-    start = allocate(again, 3.2 * total_params(again) / 8, "context", gain_scale=1.0)
-    assert start.bpw <= 3.2 + 1e-9
-    capsys.readouterr()
-    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE,
-               "--context-around", first, "--out", tmp_path / "x.sens") == 2
-    assert "--context-around needs the budget" in capsys.readouterr().err
-    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--context-bits", 3,
-               "--context-around", first, "--budget", 3.2, "--out", tmp_path / "x.sens") == 2
-    assert "give one of them" in capsys.readouterr().err
-    assert not (tmp_path / "x.sens").exists()
