@@ -142,6 +142,18 @@ def test_tables_follow_their_formulas(measured):
         sens.tables("nonsense")
 
 
+def _tiny_loss(units, bits, ids) -> float:
+    """Loss of a fresh tiny model with unit k's linears rounded (RTN, group 32, via fp16) to bits[k] (16: fp)."""
+    m = build_tiny("llama")
+    for u, b in zip(units, bits):
+        for name in u.members:
+            lin = m.get_submodule(name)
+            if b != 16:
+                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
+    with torch.no_grad():
+        return float(m(input_ids=ids, labels=ids).loss)
+
+
 def test_in_context_losses_match_a_full_forward(measured):
     """``context_bits=2``: each unit's loss change when it alone leaves the all-2-bit model equals a
     plain forward of such a copy, and the ``context`` objective is exact at those configurations."""
@@ -151,15 +163,7 @@ def test_in_context_losses_match_a_full_forward(measured):
     ids = windows(2, 32, seed=5)
 
     def loss_with(bits_of):  # unit -> bits (16: fp), the rest at 2 bits
-        m = build_tiny("llama")
-        for k, u in enumerate(sens.units):
-            b = bits_of.get(k, 2)
-            for name in u.members:
-                lin = m.get_submodule(name)
-                if b != 16:
-                    lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
-        with torch.no_grad():
-            return float(m(input_ids=ids, labels=ids).loss)
+        return _tiny_loss(sens.units, [bits_of.get(k, 2) for k in range(len(sens.units))], ids)
 
     ctx = loss_with({})
     assert sens.context == "w2g32"
@@ -240,15 +244,7 @@ def test_in_context_around_a_mixed_anchor(measured):
     bits = {"w2g32": 2, "w4g32": 4, "fp16": 16}
 
     def loss_with(change):  # unit -> label, the rest at the anchor
-        m = build_tiny("llama")
-        for k, u in enumerate(sens.units):
-            b = bits[change.get(k, anchor[k])]
-            for name in u.members:
-                lin = m.get_submodule(name)
-                if b != 16:
-                    lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
-        with torch.no_grad():
-            return float(m(input_ids=ids, labels=ids).loss)
+        return _tiny_loss(sens.units, [bits[change.get(k, anchor[k])] for k in range(len(sens.units))], ids)
 
     args = (model, arch, windows(4, 32), ids, sens.candidates, QuantConfig(method="rtn"), torch.device("cpu"))
     kw = dict(max_probes=1, pair_bits=None, single_bits=(), progress=False, context_anchor=anchor)
