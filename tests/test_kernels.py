@@ -72,6 +72,15 @@ def test_large_batches_dequantize_then_matmul(bits, act_order, monkeypatch):
     assert torch.allclose(triton_qmm.qmatmul(x, layer), reference(layer, x), rtol=1e-4, atol=1e-4)
 
 
+def test_tiles_stay_powers_of_two_for_any_group_size():
+    """Triton tiles must be powers of two: a group of 96 must not shrink a K tile to 96."""
+    for gs in (0, 32, 64, 96, 128, 192, 256, 320):
+        for default in (64, 128):
+            bk = triton_qmm._block_k(default, gs)
+            assert bk & (bk - 1) == 0 and bk <= default
+    assert triton_qmm._block_k(128, 64) == 64 and triton_qmm._block_k(128, 256) == 128  # tiles inside one group
+
+
 def test_three_bit_runtime_layout_holds_the_same_codes():
     layer = make_layer(3, 96, 64, act_order=False)
     rt = triton_qmm.runtime_layout(layer)

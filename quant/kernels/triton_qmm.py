@@ -213,8 +213,9 @@ def _split_k(tiles: int, K: int, block_k: int, sms: int, most: int) -> int:
 
 
 def _block_k(block_k: int, gs: int) -> int:
-    """A K tile inside one group when the groups allow it (``gs`` ≥ 64), else the default."""
-    return min(block_k, gs) if gs >= 64 else block_k
+    """A K tile inside one group when the groups allow it (``gs`` ≥ 64, a power of two: tile sizes
+    must be), else the default."""
+    return min(block_k, gs) if gs >= 64 and gs & (gs - 1) == 0 else block_k
 
 
 def dequantize_t(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
