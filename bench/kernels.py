@@ -55,18 +55,22 @@ def kernel_rows(args) -> list[dict]:
             for batch in args.batches:
                 x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
                 t_fp = bench_ms(lambda: [torch.matmul(x, c.T) for c in copies_fp]) / len(copies_fp)
+
+                def t_hmq() -> float:
+                    return bench_ms(lambda: [triton_qmm.qmatmul(x, c) for c in copies_q]) / len(copies_q)
+
                 # batches above the GEMV: the tiled GEMM kernel and dequantize + cuBLAS, both timed
                 t_gemm = t_deq = None
                 if batch > triton_qmm.GEMV_MAX_ROWS:
                     default = triton_qmm.DEQUANT_MIN_ROWS
                     triton_qmm.DEQUANT_MIN_ROWS = 1 << 30
-                    t_gemm = bench_ms(lambda: [triton_qmm.qmatmul(x, c) for c in copies_q]) / len(copies_q)
+                    t_gemm = t_hmq()
                     triton_qmm.DEQUANT_MIN_ROWS = 0
-                    t_deq = bench_ms(lambda: [triton_qmm.qmatmul(x, c) for c in copies_q]) / len(copies_q)
+                    t_deq = t_hmq()
                     triton_qmm.DEQUANT_MIN_ROWS = default
                     t_q = t_deq if batch >= default else t_gemm
                 else:
-                    t_q = bench_ms(lambda: [triton_qmm.qmatmul(x, c) for c in copies_q]) / len(copies_q)
+                    t_q = t_hmq()
                 moved = wbytes + 2 * batch * (in_f + out_f)
                 gbs = moved / t_q / 1e6
                 rows.append({"shape": f"{out_f}x{in_f}", "bits": bits, "batch": batch, "ms": t_q, "fp16_ms": t_fp,

@@ -623,7 +623,8 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, a
         todo = []
         for k in range(U):
             if not ok[k]:  # its anchor candidate does not apply: it stays at fp in the anchor model
-                todo += [] if taylor else [(k, c) for c in range(C) if weights(k, c) is not None]
+                if not taylor:
+                    todo += [(k, c) for c in range(C) if weights(k, c) is not None]
                 continue
             out[k][anchor[k]] = 0.0
             if not taylor:

@@ -76,9 +76,10 @@ def test_tiles_stay_powers_of_two_for_any_group_size():
     """Triton tiles must be powers of two: a group of 96 must not shrink a K tile to 96."""
     for gs in (0, 32, 64, 96, 128, 192, 256, 320):
         for default in (64, 128):
-            bk = triton_qmm._block_k(default, gs)
+            bk, one_group = triton_qmm._k_tile(default, gs)
             assert bk & (bk - 1) == 0 and bk <= default
-    assert triton_qmm._block_k(128, 64) == 64 and triton_qmm._block_k(128, 256) == 128  # tiles inside one group
+    assert triton_qmm._k_tile(128, 64) == (64, True) and triton_qmm._k_tile(128, 256) == (128, True)  # inside one group
+    assert triton_qmm._k_tile(128, 96) == (128, False) and triton_qmm._k_tile(64, 32) == (64, False)  # rows gather g_idx
 
 
 def test_three_bit_runtime_layout_holds_the_same_codes():

@@ -19,6 +19,7 @@ Tile sizes follow fixed rules of the shape (see :func:`qmatmul`); numbers: ``ben
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -140,9 +141,9 @@ def _dequant_kernel(qw_ptr, qhi_ptr, scales_ptr, zeros_ptr, gidx_ptr, out_ptr, N
                     BLOCK_K: tl.constexpr):
     """The whole weight, transposed, (K, N) in ``out_ptr``'s dtype: for large batches, where cuBLAS
     on the dequantized weight beats dequantizing inside every output tile."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     codes = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, LO_BITS, HAS_HI, BLOCK_K, BLOCK_N)
     if ONE_GROUP:
         scale, zero = _group_rows(scales_ptr, zeros_ptr, k0 // GS, offs_n, N)
@@ -200,7 +201,9 @@ def _bucket(m: int) -> int:
 DEQUANT_MIN_ROWS = 128  # from this batch up: dequantize to the activation dtype, then cuBLAS
 
 
+@functools.lru_cache(maxsize=None)
 def _sms(device: torch.device) -> int:
+    """Multiprocessors of ``device``, asked once (qmatmul runs per layer and token)."""
     return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -212,21 +215,22 @@ def _split_k(tiles: int, K: int, block_k: int, sms: int, most: int) -> int:
     return sk
 
 
-def _block_k(block_k: int, gs: int) -> int:
-    """A K tile inside one group when the groups allow it (``gs`` ≥ 64, a power of two: tile sizes
-    must be), else the default."""
-    return min(block_k, gs) if gs >= 64 and gs & (gs - 1) == 0 else block_k
+def _k_tile(block_k: int, gs: int) -> tuple[int, bool]:
+    """(K tile, whether each tile lies inside one group): a tile inside one group when the groups allow
+    it (``gs`` ≥ 64, a power of two: tile sizes must be), else the default."""
+    bk = min(block_k, gs) if gs >= 64 and gs & (gs - 1) == 0 else block_k
+    return bk, gs > 0 and gs % bk == 0
 
 
 def dequantize_t(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight, transposed, (in, out) in ``dtype``, by one Triton kernel."""
     rt = runtime_layout(layer)
     K, N, gs = layer.in_features, layer.out_features, rt["gs"]
-    bk, bn = 64, 64 if INTERPRET else 128
+    (bk, one_group), bn = _k_tile(64, gs), 64 if INTERPRET else 128
     out = torch.empty(K, N, dtype=dtype, device=layer.qweight.device)
     _dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn))](
         rt["qw"], rt["qhi"], rt["scales"], rt["zeros"], rt["g_idx"], out, N, K, LO_BITS=rt["lo_bits"],
-        HAS_HI=rt["has_hi"], GS=gs, ONE_GROUP=gs > 0 and gs % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        HAS_HI=rt["has_hi"], GS=gs, ONE_GROUP=one_group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
 
@@ -250,18 +254,18 @@ def qmatmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     if M <= GEMV_MAX_ROWS:
         rows = _bucket(M)
         bn, bk = (32, 64) if INTERPRET else (64, 128) if rows == 1 else (64, 64) if rows <= 4 else (32, 64)
-        bk = _block_k(bk, gs)
+        bk, one_group = _k_tile(bk, gs)
         sk = _split_k(triton.cdiv(N, bn), K, bk, _sms(x.device), 16)
-        _qgemv_kernel[(triton.cdiv(N, bn), sk)](*args, **common, ONE_GROUP=gs > 0 and gs % bk == 0, ROWS=rows,
+        _qgemv_kernel[(triton.cdiv(N, bn), sk)](*args, **common, ONE_GROUP=one_group, ROWS=rows,
                                                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
     else:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
         bn, bk = (32, 64) if INTERPRET else (128, 64) if bm == 128 else (64, 64)
-        bk = _block_k(bk, gs)
+        bk, one_group = _k_tile(bk, gs)
         sk = _split_k(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, _sms(x.device), 8)
         upcast = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
         _qgemm_kernel[(triton.cdiv(N, bn), sk, triton.cdiv(M, bm))](
-            *args, **common, ONE_GROUP=gs > 0 and gs % bk == 0, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            *args, **common, ONE_GROUP=one_group, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             SPLIT_K=sk, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
     if layer.bias is not None:
         out += layer.bias.to(torch.float32)
