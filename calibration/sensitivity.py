@@ -402,7 +402,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                         settings: dict | None = None, single_bits: tuple[int, ...] | None = None,
                         context_bits: int | None = None, context_method: str = "exact",
                         context_exact_bits: tuple[int, ...] = (16,),
-                        context_anchor: list[str] | None = None) -> Sensitivity:
+                        context_anchor: list[str] | None = None, sequential: bool = False) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
     the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
@@ -416,7 +416,9 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     per-unit curvature fitted to those passes (see :func:`_measure_in_context`).
     ``context_anchor`` (a candidate label per unit, e.g. an allocation chosen from an earlier
     measurement) replaces the uniform ``context_bits`` model as the point the in-context changes are
-    measured around."""
+    measured around. ``sequential`` (with an anchor): each decoder layer's candidates are quantized on
+    the inputs of the anchor model, with the layers in front quantized at their anchor candidates, as
+    `hmq quantize` builds that model (else on fp inputs)."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     method = get_method(config.method)
@@ -497,7 +499,11 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
         del hessians
         if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
             as_tuple = isinstance(layer(loss_in[0].hidden, **loss_in[0].kwargs), tuple)
-        inputs = run_layer(layer, inputs)
+        if sequential and anchor is not None:  # the next layer's inputs come from the anchor model
+            with _swapped(model, {m: w for k in by_layer[i] for m, w in probe_weights.get((k, anchor[k]), {}).items()}):
+                inputs = run_layer(layer, inputs)
+        else:
+            inputs = run_layer(layer, inputs)
         loss_in = run_layer(layer, loss_in)
         layer_outs.append(loss_in[0].hidden)
         layers[i] = layer.to("cpu")
@@ -559,6 +565,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
                      "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits,
                      "context_method": context_method if anchor is not None else None,
+                     "sequential": bool(sequential and anchor is not None),
                      "context_exact_bits": list(context_exact_bits) if context_method == "taylor" else None})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,

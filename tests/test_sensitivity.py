@@ -275,6 +275,30 @@ def test_in_context_around_a_mixed_anchor(measured):
         measure_sensitivity(*args, **{**kw, "context_bits": 2})
 
 
+def test_sequential_anchor_is_the_model_quantize_builds():
+    """``sequential=True``: each layer's candidates are quantized (GPTQ) on the anchor model's inputs,
+    so the anchor whose loss the context measurement starts from is the model `quantize` builds
+    (one pass per layer); on fp inputs it is another model, with another loss."""
+    from quant.pipeline import quantize_model
+
+    arch = get_arch("llama")
+    calib, ids = windows(4, 32), windows(2, 32, seed=5)
+    config = QuantConfig(method="gptq", bits=2, group_size=-1, true_sequential=False)
+    built = build_tiny("llama")
+    quantize_model(built, arch, calib, config, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        quantized = float(built(input_ids=ids, labels=ids).loss)
+    kw = dict(max_probes=1, pair_bits=None, single_bits=(), progress=False, context_bits=2)
+    dl = {}
+    for seq in (True, False):
+        sens = measure_sensitivity(build_tiny("llama"), arch, calib, ids, parse_candidates([2], -1), config,
+                                   torch.device("cpu"), **kw, sequential=seq)
+        dl[seq] = sens.context_dloss + sens.base_loss
+        assert sens.settings["sequential"] is seq
+    assert dl[True] == pytest.approx(quantized, abs=2e-3)
+    assert abs(dl[False] - quantized) > 10 * abs(dl[True] - quantized)
+
+
 def test_file_round_trip_and_model_check(measured, tmp_path):
     model, arch, sens = measured
     path = sens.save(tmp_path / "m.sens")
