@@ -451,7 +451,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     single_set = set(single_bits) | ({pair_bits} if pair_bits is not None else set())  # widths of fp-frame singles
     keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are held
 
-    # 1) layer by layer on fp inputs: H_x, and every candidate's real ΔW
+    # 1) layer by layer on fp inputs (``sequential``: the anchor model's): H_x, and every candidate's real ΔW
     t0 = time.perf_counter()
     layers = decoder_layers(model, arch)
     inputs = capture_layer_inputs(model, layers, windows, device, batch_size)
@@ -500,7 +500,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
         if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
             as_tuple = isinstance(layer(loss_in[0].hidden, **loss_in[0].kwargs), tuple)
         if sequential and anchor is not None:  # the next layer's inputs come from the anchor model
-            with _swapped(model, {m: w for k in by_layer[i] for m, w in probe_weights.get((k, anchor[k]), {}).items()}):
+            with _swapped(model, _anchor_weights(probe_weights, anchor, by_layer[i])):
                 inputs = run_layer(layer, inputs)
         else:
             inputs = run_layer(layer, inputs)
@@ -591,6 +591,12 @@ def _context_anchor(units: list[Unit], candidates: list[Candidate], context_bits
     return [known[lab] for lab in labels]
 
 
+def _anchor_weights(probe_weights: dict, anchor: list[int], ks) -> dict[str, torch.Tensor]:
+    """The quantized member weights of units ``ks`` at their anchor candidates (none for a unit anchored
+    at fp16, or where its candidate does not apply: it stays at fp)."""
+    return {m: w for k in ks for m, w in probe_weights.get((k, anchor[k]), {}).items()}
+
+
 @torch.no_grad()
 def _measure_in_context(model, arch, layers, units, candidates, probe_weights, anchor, loss_windows, device, as_tuple,
                         fp_loss, progress, method="exact", exact_bits=(16,)):
@@ -608,8 +614,7 @@ def _measure_in_context(model, arch, layers, units, candidates, probe_weights, a
         return {m: fp_w[m] for m in units[k].members} if candidates[c].bits == 16 else probe_weights.get((k, c))
 
     ok = [weights(k, anchor[k]) is not None for k in range(U)]
-    ctx = {m: w for k in range(U) if ok[k] and candidates[anchor[k]].bits != 16
-           for m, w in probe_weights[(k, anchor[k])].items()}
+    ctx = _anchor_weights(probe_weights, anchor, range(U))
     ids = loss_windows.to(device)
     out: list[list[float | None]] = [[None] * C for _ in range(U)]
     taylor = method == "taylor"
