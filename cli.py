@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--budget-latency", type=float, metavar="T", help="summed latency of the decoder linears, in the "
                                                                      "table's unit")
     _allocation_flags(mp)
+    mp.add_argument("--search", type=int, default=0, metavar="GENERATIONS",
+                    help="refine the ILP's allocation by evolutionary search on the measured calibration loss of the "
+                         "model itself (every candidate quantized once, on the ILP model's inputs; holds one model "
+                         "copy per candidate in CPU memory); e.g. 60 (default 0: off)")
+    mp.add_argument("--search-samples", type=int, default=4, help="--search: windows of calibration text it scores "
+                                                                  "each configuration on (default 4; one screens)")
+    mp.add_argument("--search-seqlen", type=int, default=512, help="--search: tokens per window (default 512)")
+    mp.add_argument("--search-offspring", type=int, default=8, help="--search: children per generation (default 8)")
     mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
     mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
                                                                "bisection (default 8)")
@@ -400,6 +408,27 @@ def _budget_allocation(args, sens):
     return alloc
 
 
+def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, device, calib):
+    """--search: evolutionary refinement of the ILP's allocation on the model's measured loss."""
+    from calibration.data import calibration_windows
+    from quant.config import ConfigError
+    from quant.mixed import make_problem, search_allocation
+
+    if args.search < 0 or args.search_samples < 1 or args.search_seqlen < 1 or args.search_offspring < 2:
+        raise ConfigError("--search takes a number of generations ≥ 0, with --search-samples ≥ 1, --search-seqlen ≥ 1 "
+                          "and --search-offspring ≥ 2.")
+    latency = json.loads(Path(args.latency_table).read_text()) if args.budget_latency is not None else None
+    loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1)
+    log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", args.search,
+             args.search_offspring, args.search_samples, args.search_seqlen, calib)
+    problem = make_problem(sens, args.objective, not args.no_pairs, latency, args.gain_scale)
+    new, record = search_allocation(sens, alloc, model, arch, windows, loss_windows, config, device, args.search,
+                                    args.search_offspring, seed=run["seed"], progress=not args.no_progress,
+                                    latency=latency, problem=problem)
+    log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
+    return new, record
+
+
 def _parse_percent(text: str) -> float:
     from quant.config import ConfigError
 
@@ -429,6 +458,9 @@ def cmd_quantize(args) -> int:
     if (args.budget_latency is None) != (args.latency_table is None):
         raise ConfigError("--budget-latency and --latency-table go together: give both.")
     mixed = bool(budgets)
+    if args.search and (not mixed or args.max_ppl_increase is not None):
+        raise ConfigError("--search refines the allocation of one budget: give it with --budget, --budget-gb or "
+                          "--budget-latency (not alone, and not with --max-ppl-increase).")
     if args.sensitivity and not mixed:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
@@ -463,8 +495,13 @@ def cmd_quantize(args) -> int:
             from quant.mixed import config_for
 
             alloc = _budget_allocation(args, sens)
+            search = None
+            if args.search:
+                alloc, search = _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, device, calib)
             config = config_for(sens, alloc, config)
             allocation = alloc.to_dict()
+            if search is not None:
+                allocation["search"] = search
         _check_engine_early(model, arch, config, args)
         report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
@@ -477,6 +514,10 @@ def cmd_quantize(args) -> int:
         a = extra["allocation"]
         print(f"mixed precision ({args.objective}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
               f"solver {a['status']} (gap ≤ {a['gap']:.2g}, {a['solve_seconds']:.2f} s)")
+        if "search" in a:
+            r = a["search"]
+            print(f"  search: calibration loss {r['start_score']:.4f} (ILP) -> {r['score']:.4f} in "
+                  f"{r['evaluations']['full']} full + {r['evaluations']['screen']} screening passes, {r['seconds']:.0f} s")
         if "bisection" in a:
             for step in a["bisection"]:
                 print(f"  bisection: budget {step['budget']:.3f} bpw -> ppl {step['ppl']:.3f}")

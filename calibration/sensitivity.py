@@ -359,6 +359,22 @@ def candidate_cost(unit: Unit, cand: Candidate, partial_groups: bool) -> float:
     return float(storage_bytes(unit.out_features, unit.in_features, cand.bits, cand.group_size))
 
 
+def unit_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
+    """The unit's member weights stacked along the output dimension, fp32: (out, in)."""
+    return torch.cat([model.get_submodule(m).weight.detach().to(torch.float32) for m in unit.members])
+
+
+def member_weights(model: nn.Module, unit: Unit, W: torch.Tensor, dtype: torch.dtype = torch.float16
+                   ) -> dict[str, torch.Tensor]:
+    """Split a unit-shaped (out, in) weight back into its members, on the CPU in ``dtype``."""
+    out, row = {}, 0
+    for m in unit.members:
+        rows = model.get_submodule(m).out_features
+        out[m] = W[row : row + rows].to("cpu", dtype)
+        row += rows
+    return out
+
+
 @contextlib.contextmanager
 def _skip_layers(layers: nn.ModuleList, upto: int, outputs: list[torch.Tensor], as_tuple: bool):
     """Layers ``< upto`` return their cached outputs instead of computing them."""
@@ -467,7 +483,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
         hessians, _ = collect_hessians(layer, list(arch.linears), inputs, prefix, None, (), arch.shared_input)
         for k in by_layer[i]:
             u = units[k]
-            W = torch.cat([model.get_submodule(m).weight.detach().to(torch.float32) for m in u.members])  # (out, in)
+            W = unit_weight(model, u)  # (out, in)
             H = hessians[u.members[0].removeprefix(prefix)]
             for m in u.members[1:]:
                 if hessians[m.removeprefix(prefix)] is not H:
@@ -490,12 +506,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                 sqnorm[k][c] = float(sq_row.sum())
                 out_err[k][c] = float(per_row.sum())  # tr(ΔW H ΔWᵀ)
                 if cand.bits in keep_bits:
-                    Wq, row = W + dW, 0
-                    probe_weights[(k, c)] = {}
-                    for m in u.members:
-                        rows = model.get_submodule(m).out_features
-                        probe_weights[(k, c)][m] = Wq[row : row + rows].to("cpu", torch.float16)
-                        row += rows
+                    probe_weights[(k, c)] = member_weights(model, u, W + dW)
         del hessians
         if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
             as_tuple = isinstance(layer(loss_in[0].hidden, **loss_in[0].kwargs), tuple)

@@ -218,3 +218,37 @@ def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seql
     res = perplexity(model.to(device), eval_ids, seqlen, max_windows, device, progress=False)
     model.to("cpu")
     return res["ppl"], report, model, tokenizer
+
+
+def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows, loss_windows, config: QuantConfig,
+                      device, generations: int, offspring: int = 8, survivors: int = 2, screen: int = 1,
+                      seed: int = 0, progress: bool = True, latency: dict | None = None,
+                      problem: Problem | None = None) -> tuple[Allocation, dict]:
+    """Refine the ILP's ``alloc`` by evolutionary search (:func:`quant.search.evolve`) on the measured
+    loss of ``loss_windows`` (n, seq), with every candidate quantized once on the inputs of the ILP's
+    model (:func:`calibration.search.candidate_database`). Same budget and cost as ``alloc``; keeping
+    16 bits stays out unless the ILP chose it; ``problem`` (the ILP's) gives the new allocation's
+    predicted ΔNLL. Returns the new allocation and the search's record (losses, evaluations, time)."""
+    from calibration.search import StitchedLoss, candidate_database
+
+    from .allocate import Solution
+    from .search import evolve
+
+    cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
+    start = list(alloc.solution.choice)
+    allowed = np.array([[cand.bits != 16 or start[k] == c for c, cand in enumerate(sens.candidates)]
+                        for k in range(len(sens.units))])
+    db = candidate_database(model, arch, sens.units, sens.candidates, sens.cost, windows, config, device, start,
+                            progress=progress)
+    fitness = StitchedLoss(model, arch, sens.units, db, loss_windows, device, screen)
+    res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
+                 survivors=survivors, seed=seed, progress=progress, allowed=allowed)
+    del db
+    sol = Solution(res.choice, alloc.solution.objective, res.cost, f"searched ({alloc.solution.status} start)",
+                   alloc.solution.gap, alloc.solution.seconds + res.seconds)
+    cands = [sens.candidates[c] for c in res.choice]
+    nbytes = sum(sens.cost[k][c] for k, c in enumerate(res.choice))
+    predicted = problem.objective(res.choice) if problem is not None else math.nan
+    new = Allocation(alloc.budget, sol, [c.label for c in cands], [c.bits for c in cands], predicted,
+                     8 * nbytes / total_params(sens), alloc.unit_names)
+    return new, res.to_dict()

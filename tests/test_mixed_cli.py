@@ -197,3 +197,24 @@ def test_taylor_context_measurement_and_gain_scale(tiny_model_dir, text_file, tm
                "--objective", "context", "--gain-scale", 1.5, "--budget", 3.5, "--out", tmp_path / "bad") == 2
     assert "--gain-scale 1.5 must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_search_refines_the_allocation_within_budget(sens_file, tiny_model_dir, text_file, tmp_path, capsys):
+    """--search: the checkpoint stays within the budget, the record says what the search did, and
+    its calibration loss is never worse than the ILP's start."""
+    out = tmp_path / "searched"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens_file,
+               "--budget", 3.0, "--search", 3, "--search-samples", 2, "--search-seqlen", 32, "--search-offspring", 3,
+               "--out", out) == 0
+    summary = capsys.readouterr().out
+    assert "search: calibration loss" in summary
+    assert run("inspect", out, "--json") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["bpw"] <= 3.0 + 1e-9
+    a = json.loads((out / "hmq.json").read_text())["allocation"]
+    assert a["bpw"] == pytest.approx(rep["bpw"]) and a["status"].startswith("searched")
+    s = a["search"]
+    assert s["score"] <= s["start_score"] and s["evaluations"]["full"] >= 1 and s["evaluations"]["screen"] >= 3
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--search", 3,
+               "--out", tmp_path / "x") == 2
+    assert "--search refines" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""Evolutionary refinement of a bit allocation against a measured loss (EvoPress, Sieberling et al.
+2024, §3: "level-switch" mutations that stay within the budget, (1 + λ) selection with elitism,
+offspring screened on few tokens and only the best few scored on all of them).
+
+The integer program in :mod:`quant.allocate` is exact for the table it is given, but the table adds
+up per-unit damages measured one at a time; at low budgets many narrow units together do more
+damage than their sum. The search here asks the model itself: ``fitness(choice, full)`` is the
+loss of the model built from ``choice`` (one candidate index per unit), on a small screening set
+when ``full`` is false and on the whole selection set when true. It starts from the ILP's choice
+and only ever accepts a configuration whose full-set loss is lower, so it never ends worse than it
+started, on the selection set.
+
+A pure function on plain data: the caller decides what a configuration's loss is.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .allocate import BudgetError, _tie_groups
+
+
+@dataclass
+class SearchResult:
+    choice: list[int]  # candidate index per unit
+    cost: float
+    score: float  # full-set loss of ``choice``
+    start_score: float  # full-set loss of the starting choice
+    evaluations: dict[str, int]  # fitness calls: {"screen": n, "full": n}
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # one row per accepted improvement
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "start_score": self.start_score, "cost": self.cost,
+                "evaluations": self.evaluations, "seconds": self.seconds, "history": self.history}
+
+
+class _Levels:
+    """Each tie group's usable candidates, cheapest first, and the group's cost at each."""
+
+    def __init__(self, cost: np.ndarray, groups: list[list[int]], allowed: np.ndarray):
+        self.groups = groups
+        self.cands: list[list[int]] = []
+        self.costs: list[np.ndarray] = []
+        for g in groups:
+            ok = [c for c in range(cost.shape[1]) if all(allowed[u, c] and math.isfinite(cost[u, c]) for u in g)]
+            ok.sort(key=lambda c: (float(cost[g, c].sum()), c))
+            self.cands.append(ok)
+            self.costs.append(np.array([float(cost[g, c].sum()) for c in ok]))
+
+
+def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[[list[int], bool], float], *,
+           generations: int = 50, offspring: int = 8, survivors: int = 2, max_mutations: int = 3,
+           ties: list[tuple[int, int]] | None = None, allowed: np.ndarray | None = None, seed: int = 0,
+           progress: bool = True) -> SearchResult:
+    """Refine ``start`` (candidate index per unit, within ``budget``) by (1 + λ) evolution.
+
+    Each generation makes ``offspring`` children of the current best, each by 1..``max_mutations``
+    level switches (one more allowed for every 10 generations without an improvement): one group moves one level up or down in cost, other random groups step down
+    until the budget holds again, and any slack left is spent raising random groups one level
+    where it fits. All children are screened (``fitness(child, False)``); the ``survivors`` best are
+    scored on the full set (``fitness(child, True)``), and the best of those replaces the parent if
+    it is lower. ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);
+    ``ties`` are units that always share one candidate."""
+    t0 = time.perf_counter()
+    cost = np.asarray(cost, dtype=float)
+    U, C = cost.shape
+    allowed = np.ones((U, C), bool) if allowed is None else np.asarray(allowed, bool)
+    if len(start) != U:
+        raise ValueError(f"start gives {len(start)} candidates for {U} units.")
+    groups = _tie_groups(U, list(ties or []))
+    lv = _Levels(cost, groups, allowed)
+    level = []
+    for gi, g in enumerate(groups):
+        c = start[g[0]]
+        if any(start[u] != c for u in g) or c not in lv.cands[gi]:
+            raise ValueError(f"start gives unit {g[0]} candidate {c}, which is not allowed for its tie group {g}.")
+        level.append(lv.cands[gi].index(c))
+    start_cost = float(sum(cost[u, start[u]] for u in range(U)))
+    if start_cost > budget * (1 + 1e-9):
+        raise BudgetError(f"the starting allocation costs {start_cost:.6g}, over the budget {budget:.6g}.")
+    if min(offspring, survivors, generations) < 1 or survivors > offspring:
+        raise ValueError("need generations ≥ 1 and 1 ≤ survivors ≤ offspring.")
+    rng = np.random.default_rng(seed)
+
+    def to_choice(lev) -> list[int]:
+        out = [0] * U
+        for gi, g in enumerate(groups):
+            for u in g:
+                out[u] = lv.cands[gi][lev[gi]]
+        return out
+
+    def total(lev) -> float:
+        return float(sum(lv.costs[gi][lev[gi]] for gi in range(len(groups))))
+
+    def mutate(lev: list[int], most: int) -> list[int]:
+        lev = list(lev)
+        for _ in range(int(rng.integers(1, most + 1))):
+            a = int(rng.integers(len(groups)))
+            up = bool(rng.integers(2))
+            if up and lev[a] + 1 < len(lv.cands[a]):
+                lev[a] += 1
+            elif lev[a] > 0:
+                lev[a] -= 1
+            spent = total(lev)
+            while spent > budget:  # step random other groups down until the budget holds
+                down = [g for g in range(len(groups)) if g != a and lev[g] > 0]
+                if not down:
+                    lev[a] -= 1  # nothing else can give: undo (the start was feasible, so this ends)
+                else:
+                    g = down[int(rng.integers(len(down)))]
+                    lev[g] -= 1
+                spent = total(lev)
+            for g in rng.permutation(len(groups)):  # spend the slack, one level per group at most
+                g = int(g)
+                if g != a and lev[g] + 1 < len(lv.cands[g]):
+                    step = lv.costs[g][lev[g] + 1] - lv.costs[g][lev[g]]
+                    if spent + step <= budget:
+                        lev[g] += 1
+                        spent += step
+        return lev
+
+    best = level
+    best_score = fitness(to_choice(best), True)
+    start_score = best_score
+    seen = {tuple(best)}
+    calls = {"screen": 0, "full": 1}
+    history = [{"generation": 0, "score": best_score, "cost": total(best)}]
+    last = 0  # generation of the last improvement
+    bar = tqdm(range(1, generations + 1), desc="search", disable=not progress, unit="gen")
+    for gen in bar:
+        # fresh children only; the longer no child has been better, the further they may jump
+        most = max_mutations + (gen - 1 - last) // 10
+        kids = []
+        for _ in range(offspring * 8):
+            k = mutate(best, most)
+            if tuple(k) not in seen:
+                seen.add(tuple(k))
+                kids.append(k)
+            if len(kids) == offspring:
+                break
+        if not kids:
+            continue
+        screened = []
+        for k in kids:
+            screened.append((fitness(to_choice(k), False), k))
+            calls["screen"] += 1
+        screened.sort(key=lambda t: t[0])
+        for _, k in screened[:survivors]:
+            s = fitness(to_choice(k), True)
+            calls["full"] += 1
+            if s < best_score:
+                best, best_score, last = k, s, gen
+                history.append({"generation": gen, "score": s, "cost": total(k)})
+        bar.set_postfix(loss=f"{best_score:.4f}")
+    return SearchResult(to_choice(best), total(best), best_score, start_score, calls, time.perf_counter() - t0, history)

@@ -1,0 +1,148 @@
+"""Allocation search: the pure evolution against brute force on small non-additive problems, its
+budget and tie guarantees; the candidate database against the model `quantize` builds; the stitched
+loss's cached prefix against a full recomputation."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.search import StitchedLoss, candidate_database
+from calibration.sensitivity import build_units, candidate_cost, parse_candidates
+from quant.allocate import BudgetError
+from quant.arch import get_arch
+from quant.config import QuantConfig
+from quant.search import evolve
+
+from .conftest import build_tiny, windows
+
+
+def _problem(seed: int, U: int = 6, C: int = 3):
+    rng = np.random.default_rng(seed)
+    size = rng.integers(1, 4, U)[:, None]
+    cost = size * np.array([2.0, 3.0, 4.0])[None, :C]
+    D = np.sort(rng.random((U, C)), axis=1)[:, ::-1] * size
+    W = rng.normal(scale=0.3, size=(U, U))
+
+    def loss(choice):  # non-additive: pairwise interactions and a convex blow-up of the sum
+        d = np.array([D[u, c] for u, c in enumerate(choice)])
+        return float(d.sum() + d @ W @ d * 0.1 + np.exp(d.sum() / U))
+
+    return cost, loss
+
+
+def _brute(cost, budget, loss, ties=()):
+    U, C = cost.shape
+    best = None
+    for choice in itertools.product(range(C), repeat=U):
+        if any(choice[a] != choice[b] for a, b in ties):
+            continue
+        if sum(cost[u, c] for u, c in enumerate(choice)) <= budget + 1e-9:
+            v = loss(choice)
+            if best is None or v < best[1]:
+                best = (list(choice), v)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evolve_finds_the_brute_force_optimum_of_a_non_additive_loss(seed):
+    cost, loss = _problem(seed)
+    budget = 3.0 * cost[:, 0].sum() / 2.0  # 3 bits on average
+    start = [1] * len(cost)  # every unit at the middle candidate: feasible, rarely optimal
+    seen = []
+
+    def fitness(choice, full):
+        seen.append(list(choice))
+        return loss(choice)
+
+    res = evolve(cost, budget, start, fitness, generations=150, offspring=6, survivors=2, seed=seed, progress=False)
+    best, value = _brute(cost, budget, loss)
+    assert res.score == pytest.approx(value)
+    assert loss(res.choice) == pytest.approx(res.score)
+    assert res.start_score == pytest.approx(loss(start)) and res.score <= res.start_score
+    assert all(sum(cost[u, c] for u, c in enumerate(ch)) <= budget + 1e-9 for ch in seen)  # never over budget
+    assert res.evaluations["full"] + res.evaluations["screen"] == len(seen)
+
+
+def test_evolve_keeps_ties_and_masks_and_refuses_bad_starts():
+    cost, loss = _problem(3)
+    budget = 3.0 * cost[:, 0].sum() / 2.0
+    ties = [(0, 1), (2, 3)]
+    allowed = np.ones(cost.shape, bool)
+    allowed[4, 2] = False  # unit 4 may not take the widest candidate
+    seen = []
+
+    def fitness(choice, full):
+        seen.append(list(choice))
+        return loss(choice)
+
+    res = evolve(cost, budget, [1] * 6, fitness, generations=60, ties=ties, allowed=allowed, progress=False)
+    assert all(ch[0] == ch[1] and ch[2] == ch[3] and ch[4] != 2 for ch in seen)
+    masked = lambda ch: math.inf if ch[4] == 2 else loss(ch)  # noqa: E731
+    assert res.score == pytest.approx(_brute(cost, budget, masked, ties)[1])
+    with pytest.raises(BudgetError, match="over the budget"):
+        evolve(cost, 1.0, [1] * 6, fitness, generations=1, progress=False)
+    with pytest.raises(ValueError, match="tie group"):
+        evolve(cost, budget, [0, 1, 1, 1, 1, 1], fitness, generations=1, ties=ties, progress=False)
+
+
+def _tiny_units():
+    model, arch = build_tiny("llama"), get_arch("llama")
+    cands = parse_candidates(["2g-1", "3g-1", "4g-1"], -1, keep=True)
+    units = build_units(model, arch)
+    cost = [[candidate_cost(u, c, False) for c in cands] for u in units]
+    return model, arch, cands, units, cost
+
+
+def test_database_at_the_anchor_is_the_model_quantize_builds():
+    """Each layer's candidates are GPTQ'd on the anchor model's inputs, true-sequentially inside the
+    layer, so the anchor's candidates are the weights `quantize_model` builds for that allocation;
+    on fp inputs (anchor: keep 16 everywhere) the later layers' candidates are other weights."""
+    from quant.pipeline import quantize_model
+
+    model, arch, cands, units, cost = _tiny_units()
+    calib = windows(4, 32)
+    anchor = [k % 3 for k in range(len(units))]  # a mixed allocation: 2, 3 and 4 bits
+    base = QuantConfig(method="gptq", group_size=-1)
+    db = candidate_database(model, arch, units, cands, cost, calib, base, torch.device("cpu"), anchor, progress=False)
+    assert set(db) == {(k, c) for k in range(len(units)) for c in range(3)}  # no entries for keep-16
+    fp_db = candidate_database(model, arch, units, cands, cost, calib, base, torch.device("cpu"), [3] * len(units),
+                               progress=False)
+    overrides = {f"^{m}$": {"bits": cands[anchor[k]].bits, "group_size": -1} for k, u in enumerate(units)
+                 for m in u.members}
+    built = build_tiny("llama")
+    quantize_model(built, arch, calib, QuantConfig(method="gptq", group_size=-1, overrides=overrides),
+                   torch.device("cpu"), progress=False)
+    last = [k for k, u in enumerate(units) if u.layer == units[-1].layer]
+    for k in range(len(units)):
+        for m in units[k].members:
+            ref = built.get_submodule(m).dequantize(torch.float32)
+            tol = 1e-6 * ref.abs().max()
+            seq_off = ((db[(k, anchor[k])][m].float() - ref).abs() > tol).float().mean()
+            fp_off = ((fp_db[(k, anchor[k])][m].float() - ref).abs() > tol).float().mean()
+            assert seq_off == 0, m  # the same codes
+            if k in last or units[k].members[0].endswith(("o_proj", "down_proj")):
+                assert fp_off > 0.05, m  # their inputs depend on quantized weights in front
+
+
+def test_stitched_loss_from_the_cached_prefix_equals_a_full_pass():
+    model, arch, cands, units, cost = _tiny_units()
+    calib, ids = windows(4, 32), windows(3, 32, seed=7)
+    anchor = [1] * len(units)
+    db = candidate_database(model, arch, units, cands, cost, calib, QuantConfig(method="gptq", group_size=-1),
+                            torch.device("cpu"), anchor, progress=False)
+    fit = StitchedLoss(model, arch, units, db, ids, torch.device("cpu"), screen=1)
+    fit(anchor, True)  # becomes the reference: its layer outputs are cached
+    late = list(anchor)
+    late[-1] = 0  # a unit in the last layer: only that layer is recomputed
+    early = list(anchor)
+    early[0] = 2
+    both = list(late)
+    both[0] = 2  # changes in the first and the last layer: computed from the first
+    for choice in (late, early, both, anchor):
+        for full in (True, False):
+            fresh = StitchedLoss(model, arch, units, db, ids, torch.device("cpu"), screen=1)
+            assert fit(choice, full) == pytest.approx(fresh(choice, full), abs=1e-5)
+    assert fit(late, True) != pytest.approx(fit(anchor, True), abs=1e-4)  # the change is seen
+    assert fit(anchor, False) != pytest.approx(fit(anchor, True), abs=1e-4)  # screening uses fewer windows
