@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "each configuration on (default 4; one screens)")
     mp.add_argument("--search-seqlen", type=int, default=512, help="--search: tokens per window (default 512)")
     mp.add_argument("--search-offspring", type=int, default=8, help="--search: children per generation (default 8)")
+    mp.add_argument("--search-screen", type=int, default=1, help="--search: windows each child is screened on before "
+                                                                 "the best two are scored on all (default 1)")
     mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
     mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
                                                                "bisection (default 8)")
@@ -414,17 +416,17 @@ def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, dev
     from quant.config import ConfigError
     from quant.mixed import make_problem, search_allocation
 
-    if args.search < 0 or args.search_samples < 1 or args.search_seqlen < 1 or args.search_offspring < 2:
-        raise ConfigError("--search takes a number of generations ≥ 0, with --search-samples ≥ 1, --search-seqlen ≥ 1 "
-                          "and --search-offspring ≥ 2.")
+    if min(args.search, args.search_samples, args.search_seqlen, args.search_screen) < 1 or args.search_offspring < 2:
+        raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
+                          "--search-screen ≥ 1 and --search-offspring ≥ 2.")
     latency = json.loads(Path(args.latency_table).read_text()) if args.budget_latency is not None else None
     loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1)
     log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", args.search,
              args.search_offspring, args.search_samples, args.search_seqlen, calib)
     problem = make_problem(sens, args.objective, not args.no_pairs, latency, args.gain_scale)
     new, record = search_allocation(sens, alloc, model, arch, windows, loss_windows, config, device, args.search,
-                                    args.search_offspring, seed=run["seed"], progress=not args.no_progress,
-                                    latency=latency, problem=problem)
+                                    args.search_offspring, screen=args.search_screen, seed=run["seed"],
+                                    progress=not args.no_progress, latency=latency, problem=problem)
     log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
     return new, record
 
