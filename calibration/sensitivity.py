@@ -449,6 +449,9 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     if context_bits is not None and context_bits not in widths:
         raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     anchor = _context_anchor(units, candidates, context_bits, context_anchor)
+    if sequential and anchor is None:
+        raise ConfigError("sequential measurement quantizes each layer on the anchor model's inputs: give "
+                          "context_bits or an anchor allocation with it.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]

@@ -8,7 +8,7 @@ import torch
 
 from calibration.sensitivity import Sensitivity, SensitivityError, build_units, measure_sensitivity, parse_candidates
 from quant.arch import get_arch
-from quant.config import ModuleSpec, QuantConfig
+from quant.config import ConfigError, ModuleSpec, QuantConfig
 from quant.quantizer import rtn_quantize
 
 from .conftest import build_tiny, windows
@@ -297,6 +297,9 @@ def test_sequential_anchor_is_the_model_quantize_builds():
         assert sens.settings["sequential"] is seq
     assert dl[True] == pytest.approx(quantized, abs=2e-3)
     assert abs(dl[False] - quantized) > 10 * abs(dl[True] - quantized)
+    with pytest.raises(ConfigError, match="anchor"):  # without an anchor there is nothing to be sequential on
+        measure_sensitivity(build_tiny("llama"), arch, calib, ids, parse_candidates([2], -1), config,
+                            torch.device("cpu"), **{**kw, "context_bits": None}, sequential=True)
 
 
 def test_file_round_trip_and_model_check(measured, tmp_path):
