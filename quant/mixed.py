@@ -231,7 +231,6 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     predicted ΔNLL. Returns the new allocation and the search's record (losses, evaluations, time)."""
     from calibration.search import StitchedLoss, candidate_database
 
-    from .allocate import Solution
     from .search import evolve
 
     cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
