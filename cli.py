@@ -391,16 +391,23 @@ def print_sensitivity(sens) -> None:
           f"trace probes {sens.settings.get('trace_probes')}")
 
 
-def _budget_allocation(args, sens):
+def _latency_table(args) -> dict | None:
+    """The --latency-table JSON when a latency budget is given, else None."""
     from quant.config import ConfigError
+
+    if args.budget_latency is None:
+        return None
+    try:
+        return json.loads(Path(args.latency_table).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--latency-table {args.latency_table!r} is not a readable JSON file ({exc}).") from None
+
+
+def _budget_allocation(args, sens):
     from quant.mixed import allocate, allocate_latency, budget_to_bytes
 
     if args.budget_latency is not None:
-        try:
-            table = json.loads(Path(args.latency_table).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--latency-table {args.latency_table!r} is not a readable JSON file ({exc}).") from None
-        alloc = allocate_latency(sens, table, args.budget_latency, args.objective, not args.no_pairs,
+        alloc = allocate_latency(sens, _latency_table(args), args.budget_latency, args.objective, not args.no_pairs,
                                  gain_scale=args.gain_scale)
     else:
         alloc = allocate(sens, budget_to_bytes(sens, args.budget, args.budget_gb), args.objective, not args.no_pairs,
@@ -419,7 +426,7 @@ def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, dev
     if min(args.search, args.search_samples, args.search_seqlen, args.search_screen) < 1 or args.search_offspring < 2:
         raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
                           "--search-screen ≥ 1 and --search-offspring ≥ 2.")
-    latency = json.loads(Path(args.latency_table).read_text()) if args.budget_latency is not None else None
+    latency = _latency_table(args)
     loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1)
     log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", args.search,
              args.search_offspring, args.search_samples, args.search_seqlen, calib)

@@ -15,11 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quant.arch import Arch, decoder_layers
-from quant.config import ModuleSpec, QuantConfig
+from quant.config import QuantConfig
 from quant.methods import get_method
 
-from .capture import capture_layer_inputs, collect_hessians, run_layer
-from .sensitivity import Candidate, Unit, _loss_from, _swapped, member_weights, unit_weight
+from .capture import LayerInput, capture_layer_inputs, collect_hessians, run_layer
+from .sensitivity import (Candidate, Unit, _anchor_weights, _loss_from, _swapped, member_weights, quantized_candidates,
+                          unit_weight)
 
 Database = dict[tuple[int, int], dict[str, torch.Tensor]]  # (unit, candidate) -> member name -> weight
 
@@ -41,10 +42,6 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     for k, u in enumerate(units):
         by_layer.setdefault(u.layer, []).append(k)
     db: Database = {}
-
-    def anchored(ks):
-        return {m: w for k in ks for m, w in db.get((k, anchor[k]), {}).items()}
-
     for i in tqdm(range(len(layers)), desc="candidate database", disable=not progress, unit="layer"):
         layer = layers[i].to(device)
         prefix = f"{arch.layers}.{i}."
@@ -53,21 +50,17 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
             ks = [k for k in by_layer.get(i, []) if units[k].members[0].removeprefix(prefix) in step]
             if not ks:
                 continue
-            with _swapped(model, anchored(done)):
+            with _swapped(model, _anchor_weights(db, anchor, done)):
                 hessians, _ = collect_hessians(layer, list(step), inputs, prefix, None, (), arch.shared_input)
             for k in ks:
                 u = units[k]
                 W = unit_weight(model, u)  # (out, in) fp32
                 H = hessians[u.members[0].removeprefix(prefix)]
-                for c, cand in enumerate(candidates):
-                    if cand.bits == 16 or not math.isfinite(cost[k][c]):
-                        continue
-                    spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
-                    qw = method.fn(W, H if method.needs_hessian else None, spec, config, u.name)
-                    db[(k, c)] = member_weights(model, u, qw.dequantize(torch.float32), dtype)
+                for c, Wq in quantized_candidates(W, H, u, candidates, cost[k], config, method):
+                    db[(k, c)] = member_weights(model, u, Wq, dtype)
             done += ks
             del hessians
-        with _swapped(model, anchored(by_layer.get(i, []))):
+        with _swapped(model, _anchor_weights(db, anchor, by_layer.get(i, []))):
             inputs = run_layer(layer, inputs)
         layers[i] = layer.to("cpu")
     return db
@@ -88,9 +81,12 @@ class StitchedLoss:
         self.screen = max(1, min(screen, len(windows)))
         self.fp = {m: model.get_submodule(m).weight.data for u in units for m in u.members}
         self.ref: list[int] | None = None
-        self.outs: list[torch.Tensor] = []
+        self.outs: list[torch.Tensor] = []  # the reference's decoder-layer outputs, all windows
         self.best = math.inf
-        self.as_tuple = False
+        # the first layer's inputs (embeddings, masks, positions) do not depend on any unit: captured once
+        self.inputs = capture_layer_inputs(model, self.layers, self.ids, device, len(self.ids))
+        first = self.inputs[0]
+        self.as_tuple = isinstance(self.layers[0].to(device)(first.hidden, **first.kwargs), tuple)
 
     def weights(self, choice, from_layer: int = 0) -> dict[str, torch.Tensor]:
         out = {}
@@ -112,16 +108,16 @@ class StitchedLoss:
         loss = _loss_from(self.model, self.layers, outs, self.as_tuple, self.ids[:n], start, self.weights(choice, start))
         if full and loss < self.best:
             self.best = loss
-            self._set_reference(choice)
+            self._set_reference(choice, start)
         return loss
 
     @torch.no_grad()
-    def _set_reference(self, choice: list[int]) -> None:
-        with _swapped(self.model, self.weights(choice)):
-            h = capture_layer_inputs(self.model, self.layers, self.ids, self.device, len(self.ids))
-            self.as_tuple = isinstance(self.layers[0](h[0].hidden, **h[0].kwargs), tuple)
-            outs = []
-            for layer in self.layers:
+    def _set_reference(self, choice: list[int], start: int) -> None:
+        """Cache ``choice``'s layer outputs; those in front of ``start`` are the old reference's."""
+        h = self.inputs if start == 0 else [LayerInput(self.outs[start - 1], self.inputs[0].kwargs)]
+        outs = self.outs[:start]
+        with _swapped(self.model, self.weights(choice, start)):
+            for layer in self.layers[start:]:
                 h = run_layer(layer, h)
                 outs.append(h[0].hidden)
         self.ref, self.outs = choice, outs

@@ -364,6 +364,18 @@ def unit_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
     return torch.cat([model.get_submodule(m).weight.detach().to(torch.float32) for m in unit.members])
 
 
+def quantized_candidates(W: torch.Tensor, H: torch.Tensor, unit: Unit, candidates: list[Candidate], costs: list[float],
+                         config: QuantConfig, method):
+    """Yield (candidate index, dequantized fp32 weight (out, in)) for every quantized candidate that
+    applies to ``unit`` (finite cost), each quantized from ``W`` by ``method`` with input Hessian ``H``."""
+    for c, cand in enumerate(candidates):
+        if cand.bits == 16 or not math.isfinite(costs[c]):
+            continue
+        spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
+        qw = method.fn(W, H if method.needs_hessian else None, spec, config, unit.name)
+        yield c, qw.dequantize(torch.float32)
+
+
 def member_weights(model: nn.Module, unit: Unit, W: torch.Tensor, dtype: torch.dtype = torch.float16
                    ) -> dict[str, torch.Tensor]:
     """Split a unit-shaped (out, in) weight back into its members, on the CPU in ``dtype``."""
@@ -493,12 +505,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                     raise ConfigError(f"{u.name}: its linears do not share one input, so they cannot be one unit; "
                                       "use --units linear.")
             hx_trace[k] = float(torch.diagonal(H).sum())
-            for c, cand in enumerate(candidates):
-                if cand.bits == 16 or not math.isfinite(cost[k][c]):
-                    continue
-                spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
-                qw = method.fn(W, H if method.needs_hessian else None, spec, config, u.name)
-                dW = qw.dequantize(torch.float32) - W  # (out, in)
+            for c, Wq in quantized_candidates(W, H, u, candidates, cost[k], config, method):
+                dW = Wq - W  # (out, in)
                 per_row = ((dW @ H) * dW).sum(1)  # (out,) row r: ΔW_r H ΔW_rᵀ
                 sq_row = dW.pow(2).sum(1)
                 row = 0
@@ -508,12 +516,12 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                     row += rows
                 sqnorm[k][c] = float(sq_row.sum())
                 out_err[k][c] = float(per_row.sum())  # tr(ΔW H ΔWᵀ)
-                if cand.bits in keep_bits:
+                if candidates[c].bits in keep_bits:
                     probe_weights[(k, c)] = member_weights(model, u, W + dW)
         del hessians
         if i == 0:  # do decoder layers return a tuple or a tensor (transformers versions differ)?
             as_tuple = isinstance(layer(loss_in[0].hidden, **loss_in[0].kwargs), tuple)
-        if sequential and anchor is not None:  # the next layer's inputs come from the anchor model
+        if sequential:  # the next layer's inputs come from the anchor model
             with _swapped(model, _anchor_weights(probe_weights, anchor, by_layer[i])):
                 inputs = run_layer(layer, inputs)
         else:
@@ -579,7 +587,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
                      "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits,
                      "context_method": context_method if anchor is not None else None,
-                     "sequential": bool(sequential and anchor is not None),
+                     "sequential": sequential,
                      "context_exact_bits": list(context_exact_bits) if context_method == "taylor" else None})
     return Sensitivity(model_name, fingerprint(model, units), settings, units, candidates, cost, sqnorm, out_err,
                        hx_trace, trace, trace_se, base, single, pairs, int(overhead), secs,

@@ -93,7 +93,7 @@ def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian",
             f"{(floor + sens.overhead_bytes) / 1e9:.4f} GB for the whole checkpoint."
         )
     sol = solve(problem, budget_bytes)
-    return _allocation(sens, problem, budget_bytes, sol)
+    return _allocation(sens, sol, budget_bytes)
 
 
 def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: str = "hessian",
@@ -104,10 +104,10 @@ def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: s
     if not budget >= floor - 1e-12:
         raise BudgetError(f"a latency budget of {budget:g} is below the fastest configuration the table allows, "
                           f"{floor:g} (same unit as the table): raise it to at least that.")
-    return _allocation(sens, problem, budget, solve(problem, budget))
+    return _allocation(sens, solve(problem, budget), budget)
 
 
-def _allocation(sens: Sensitivity, problem: Problem, budget: float, sol: Solution) -> Allocation:
+def _allocation(sens: Sensitivity, sol: Solution, budget: float) -> Allocation:
     cands = [sens.candidates[c] for c in sol.choice]
     nbytes = sum(sens.cost[k][c] for k, c in enumerate(sol.choice))
     return Allocation(budget, sol, [c.label for c in cands], [c.bits for c in cands], sol.objective,
@@ -119,7 +119,7 @@ def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pa
     problem = make_problem(sens, objective, pairs, gain_scale=gain_scale)
     n = total_params(sens)
     sols = frontier(problem, [b * n / 8 for b in bpws])
-    return [_allocation(sens, problem, s.cost, s) for s in sols]
+    return [_allocation(sens, s, s.cost) for s in sols]
 
 
 def min_max_bpw(sens: Sensitivity, keep: bool = False) -> tuple[float, float]:
@@ -243,11 +243,7 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
                  survivors=survivors, seed=seed, progress=progress, allowed=allowed)
     del db
-    sol = Solution(res.choice, alloc.solution.objective, res.cost, f"searched ({alloc.solution.status} start)",
-                   alloc.solution.gap, alloc.solution.seconds + res.seconds)
-    cands = [sens.candidates[c] for c in res.choice]
-    nbytes = sum(sens.cost[k][c] for k, c in enumerate(res.choice))
     predicted = problem.objective(res.choice) if problem is not None else math.nan
-    new = Allocation(alloc.budget, sol, [c.label for c in cands], [c.bits for c in cands], predicted,
-                     8 * nbytes / total_params(sens), alloc.unit_names)
-    return new, res.to_dict()
+    sol = Solution(res.choice, predicted, res.cost, f"searched ({alloc.solution.status} start)",
+                   alloc.solution.gap, alloc.solution.seconds + res.seconds)
+    return _allocation(sens, sol, alloc.budget), res.to_dict()

@@ -44,7 +44,6 @@ class _Levels:
     """Each tie group's usable candidates, cheapest first, and the group's cost at each."""
 
     def __init__(self, cost: np.ndarray, groups: list[list[int]], allowed: np.ndarray):
-        self.groups = groups
         self.cands: list[list[int]] = []
         self.costs: list[np.ndarray] = []
         for g in groups:
@@ -61,8 +60,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     """Refine ``start`` (candidate index per unit, within ``budget``) by (1 + λ) evolution.
 
     Each generation makes ``offspring`` children of the current best, each by 1..``max_mutations``
-    level switches (one more allowed for every 10 generations without an improvement): one group moves one level up or down in cost, other random groups step down
-    until the budget holds again, and any slack left is spent raising random groups one level
+    level switches (one more allowed for every 10 generations without an improvement): one group
+    moves one level up or down in cost, other random groups step down until the budget holds again, and any slack left is spent raising random groups one level
     where it fits. All children are screened (``fitness(child, False)``); the ``survivors`` best are
     scored on the full set (``fitness(child, True)``), and the best of those replaces the parent if
     it is lower. ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);

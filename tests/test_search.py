@@ -145,4 +145,11 @@ def test_stitched_loss_from_the_cached_prefix_equals_a_full_pass():
             fresh = StitchedLoss(model, arch, units, db, ids, torch.device("cpu"), screen=1)
             assert fit(choice, full) == pytest.approx(fresh(choice, full), abs=1e-5)
     assert fit(late, True) != pytest.approx(fit(anchor, True), abs=1e-4)  # the change is seen
+    fit.best = math.inf  # the next full score becomes the reference, its outputs rebuilt from the last layer only
+    fit(late, True)
+    assert fit.ref == late
+    for choice in (anchor, early, both):
+        for full in (True, False):
+            fresh = StitchedLoss(model, arch, units, db, ids, torch.device("cpu"), screen=1)
+            assert fit(choice, full) == pytest.approx(fresh(choice, full), abs=1e-5)
     assert fit(anchor, False) != pytest.approx(fit(anchor, True), abs=1e-4)  # screening uses fewer windows
