@@ -28,6 +28,10 @@ RUN_DEFAULTS = {"model": None, "calib": None, "nsamples": 32, "seqlen": 512, "se
 PREFERRED_GROUP_SIZES = (128, 64, 32)
 
 
+CLIP_HELP = ("search each group's range (shrunk by up to 20%%) for the lowest |error|^2.4 instead of taking its "
+             "min/max (GPTQ's mse option); helps most at 2-3 bits; --no-clip for textbook GPTQ (default on)")
+
+
 def _bool_flag(parser, name: str, help: str) -> None:
     dest = name.replace("-", "_")
     parser.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help)
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "layer when 128 does not and the flag is not given)")
     _bool_flag(q, "sym", "symmetric grid (zero point fixed at the middle); default asymmetric")
     _bool_flag(q, "act-order", "GPTQ desc_act: quantize columns in order of decreasing Hessian diagonal")
+    _bool_flag(q, "clip", CLIP_HELP)
     _bool_flag(q, "static-groups", "with --act-order: fix group scales/zeros before the solve (faster kernels)")
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(m, "sym", "symmetric grid")
     _bool_flag(m, "partial-groups", "allow a shorter last group")
     m.add_argument("--damp-percent", type=float, help="GPTQ damping (default 0.01)")
+    _bool_flag(m, "clip", CLIP_HELP)
     for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
                       ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
                       ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),
@@ -452,10 +458,12 @@ def _parse_percent(text: str) -> float:
 
 
 def cmd_quantize(args) -> int:
+    import dataclasses
+
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
-    from quant.config import ConfigError
+    from quant.config import ConfigError, load_yaml
     from quant.export import check_output_dir, save_quantized
     from quant.pipeline import quantize_model
 
@@ -492,6 +500,13 @@ def cmd_quantize(args) -> int:
             log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
+        if args.clip is None and "clip" not in (load_yaml(args.config) if args.config else {}):
+            config = dataclasses.replace(config, clip=bool(sens.settings.get("clip", False)))  # as measured
+        if bool(sens.settings.get("clip", False)) != config.clip:
+            measured = bool(sens.settings.get("clip", False))
+            log.warning("the sensitivity was measured %s --clip but this run quantizes %s it: the predicted damage "
+                        "may not match (pass %s, or re-measure)", "with" if measured else "without",
+                        "with" if config.clip else "without", "--clip" if measured else "--no-clip")
         config = base_config(sens, config)
         _check_candidates_for_engine(sens, args)
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])

@@ -582,7 +582,8 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     secs["total"] = time.perf_counter() - t_all
     settings = dict(settings or {})
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
-                     "damp_percent": config.damp_percent, "act_order": config.act_order, "granularity": granularity,
+                     "damp_percent": config.damp_percent, "act_order": config.act_order, "clip": config.clip,
+                     "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
                      "loss_tokens": int(loss_windows.numel()), "context_bits": context_bits,

@@ -63,6 +63,7 @@ class QuantConfig:
     sym: bool = False
     act_order: bool = False  # GPTQ "desc_act": quantize columns in order of decreasing diag(H)
     static_groups: bool = False  # with act_order: fix each group's scale/zero before the solve
+    clip: bool = True  # search each group's range for the lowest |error|^2.4 (GPTQ's "mse") instead of min/max
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs

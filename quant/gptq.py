@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .config import ModuleSpec
-from .quantizer import QuantizedWeight, compute_qparams, max_code, rtn_quantize
+from .quantizer import ClipSearch, QuantizedWeight, max_code, rtn_quantize, search_qparams
 
 log = logging.getLogger("hmq")
 
@@ -62,11 +62,13 @@ def gptq_quantize(
     block_size: int = 128,
     name: str = "module",
     grid: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    clip: ClipSearch | None = None,
 ) -> QuantizedWeight:
     """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params.
 
     ``grid``: a fixed (scale, zero) per group (each of shape (out,)), e.g. learned clipping ranges;
-    GPTQ then only decides the rounding, with error feedback, on that grid (as with static groups)."""
+    GPTQ then only decides the rounding, with error feedback, on that grid (as with static groups).
+    ``clip``: search each group's range on its (error-updated) columns instead of taking min/max."""
     W = weight.detach().to(torch.float32).clone()  # (out, in)
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (in, in)
     out_f, in_f = W.shape
@@ -79,7 +81,7 @@ def gptq_quantize(
 
     static_params = None
     if gs != -1 and static_groups:
-        static_params = [compute_qparams(W[:, g : g + gs], bits, spec.sym) for g in range(0, in_f, gs)]
+        static_params = [search_qparams(W[:, g : g + gs], bits, spec.sym, clip) for g in range(0, in_f, gs)]
     if grid is not None:
         if len(grid) != (1 if gs == -1 else -(-in_f // gs)):
             raise ValueError(f"{name}: a grid of {len(grid)} groups does not fit in_features={in_f} at group size {gs}.")
@@ -97,7 +99,7 @@ def gptq_quantize(
     U = _damped_factor(H, damp_percent, name)
     if U is None:
         log.warning("%s: Cholesky failed even with %d× the damping; falling back to round-to-nearest", name, 10**DAMP_RETRIES)
-        return rtn_quantize(weight, spec)
+        return rtn_quantize(weight, spec, clip)
 
     if gs != -1 and block_size % gs != 0 and gs % block_size != 0:
         block_size = gs  # keep group starts aligned with blocks so group params see up-to-date columns
@@ -106,7 +108,7 @@ def gptq_quantize(
     scales, zeros = [], []
     g_of_col = torch.zeros(in_f, dtype=torch.int32, device=W.device)  # group index, permuted order
     if gs == -1 and static_params is None:
-        scale, zero = compute_qparams(W, bits, spec.sym)
+        scale, zero = search_qparams(W, bits, spec.sym, clip)
         scales.append(scale), zeros.append(zero)
 
     for i1 in range(0, in_f, block_size):
@@ -123,7 +125,7 @@ def gptq_quantize(
             elif gs != -1:
                 if col % gs == 0:
                     group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                    scale, zero = compute_qparams(group_cols, bits, spec.sym)
+                    scale, zero = search_qparams(group_cols, bits, spec.sym, clip)
                     scales.append(scale), zeros.append(zero)
                 g_of_col[col] = col // gs
             w = W1[:, i]  # (out,)

@@ -7,7 +7,7 @@ import torch
 
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .gptq import gptq_quantize
-from .quantizer import QuantizedWeight, rtn_quantize
+from .quantizer import ClipSearch, QuantizedWeight, rtn_quantize
 
 Method = Callable[[torch.Tensor, Optional[torch.Tensor], ModuleSpec, QuantConfig, str], QuantizedWeight]
 
@@ -40,9 +40,13 @@ def get_method(name: str) -> MethodInfo:
     return METHODS[name]
 
 
+def clip_search(config) -> ClipSearch | None:
+    return ClipSearch() if config.clip else None
+
+
 @register("rtn", needs_hessian=False, help="round-to-nearest on each group's min/max grid (baseline)")
 def _rtn(weight, H, spec, config, name):
-    return rtn_quantize(weight, spec)
+    return rtn_quantize(weight, spec, clip_search(config))
 
 
 @register("gptq", needs_hessian=True, help="GPTQ: second-order error feedback with H = 2XXᵀ")
@@ -57,12 +61,15 @@ def _gptq(weight, H, spec, config, name, grid=None):
         block_size=config.block_size,
         name=name,
         grid=grid,
+        clip=clip_search(config),
     )
 
 
-register("affine", needs_hessian=False, affine=True,
-         help="AffineQuant-style learned equivalent transforms per block, folded in, then RTN on the learned "
-              "clipping ranges")(_rtn)
+@register("affine", needs_hessian=False, affine=True,
+          help="AffineQuant-style learned equivalent transforms per block, folded in, then RTN on the learned "
+               "clipping ranges")
+def _rtn_learned(weight, H, spec, config, name):
+    return rtn_quantize(weight, spec)  # the weights are clamped to the learned ranges: min/max is that grid
 register("affine+gptq", needs_hessian=True, affine=True,
          help="the affine transforms, folded in, then GPTQ's error-feedback rounding on the learned clipped "
               "grid")(_gptq)

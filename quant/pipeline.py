@@ -158,7 +158,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
                 learned = method.fn(weight, H, specs[prefix + members[0]], config, label, grid=grid)
                 own = method.fn(weight, H, specs[prefix + members[0]], config, label)
                 # per output row, whichever grid leaves the lower layer-output error: the learned
-                # clipping helps at 2-3 bits but can hurt where GPTQ's own min/max grid is already fine
+                # clipping helps at 2-3 bits but can hurt where GPTQ's own grid is already fine
                 qw, pick = best_rows([own, learned], weight, H)
                 grid_rows[0] += int(pick.sum())
                 grid_rows[1] += pick.numel()

@@ -75,10 +75,15 @@ def max_code(bits: int) -> int:
 
 def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row of ``w`` (rows, cols) from its min/max, the range always holding 0."""
-    maxq = max_code(bits)
     w = w.to(torch.float32)
-    xmin = w.amin(dim=1).clamp(max=0.0)  # (rows,)
-    xmax = w.amax(dim=1).clamp(min=0.0)  # (rows,)
+    return range_qparams(w.amin(dim=1), w.amax(dim=1), bits, sym)
+
+
+def range_qparams(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for the ranges ``[xmin, xmax]`` (any shape), widened to hold 0."""
+    maxq = max_code(bits)
+    xmin = xmin.clamp(max=0.0)
+    xmax = xmax.clamp(min=0.0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -95,6 +100,43 @@ def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
         scale = torch.where(at_zero, xmax / (maxq - 1), scale)
         zero = zero.clamp(min=1.0, max=float(maxq))
     scale = scale.clamp_min(1e-7).to(torch.float16).to(torch.float32)
+    return scale, zero
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """Search each group's range instead of taking its min/max (GPTQ's ``mse`` option): shrink both
+    ends by ``1 - i/grid`` for ``i < maxshrink·grid`` and keep, per row, the grid with the lowest
+    ``Σ |ŵ - w|^norm``. Outliers then saturate while the bulk of the group gets a finer step, which
+    matters most at 2–3 bits."""
+
+    grid: int = 100
+    maxshrink: float = 0.8
+    norm: float = 2.4
+
+
+def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute_qparams``, or with ``clip`` the per-row best of the shrunken ranges (rows, cols)."""
+    scale, zero = compute_qparams(w, bits, sym)
+    if clip is None:
+        return scale, zero
+    w = w.to(torch.float32)
+    rows, cols = w.shape
+    best = (fake_quantize(w, scale, zero, bits) - w).abs_().pow_(clip.norm).sum(1)
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    p = torch.tensor([1 - i / clip.grid for i in range(1, int(clip.maxshrink * clip.grid))], device=w.device)
+    s_all, z_all = range_qparams(p[:, None] * lo, p[:, None] * hi, bits, sym)  # (shrinks, rows): the range shrunk
+    step = max(1, (1 << 24) // max(1, w.numel()))  # shrinks tried at once (bounded memory)
+    idx = torch.arange(rows, device=w.device)
+    for k in range(0, len(p), step):
+        s, z = s_all[k : k + step, :, None], z_all[k : k + step, :, None]
+        q = torch.clamp(torch.round(w / s) + z, 0, max_code(bits)).sub_(z).mul_(s)  # (shrinks, rows, cols)
+        err = q.sub_(w).abs_().pow_(clip.norm).sum(2)  # (shrinks, rows)
+        e, i = err.min(0)  # the first (widest) of equal errors, as a loop over shrinks would keep
+        better = e < best
+        best = torch.where(better, e, best)
+        scale = torch.where(better, s[i, idx, 0], scale)
+        zero = torch.where(better, z[i, idx, 0], zero)
     return scale, zero
 
 
@@ -133,8 +175,9 @@ def check_groupable(in_features: int, group_size: int, name: str = "module", par
         )
 
 
-def rtn_quantize(weight: torch.Tensor, spec: ModuleSpec) -> QuantizedWeight:
-    """Round-to-nearest: each group's min/max sets its grid; no error feedback."""
+def rtn_quantize(weight: torch.Tensor, spec: ModuleSpec, clip: ClipSearch | None = None) -> QuantizedWeight:
+    """Round-to-nearest: each group's min/max (or, with ``clip``, its searched range) sets its grid;
+    no error feedback."""
     w = weight.detach().to(torch.float32)  # (out, in)
     out_f, in_f = w.shape
     gs = in_f if spec.group_size == -1 else spec.group_size
@@ -144,7 +187,7 @@ def rtn_quantize(weight: torch.Tensor, spec: ModuleSpec) -> QuantizedWeight:
     codes = torch.empty(out_f, in_f, device=w.device)
     for g in range(n_groups):
         cols = slice(g * gs, (g + 1) * gs)
-        scale, zero = compute_qparams(w[:, cols], spec.bits, spec.sym)
+        scale, zero = search_qparams(w[:, cols], spec.bits, spec.sym, clip)
         scales[g], zeros[g] = scale, zero
         codes[:, cols] = quantize_codes(w[:, cols], scale, zero, spec.bits)
     return QuantizedWeight(

@@ -12,7 +12,7 @@ from quant.config import ModuleSpec, QuantConfig
 from quant.export import load_quantized, save_quantized
 from quant.pipeline import quantize_model
 from quant.gptq import gptq_quantize
-from quant.quantizer import best_rows, compute_qparams, row_errors, rtn_quantize
+from quant.quantizer import ClipSearch, best_rows, compute_qparams, row_errors, rtn_quantize, search_qparams
 
 from .conftest import build_tiny, windows
 
@@ -200,7 +200,8 @@ def test_pipeline_quantizes_on_the_learned_grid(method):
         for n in ("self_attn.v_proj", "mlp.down_proj"):  # each row on the learned grid or GPTQ's own
             learned = torch.stack([s for s, _ in grids[n]]).half()
             w = layer.get_submodule(n).weight.float()
-            own0 = compute_qparams(w[:, :32], 3, False)[0].half()  # GPTQ's own first group (later ones see its feedback)
+            # GPTQ's own first group (later ones see its feedback), its range searched as configured
+            own0 = search_qparams(w[:, :32], 3, False, ClipSearch() if cfg.clip else None)[0].half()
             got = model.model.layers[0].get_submodule(n).scales
             on_learned = (got == learned).all(0)
             assert bool((on_learned | (got[0] == own0)).all()), n

@@ -6,7 +6,7 @@ import torch
 from calibration.capture import capture_layer_inputs, collect_hessians
 from quant.config import ModuleSpec
 from quant.gptq import gptq_quantize
-from quant.quantizer import compute_qparams, rtn_quantize
+from quant.quantizer import ClipSearch, compute_qparams, fake_quantize, rtn_quantize, search_qparams
 
 from .conftest import build_tiny, windows
 
@@ -88,10 +88,12 @@ def hmq_log(caplog):
     """caplog wired to the "hmq" logger directly (the CLI turns its propagation off)."""
     logger = logging.getLogger("hmq")
     logger.addHandler(caplog.handler)
+    propagate, logger.propagate = logger.propagate, False  # else caplog sees each record twice when run alone
     try:
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
 
 
 def test_failed_cholesky_retries_then_falls_back_loudly(hmq_log):
@@ -126,3 +128,64 @@ def test_dead_inputs_get_zero_weight():
     x[:, 5] = 0
     qw = gptq_quantize(torch.randn(8, 32), 2 * x.T @ x / 256, ModuleSpec(4, 32))
     assert torch.all(qw.dequantize()[:, 5] == 0)
+
+
+def _norm_err(w, scale, zero, bits, norm=2.4):
+    return (fake_quantize(w, scale, zero, bits) - w).abs().pow(norm).sum(1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_never_worse_and_clips_outliers(bits, sym):
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((64, 128)) * 0.02  # heavy tails, like LLM weights
+    plain = compute_qparams(w, bits, sym)
+    assert all(torch.equal(a, b) for a, b in zip(search_qparams(w, bits, sym, None), plain))
+    scale, zero = search_qparams(w, bits, sym, ClipSearch())
+    assert torch.equal(scale, scale.half().float()) and int(zero.min()) >= 1 and int(zero.max()) <= 2**bits - 1
+    before, after = _norm_err(w, *plain, bits), _norm_err(w, scale, zero, bits)
+    assert (after <= before).all()
+    assert (after < before).float().mean() > 0.5 and after.sum() < 0.95 * before.sum()  # heavy tails gain
+    assert (scale < plain[0]).float().mean() > 0.5  # by narrowing the grid: outliers saturate
+    # the best of the shrinks it tries: no shrink on its grid does better on any row
+    for i in range(0, 80, 7):
+        s, z = compute_qparams(w * (1 - i / 100), bits, sym)
+        assert (after <= _norm_err(w, s, z, bits) + 1e-12).all()
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_clip_reaches_gptq_and_rtn(group_size):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((24, 128)) * 0.02
+    spec = ModuleSpec(2, group_size, False)
+    g = gptq_quantize(w, torch.eye(128), spec, clip=ClipSearch())
+    r = rtn_quantize(w, spec, ClipSearch())
+    assert torch.equal(g.intweight, r.intweight) and torch.equal(g.scales, r.scales)
+    assert not torch.equal(r.scales, rtn_quantize(w, spec).scales)
+
+
+@pytest.mark.parametrize("module", ["self_attn.q_proj", "mlp.down_proj"])
+def test_clip_lowers_gptq_layer_error_at_2_bits(real_activations, module):
+    layer, H, X = real_activations
+    w = layer.get_submodule(module).weight
+    spec = ModuleSpec(2, 32, False)
+    plain = gptq_quantize(w, H[module], spec)
+    clipped = gptq_quantize(w, H[module], spec, clip=ClipSearch())
+    assert output_error(clipped, w, X[module]) < output_error(plain, w, X[module])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_config_clip_reaches_the_methods(real_activations, method):
+    from quant.config import QuantConfig
+    from quant.methods import get_method
+
+    layer, H, _ = real_activations
+    w = layer.get_submodule("mlp.down_proj").weight
+    spec = ModuleSpec(2, 32, False)
+    fn = get_method(method).fn
+    on = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=True), "down")
+    off = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=False), "down")
+    want = (gptq_quantize(w, H["mlp.down_proj"], spec, clip=ClipSearch()) if method == "gptq"
+            else rtn_quantize(w, spec, ClipSearch()))
+    assert torch.equal(on.scales, want.scales) and torch.equal(on.intweight, want.intweight)
+    assert not torch.equal(on.scales, off.scales)

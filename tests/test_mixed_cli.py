@@ -218,3 +218,18 @@ def test_search_refines_the_allocation_within_budget(sens_file, tiny_model_dir, 
     assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--search", 3,
                "--out", tmp_path / "x") == 2
     assert "--search refines" in capsys.readouterr().err
+
+
+def test_clip_follows_the_measurement_unless_overridden(tiny_model_dir, text_file, tmp_path, capsys):
+    sens = tmp_path / "clip.sens"
+    assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
+               "--clip", "--out", sens) == 0
+    assert json.loads(sens.read_text())["settings"]["clip"] is True
+    for extra, want in (([], True), (["--no-clip"], False)):
+        out = tmp_path / f"q{len(extra)}"
+        capsys.readouterr()
+        assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens,
+                   "--budget", 3.0, "--out", out, *extra) == 0
+        assert json.loads((out / "hmq.json").read_text())["quant_config"]["clip"] is want
+        warned = "measured with --clip but this run quantizes without it" in capsys.readouterr().err
+        assert warned is not want

@@ -11,13 +11,14 @@ from quant.export import load_quantized, quantization_config, read_tensors, save
 from quant.gptq import gptq_quantize
 from quant.pipeline import quantize_model
 from quant.qlinear import QuantLinear
+from quant.quantizer import ClipSearch
 
 from .conftest import build_tiny, windows
 
 CPU = torch.device("cpu")
 
 
-def naive_gptq(model, arch, w, spec):
+def naive_gptq(model, arch, w, spec, clip=None):
     """The textbook sequential GPTQ loop: a full layer forward per step, one module at a time."""
     layers = model.model.layers
     inputs = capture_layer_inputs(model, layers, w, CPU, 4)
@@ -30,15 +31,17 @@ def naive_gptq(model, arch, w, spec):
                 h.remove()
             for n in group:
                 lin = layer.get_submodule(n)
-                lin.weight.data = gptq_quantize(lin.weight, accs[n].hessian(), spec).dequantize()
+                lin.weight.data = gptq_quantize(lin.weight, accs[n].hessian(), spec, clip=clip).dequantize()
         inputs = run_layer(layer, inputs)
 
 
-def test_pipeline_equals_textbook_sequential_gptq():
+@pytest.mark.parametrize("clip", [False, True])
+def test_pipeline_equals_textbook_sequential_gptq(clip):
     model, ref = build_tiny("llama"), build_tiny("llama")
     w = windows(8, 32)
-    quantize_model(model, get_arch("llama"), w, QuantConfig(bits=3, group_size=32), CPU, batch_size=4, progress=False)
-    naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32))
+    quantize_model(model, get_arch("llama"), w, QuantConfig(bits=3, group_size=32, clip=clip), CPU, batch_size=4,
+                   progress=False)
+    naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32), ClipSearch() if clip else None)
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             assert torch.equal(mod.dequantize(), ref.get_submodule(name).weight), name
