@@ -15,6 +15,7 @@ Also: predicted vs measured ΔNLL, measurement and solve times, and the solve ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--objectives", nargs="+", default=["trace", "output", "hessian"])
     ap.add_argument("--uniform-bits", nargs="+", default=["2", "3", "4"],
                     help="uniform baselines: widths at --group-size (3) or with their own group size (3g-1, 2g32)")
+    ap.add_argument("--uniform-methods", nargs="+", default=["rtn", "gptq"], help="methods of the uniform baselines")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--candidates", default="2,3,4,8", help="when measuring here: as `hmq measure --candidates`")
     ap.add_argument("--frontier-points", type=int, default=21)
@@ -72,6 +74,9 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--json", default="bench/results/mixed_precision.json")
     ap.add_argument("--png", default="bench/results/mixed_precision.png")
+    ap.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                    help="range search (hmq --clip) in every quantization, uniform and mixed (default: as the --sens "
+                         "measurement was taken; hmq's default, on, when measuring here)")
     ap.add_argument("--plot-objective", default="hessian", help="objective whose frontier and points the PNG shows")
     args = ap.parse_args()
 
@@ -79,12 +84,15 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     load = lambda: load_model(args.model, dtype)  # noqa: E731
     model, tok, arch = load()
-    base = QuantConfig(method="gptq", group_size=args.group_size, partial_groups=True)
+    base = QuantConfig(method="gptq", group_size=args.group_size, partial_groups=True,
+                       **({} if args.clip is None else {"clip": args.clip}))
     windows = calibration_windows(tok, "foldoc", args.nsamples, args.seqlen, 0)
     _, ids = eval_tokens(tok, "foldoc")
     if args.sens and Path(args.sens).is_file():
         sens = Sensitivity.load(args.sens)
         sens.check_model(model, arch)
+        if args.clip is None:
+            base = dataclasses.replace(base, clip=bool(sens.settings.get("clip", False)))
     else:
         loss_windows = calibration_windows(tok, "foldoc", 2, 256, 1)
         sens = measure_sensitivity(model, arch, windows, loss_windows, parse_candidates(args.candidates.split(","), args.group_size),
@@ -106,7 +114,7 @@ def main() -> None:
                                        "measurement_seconds": sens.seconds, "settings": vars(args)}, indent=1))
 
     uniform_specs = [parse_candidates([u], args.group_size, keep=False)[0] for u in args.uniform_bits]
-    for method in ("rtn", "gptq"):
+    for method in args.uniform_methods:
         for cand in uniform_specs:
             bits, gs = cand.bits, cand.group_size
             t0 = time.perf_counter()
