@@ -9,7 +9,9 @@ import torch
 from calibration.sensitivity import Sensitivity, SensitivityError, build_units, measure_sensitivity, parse_candidates
 from quant.arch import get_arch
 from quant.config import ConfigError, ModuleSpec, QuantConfig
-from quant.quantizer import rtn_quantize
+from quant.quantizer import ClipSearch, rtn_quantize
+
+CLIP = ClipSearch() if QuantConfig().clip else None  # the measurement quantizes as the default config does
 
 from .conftest import build_tiny, windows
 
@@ -40,7 +42,7 @@ def test_errors_match_independent_recomputation(measured):
     k = 3  # layer 0 down_proj, candidate w2g32
     u = sens.units[k]
     W = model.get_submodule(u.members[0]).weight.detach()
-    dW = rtn_quantize(W, ModuleSpec(2, 32)).dequantize() - W
+    dW = rtn_quantize(W, ModuleSpec(2, 32), CLIP).dequantize() - W
     assert sens.sqnorm[k][0] == pytest.approx(float(dW.pow(2).sum()), rel=1e-5)
     # H_x from a plain hook on the fp model
     X = []
@@ -67,7 +69,7 @@ def test_loss_deltas_match_a_full_forward(measured):
         for k in units:
             for name in sens.units[k].members:
                 lin = m.get_submodule(name)
-                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(2, 32)).dequantize()
+                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(2, 32), CLIP).dequantize()
         with torch.no_grad():
             return float(m(input_ids=ids, labels=ids).loss)
 
@@ -81,7 +83,7 @@ def test_loss_deltas_match_a_full_forward(measured):
         m = build_tiny("llama")
         for name in sens.units[k].members:
             lin = m.get_submodule(name)
-            lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(bits, 32)).dequantize().half().float()
+            lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(bits, 32), CLIP).dequantize().half().float()
         with torch.no_grad():
             return float(m(input_ids=ids, labels=ids).loss)
 
@@ -149,7 +151,7 @@ def _tiny_loss(units, bits, ids) -> float:
         for name in u.members:
             lin = m.get_submodule(name)
             if b != 16:
-                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32)).dequantize().half().float()
+                lin.weight.data = rtn_quantize(lin.weight.data, ModuleSpec(b, 32), CLIP).dequantize().half().float()
     with torch.no_grad():
         return float(m(input_ids=ids, labels=ids).loss)
 
@@ -283,7 +285,7 @@ def test_sequential_anchor_is_the_model_quantize_builds():
 
     arch = get_arch("llama")
     calib, ids = windows(4, 32), windows(2, 32, seed=5)
-    config = QuantConfig(method="gptq", bits=2, group_size=-1, true_sequential=False)
+    config = QuantConfig(method="gptq", bits=2, group_size=-1, true_sequential=False, clip=False)  # min/max: far apart
     built = build_tiny("llama")
     quantize_model(built, arch, calib, config, torch.device("cpu"), progress=False)
     with torch.no_grad():
