@@ -267,8 +267,8 @@ def _parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def resolve_settings(args) -> tuple[dict, "QuantConfig", bool]:
-    """Preset < flags. Returns (run settings, QuantConfig, whether the group size was chosen by the user)."""
+def resolve_settings(args) -> tuple[dict, "QuantConfig", set[str]]:
+    """Preset < flags. Returns (run settings, QuantConfig, the QuantConfig fields the user set, by preset or flag)."""
     import dataclasses
 
     from quant.config import ConfigError, QuantConfig, load_yaml
@@ -288,12 +288,11 @@ def resolve_settings(args) -> tuple[dict, "QuantConfig", bool]:
             quant[k] = getattr(args, k)
     if getattr(args, "override", None):
         quant["overrides"] = {**quant.get("overrides", {}), **_parse_overrides(args.override)}
-    explicit_gs = "group_size" in quant
     config = QuantConfig.from_dict(quant)
     for k in ("nsamples", "seqlen", "batch_size"):
         if not isinstance(run[k], int) or run[k] < 1:
             raise ConfigError(f"{k}={run[k]!r} must be a positive integer.")
-    return run, config, explicit_gs
+    return run, config, set(quant)
 
 
 def auto_group_size(model, arch, config) -> int:
@@ -345,7 +344,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
                                settings=settings)
 
 
-def _load_resolved(args, run, config, explicit_gs: bool):
+def _load_resolved(args, run, config, explicit: set[str]):
     """Load the model and settle the group size the way `quantize` does."""
     import dataclasses
 
@@ -355,7 +354,7 @@ def _load_resolved(args, run, config, explicit_gs: bool):
     dtype = resolve_dtype(run["dtype"], device)
     log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
     model, tokenizer, arch = load_model(run["model"], dtype)
-    if not explicit_gs:
+    if "group_size" not in explicit:
         gs = auto_group_size(model, arch, config)
         if gs != config.group_size:
             log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
@@ -368,10 +367,10 @@ def cmd_measure(args) -> int:
     from quant.config import ConfigError
 
     t0 = time.perf_counter()
-    run, config, explicit_gs = resolve_settings(args)
+    run, config, explicit = resolve_settings(args)
     if not str(args.out).strip():
         raise ConfigError("--out must name a file, e.g. m.sens.")
-    model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit_gs)
+    model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit)
     sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct")
     path = sens.save(args.out)
     print_sensitivity(sens)
@@ -463,12 +462,12 @@ def cmd_quantize(args) -> int:
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
-    from quant.config import ConfigError, load_yaml
+    from quant.config import ConfigError
     from quant.export import check_output_dir, save_quantized
     from quant.pipeline import quantize_model
 
     t0 = time.perf_counter()
-    run, config, explicit_gs = resolve_settings(args)
+    run, config, explicit = resolve_settings(args)
     budgets = [x for x in (args.budget, args.budget_gb, args.max_ppl_increase, args.budget_latency) if x is not None]
     if len(budgets) > 1:
         raise ConfigError("give one of --budget, --budget-gb, --budget-latency and --max-ppl-increase, not several.")
@@ -481,7 +480,7 @@ def cmd_quantize(args) -> int:
     if args.sensitivity and not mixed:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
-    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit_gs)
+    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
@@ -500,13 +499,12 @@ def cmd_quantize(args) -> int:
             log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
-        if args.clip is None and "clip" not in (load_yaml(args.config) if args.config else {}):
-            config = dataclasses.replace(config, clip=bool(sens.settings.get("clip", False)))  # as measured
-        if bool(sens.settings.get("clip", False)) != config.clip:
-            measured = bool(sens.settings.get("clip", False))
+        if "clip" not in explicit:
+            config = dataclasses.replace(config, clip=sens.clip)  # as measured
+        elif sens.clip != config.clip:
             log.warning("the sensitivity was measured %s --clip but this run quantizes %s it: the predicted damage "
-                        "may not match (pass %s, or re-measure)", "with" if measured else "without",
-                        "with" if config.clip else "without", "--clip" if measured else "--no-clip")
+                        "may not match (pass %s, or re-measure)", "with" if sens.clip else "without",
+                        "with" if config.clip else "without", "--clip" if sens.clip else "--no-clip")
         config = base_config(sens, config)
         _check_candidates_for_engine(sens, args)
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])

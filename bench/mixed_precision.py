@@ -92,7 +92,7 @@ def main() -> None:
         sens = Sensitivity.load(args.sens)
         sens.check_model(model, arch)
         if args.clip is None:
-            base = dataclasses.replace(base, clip=bool(sens.settings.get("clip", False)))
+            base = dataclasses.replace(base, clip=sens.clip)
     else:
         loss_windows = calibration_windows(tok, "foldoc", 2, 256, 1)
         sens = measure_sensitivity(model, arch, windows, loss_windows, parse_candidates(args.candidates.split(","), args.group_size),

@@ -50,8 +50,7 @@ def main() -> None:
     model, tok, arch = load()
     sens = Sensitivity.load(args.sens)
     sens.check_model(model, arch)
-    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128),
-                                         clip=bool(sens.settings.get("clip", False))))
+    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128), clip=sens.clip))
     windows = calibration_windows(tok, "foldoc", args.nsamples, args.seqlen, 0)
     loss_windows = calibration_windows(tok, "foldoc", args.search_samples, args.search_seqlen, 1)
     _, ids = eval_tokens(tok, "foldoc")

@@ -180,6 +180,11 @@ class Sensitivity:
 
     # ---- file form ----------------------------------------------------------------------------
 
+    @property
+    def clip(self) -> bool:
+        """Whether the candidates were quantized with range search (files from before it: no)."""
+        return bool(self.settings.get("clip", False))
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         data = {"format": FORMAT, **asdict(self)}

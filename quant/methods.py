@@ -70,6 +70,8 @@ def _gptq(weight, H, spec, config, name, grid=None):
                "clipping ranges")
 def _rtn_learned(weight, H, spec, config, name):
     return rtn_quantize(weight, spec)  # the weights are clamped to the learned ranges: min/max is that grid
+
+
 register("affine+gptq", needs_hessian=True, affine=True,
          help="the affine transforms, folded in, then GPTQ's error-feedback rounding on the learned clipped "
               "grid")(_gptq)

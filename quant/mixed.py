@@ -147,7 +147,7 @@ def base_config(sens: Sensitivity, config: QuantConfig | None = None) -> QuantCo
     if config is None:
         config = QuantConfig(method=s.get("method", "gptq"), group_size=s.get("group_size", 128),
                              sym=s.get("sym", False), damp_percent=s.get("damp_percent", 0.01),
-                             clip=s.get("clip", False))
+                             clip=sens.clip)
     return dataclasses.replace(config, partial_groups=s.get("partial_groups", config.partial_groups),
                                unfused=s.get("granularity") == "linear")
 

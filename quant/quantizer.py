@@ -117,15 +117,15 @@ class ClipSearch:
 
 def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_qparams``, or with ``clip`` the per-row best of the shrunken ranges (rows, cols)."""
-    scale, zero = compute_qparams(w, bits, sym)
-    if clip is None:
-        return scale, zero
     w = w.to(torch.float32)
-    rows, cols = w.shape
-    best = (fake_quantize(w, scale, zero, bits) - w).abs_().pow_(clip.norm).sum(1)
     lo, hi = w.amin(dim=1), w.amax(dim=1)
-    p = torch.tensor([1 - i / clip.grid for i in range(1, int(clip.maxshrink * clip.grid))], device=w.device)
+    if clip is None:
+        return range_qparams(lo, hi, bits, sym)
+    rows, cols = w.shape
+    p = torch.tensor([1 - i / clip.grid for i in range(int(clip.maxshrink * clip.grid))], device=w.device)  # 1 first
     s_all, z_all = range_qparams(p[:, None] * lo, p[:, None] * hi, bits, sym)  # (shrinks, rows): the range shrunk
+    scale, zero = s_all[0], z_all[0]  # min/max itself
+    best = torch.full((rows,), float("inf"), device=w.device)
     step = max(1, (1 << 24) // max(1, w.numel()))  # shrinks tried at once (bounded memory)
     idx = torch.arange(rows, device=w.device)
     for k in range(0, len(p), step):

@@ -220,16 +220,19 @@ def test_search_refines_the_allocation_within_budget(sens_file, tiny_model_dir, 
     assert "--search refines" in capsys.readouterr().err
 
 
-def test_clip_follows_the_measurement_unless_overridden(tiny_model_dir, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("measured", [True, False])
+def test_clip_follows_the_measurement_unless_overridden(tiny_model_dir, text_file, tmp_path, capsys, measured):
     sens = tmp_path / "clip.sens"
+    flag, other = ("--clip", "--no-clip") if measured else ("--no-clip", "--clip")
     assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
-               "--clip", "--out", sens) == 0
-    assert json.loads(sens.read_text())["settings"]["clip"] is True
-    for extra, want in (([], True), (["--no-clip"], False)):
+               flag, "--out", sens) == 0
+    assert json.loads(sens.read_text())["settings"]["clip"] is measured
+    mismatch = (f"measured {'with' if measured else 'without'} --clip but this run quantizes "
+                f"{'without' if measured else 'with'} it")
+    for extra, want in (([], measured), ([other], not measured)):
         out = tmp_path / f"q{len(extra)}"
         capsys.readouterr()
         assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens,
                    "--budget", 3.0, "--out", out, *extra) == 0
         assert json.loads((out / "hmq.json").read_text())["quant_config"]["clip"] is want
-        warned = "measured with --clip but this run quantizes without it" in capsys.readouterr().err
-        assert warned is not want
+        assert (mismatch in capsys.readouterr().err) is (want != measured)
