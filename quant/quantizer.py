@@ -117,11 +117,11 @@ class ClipSearch:
 
 def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_qparams``, or with ``clip`` the per-row best of the shrunken ranges (rows, cols)."""
+    if clip is None:
+        return compute_qparams(w, bits, sym)
     w = w.to(torch.float32)
     lo, hi = w.amin(dim=1), w.amax(dim=1)
-    if clip is None:
-        return range_qparams(lo, hi, bits, sym)
-    rows, cols = w.shape
+    rows = w.shape[0]
     p = torch.tensor([1 - i / clip.grid for i in range(int(clip.maxshrink * clip.grid))], device=w.device)  # 1 first
     s_all, z_all = range_qparams(p[:, None] * lo, p[:, None] * hi, bits, sym)  # (shrinks, rows): the range shrunk
     scale, zero = s_all[0], z_all[0]  # min/max itself

@@ -11,9 +11,9 @@ from quant.arch import get_arch
 from quant.config import ConfigError, ModuleSpec, QuantConfig
 from quant.quantizer import ClipSearch, rtn_quantize
 
-CLIP = ClipSearch() if QuantConfig().clip else None  # the measurement quantizes as the default config does
-
 from .conftest import build_tiny, windows
+
+CLIP = ClipSearch() if QuantConfig().clip else None  # the measurement quantizes as the default config does
 
 
 @pytest.fixture(scope="module")
