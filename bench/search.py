@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="held-out evaluation windows of --eval-seqlen tokens")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--uniform-json", default="bench/results/mixed_context.json")
+    ap.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                    help="quantize with (or without) range search; default: as the sensitivity was measured")
     ap.add_argument("--json", default="bench/results/search.json")
     args = ap.parse_args()
 
@@ -50,7 +52,7 @@ def main() -> None:
     model, tok, arch = load()
     sens = Sensitivity.load(args.sens)
     sens.check_model(model, arch)
-    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128), clip=sens.clip))
+    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128), clip=sens.clip if args.clip is None else args.clip))
     windows = calibration_windows(tok, "foldoc", args.nsamples, args.seqlen, 0)
     loss_windows = calibration_windows(tok, "foldoc", args.search_samples, args.search_seqlen, 1)
     _, ids = eval_tokens(tok, "foldoc")
