@@ -1,10 +1,15 @@
 """Calibration and evaluation text, tokenized, with calibration and evaluation kept apart.
 
 Sources: ``wikitext2`` and ``c4`` from the Hugging Face hub via ``datasets`` (their own
-train/validation splits), ``foldoc`` (the offline default: the Free On-line Dictionary of
+train/validation/test splits), ``foldoc`` (the offline default: the Free On-line Dictionary of
 Computing from Debian's ``dict-foldoc``), or a local ``.txt`` file or folder of them, read with
-``datasets``' ``text`` builder. Sources without a split of their own are split by a hash of each
-document, so a document is either calibration or evaluation text, never both.
+``datasets``' ``text`` builder.
+
+Every source has three disjoint parts (DEVELOPERS.md, "Measuring honestly"):
+``calib`` (what GPTQ and the measurements see), ``select`` (what any choice, a default, a constant
+or a search, is scored on) and ``eval`` (the reporting text, never used to choose anything).
+Sources without splits of their own are split by a hash of each document, so a document is in one
+part only: one in ``SHARE`` documents is reporting text, one other in ``SHARE`` selection text.
 """
 from __future__ import annotations
 
@@ -17,15 +22,19 @@ import torch
 
 DEFAULT_SOURCE = "foldoc"
 HUB_SOURCES = ("wikitext2", "c4")
-EVAL_SHARE = 10  # one document in EVAL_SHARE goes to evaluation when a source has no test split
+SHARE = 10  # a source without splits: hash bucket 0 of SHARE is reporting text, bucket 1 selection text
+SPLITS = ("calib", "select", "eval")
 
 
 class DataError(ValueError):
     """Calibration or evaluation text is missing, empty or too short; the message says what to do."""
 
 
-def _held_out(doc_key: str) -> bool:
-    return zlib.crc32(doc_key.encode()) % EVAL_SHARE == 0
+def _part(doc_key: str) -> str:
+    """Which part a document of a source without splits belongs to (the reporting part is the one
+    that was "held out" before selection text existed, so reporting numbers stay comparable)."""
+    bucket = zlib.crc32(doc_key.encode()) % SHARE
+    return "eval" if bucket == 0 else "select" if bucket == 1 else "calib"
 
 
 # ---- FOLDOC -------------------------------------------------------------------------------------
@@ -94,15 +103,17 @@ def _local_documents(path: Path) -> list[tuple[str, str]]:
 
 
 def load_text(source: str | None, split: str) -> tuple[str, str]:
-    """(name, text) of ``source``'s calibration (``split='calib'``) or evaluation (``'eval'``) part."""
-    if split not in ("calib", "eval"):
-        raise ValueError(f"split must be 'calib' or 'eval', not {split!r}")
+    """(name, text) of ``source``'s calibration (``split='calib'``), selection (``'select'``) or
+    reporting (``'eval'``) part."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     source = source or DEFAULT_SOURCE
     if source == "wikitext2":
         from datasets import load_dataset
 
         try:
-            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1",
+                              split={"calib": "train", "select": "validation", "eval": "test"}[split])
         except Exception as exc:
             raise DataError(f"could not load wikitext2 from the Hugging Face hub ({exc.__class__.__name__}); "
                             "offline, use --calib/--data foldoc or a local .txt file.") from None
@@ -116,7 +127,8 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
         except Exception as exc:
             raise DataError(f"could not load c4 from the Hugging Face hub ({exc.__class__.__name__}); "
                             "offline, use --calib/--data foldoc or a local .txt file.") from None
-        texts = ds["text"] if split == "calib" else ds["text"][:1100]  # GPTQ's c4 eval: first 1100 validation docs
+        # GPTQ's c4 eval: the first 1100 validation docs; selection: the next 1100
+        texts = ds["text"] if split == "calib" else ds["text"][:1100] if split == "eval" else ds["text"][1100:2200]
         return source, "\n\n".join(texts)
     if source == "foldoc":
         docs = foldoc_documents()
@@ -126,8 +138,7 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
             raise DataError(f"calibration source {source!r} is neither a known dataset (foldoc, wikitext2, c4) "
                             "nor an existing .txt file or folder.")
         docs = _local_documents(path)
-    want_eval = split == "eval"
-    text = "\n\n".join(t for key, t in docs if _held_out(key) == want_eval)
+    text = "\n\n".join(t for key, t in docs if _part(key) == split)
     return source, text
 
 
@@ -170,6 +181,8 @@ def calibration_windows(tokenizer, source: str | None = None, nsamples: int = 32
     return torch.stack(windows)  # (nsamples, seqlen)
 
 
-def eval_tokens(tokenizer, source: str | None = None) -> tuple[str, torch.Tensor]:
-    name, text = load_text(source, "eval")
-    return name, tokenize(tokenizer, text, f"evaluation text of {name}")
+def eval_tokens(tokenizer, source: str | None = None, split: str = "eval") -> tuple[str, torch.Tensor]:
+    """The reporting text (or, with ``split='select'``, the selection text) as one token stream."""
+    name, text = load_text(source, split)
+    what = "selection" if split == "select" else "evaluation" if split == "eval" else "calibration"
+    return name, tokenize(tokenizer, text, f"{what} text of {name}")

@@ -133,11 +133,14 @@ def test_shipped_presets_are_valid(preset):
     assert config.bits in (2, 3, 4, 8) and run_settings["nsamples"] >= 1
 
 
-def test_calibration_and_evaluation_text_do_not_overlap(text_file):
-    from calibration.data import load_text
+def test_calibration_selection_and_reporting_text_are_disjoint(text_file):
+    from calibration.data import SPLITS, load_text
 
-    _, calib = load_text(str(text_file), "calib")
-    _, evaluation = load_text(str(text_file), "eval")
-    calib_paras = set(calib.split("\n\n")) - {""}
-    eval_paras = set(evaluation.split("\n\n")) - {""}
-    assert calib_paras and eval_paras and not (calib_paras & eval_paras)
+    parts = {split: {p.strip() for p in load_text(str(text_file), split)[1].split("\n\n")} - {""} for split in SPLITS}
+    assert all(parts.values())
+    assert not (parts["calib"] & parts["select"]) and not (parts["calib"] & parts["eval"])
+    assert not (parts["select"] & parts["eval"])
+    every = {p.strip() for p in text_file.read_text().split("\n\n") if p.strip()}
+    assert set().union(*parts.values()) == every  # nothing is dropped
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_text(str(text_file), "test")

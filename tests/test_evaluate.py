@@ -1,0 +1,56 @@
+"""Perplexity's KL divergence and top-1 agreement against a reference model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant.evaluate import kl_terms, perplexity, reference_logprobs
+
+from .conftest import build_tiny
+
+
+def test_kl_against_itself_is_zero_and_top1_agrees():
+    model = build_tiny("llama")
+    ids = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(0))
+    ref, own = reference_logprobs(model, ids, 32, progress=False)
+    assert own["ppl"] == perplexity(model, ids, 32, progress=False)["ppl"]
+    assert len(ref) == 4 and ref[0].shape == (31, model.config.vocab_size)
+    res = perplexity(model, ids, 32, progress=False, reference=ref)
+    assert res["kl"] < 1e-3 and res["top1"] == 1.0
+
+
+def test_kl_of_a_changed_model_matches_the_definition():
+    model, other = build_tiny("llama"), build_tiny("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 256, (3 * 32,), generator=torch.Generator().manual_seed(1))
+    ref, _ = reference_logprobs(model, ids, 32, progress=False)
+    res = perplexity(other, ids, 32, progress=False, reference=ref)
+    with torch.no_grad():
+        kls, agree = [], 0
+        for w in range(3):
+            x = ids[w * 32 : (w + 1) * 32][None]
+            p = F.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            q = F.log_softmax(other(input_ids=x).logits[0, :-1].float(), -1)
+            kls.append(F.kl_div(q, p, log_target=True, reduction="none").sum(-1))
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+    want = torch.cat(kls).mean().item()
+    assert res["kl"] > 1e-3
+    assert res["kl"] == pytest.approx(want, rel=2e-2)  # the reference is kept in fp16
+    assert res["top1"] == pytest.approx(agree / (3 * 31), abs=2 / 93)
+
+
+def test_kl_terms_is_never_negative():
+    p = F.log_softmax(torch.randn(5, 11), -1)
+    kl, same = kl_terms(p, p.half())
+    assert (kl >= 0).all() and same.all()
+
+
+def test_a_reference_of_other_windows_is_refused():
+    model = build_tiny("llama")
+    ids = torch.randint(0, 256, (4 * 32,))
+    ref, _ = reference_logprobs(model, ids, 32, max_windows=2, progress=False)
+    with pytest.raises(ValueError, match="same ids, seqlen and max_windows"):
+        perplexity(model, ids, 32, progress=False, reference=ref)
