@@ -59,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "channel (default 128, or the largest of 64/32 that divides every "
                                                   "layer when 128 does not and the flag is not given)")
     _bool_flag(q, "sym", "symmetric grid (zero point fixed at the middle); default asymmetric")
-    _bool_flag(q, "act-order", "GPTQ desc_act: quantize columns in order of decreasing Hessian diagonal")
+    _bool_flag(q, "act-order", "GPTQ: solve columns in order of decreasing Hessian diagonal (default on; with "
+                               "--static-groups the checkpoint needs no g_idx, so it runs as fast as one without)")
     _bool_flag(q, "clip", CLIP_HELP)
-    _bool_flag(q, "static-groups", "with --act-order: fix group scales/zeros before the solve (faster kernels)")
+    _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
+                                   "keeping groups contiguous (llm-compressor's actorder=static; default on); "
+                                   "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ lazy-batch column block (default 128)")
@@ -143,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(m, "partial-groups", "allow a shorter last group")
     m.add_argument("--damp-percent", type=float, help="GPTQ damping (default 0.01)")
     _bool_flag(m, "clip", CLIP_HELP)
+    _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
+    _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
     for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
                       ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
                       ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),
@@ -302,6 +307,21 @@ def auto_group_size(model, arch, config) -> int:
         if gs == -1 or all(i % gs == 0 for i in specs_in):
             return gs
     return config.group_size
+
+
+def _as_measured(config: "QuantConfig", measured: dict[str, bool], explicit: set[str]) -> "QuantConfig":
+    """The solver settings a measurement was taken with, unless the user set them (then warn on a mismatch)."""
+    import dataclasses
+
+    for key, value in measured.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in explicit:
+            config = dataclasses.replace(config, **{key: value})  # as measured
+        elif getattr(config, key) != value:
+            log.warning("the sensitivity was measured %s %s but this run quantizes %s it: the predicted damage may not "
+                        "match (pass %s, or re-measure)", "with" if value else "without", flag,
+                        "with" if getattr(config, key) else "without", flag if value else flag.replace("--", "--no-"))
+    return config
 
 
 def _parse_bits_list(text: str, flag: str) -> list[int]:
@@ -499,12 +519,7 @@ def cmd_quantize(args) -> int:
             log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
-        if "clip" not in explicit:
-            config = dataclasses.replace(config, clip=sens.clip)  # as measured
-        elif sens.clip != config.clip:
-            log.warning("the sensitivity was measured %s --clip but this run quantizes %s it: the predicted damage "
-                        "may not match (pass %s, or re-measure)", "with" if sens.clip else "without",
-                        "with" if config.clip else "without", "--clip" if sens.clip else "--no-clip")
+        config = _as_measured(config, sens.solver, explicit)
         config = base_config(sens, config)
         _check_candidates_for_engine(sens, args)
     log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
@@ -715,7 +730,7 @@ def cmd_export(args) -> int:
         config = QuantConfig(bits=int(qc.get("bits", weights.get("num_bits", 4))),
                              group_size=int(qc.get("group_size", weights.get("group_size") or -1)),
                              sym=bool(qc.get("sym", weights.get("symmetric", True))),
-                             act_order=bool(qc.get("desc_act", False)))
+                             act_order=bool(qc.get("desc_act", False)), static_groups=False)
     model = load_quantized(src, verify=not args.no_verify)
     tokenizer = None
     if (src / "tokenizer_config.json").is_file():

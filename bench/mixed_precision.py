@@ -91,8 +91,8 @@ def main() -> None:
     if args.sens and Path(args.sens).is_file():
         sens = Sensitivity.load(args.sens)
         sens.check_model(model, arch)
-        if args.clip is None:
-            base = dataclasses.replace(base, clip=sens.clip)
+        measured = dict(sens.solver) if args.clip is None else {**sens.solver, "clip": args.clip}
+        base = dataclasses.replace(base, **measured)
     else:
         loss_windows = calibration_windows(tok, "foldoc", 2, 256, 1)
         sens = measure_sensitivity(model, arch, windows, loss_windows, parse_candidates(args.candidates.split(","), args.group_size),

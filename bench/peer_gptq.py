@@ -100,7 +100,8 @@ def main() -> None:
         if not args.reference_only:
             ours = copy.deepcopy(base)
             rep = quantize_model(ours, arch, calib, QuantConfig(bits=bits, group_size=args.group_size,
-                                                                partial_groups=True, clip=False), torch.device("cpu"), progress=False)
+                                                                partial_groups=True, clip=False,
+                                                                act_order=False), torch.device("cpu"), progress=False)
             row.update(hmq_ppl=perplexity(ours, ids, 512, args.windows, progress=False)["ppl"], hmq_seconds=rep.seconds)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -52,7 +52,8 @@ def main() -> None:
     model, tok, arch = load()
     sens = Sensitivity.load(args.sens)
     sens.check_model(model, arch)
-    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128), clip=sens.clip if args.clip is None else args.clip))
+    solver = sens.solver if args.clip is None else {**sens.solver, "clip": args.clip}
+    base = base_config(sens, QuantConfig(method="gptq", group_size=sens.settings.get("group_size", 128), **solver))
     windows = calibration_windows(tok, "foldoc", args.nsamples, args.seqlen, 0)
     loss_windows = calibration_windows(tok, "foldoc", args.search_samples, args.search_seqlen, 1)
     _, ids = eval_tokens(tok, "foldoc")

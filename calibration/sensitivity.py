@@ -185,6 +185,16 @@ class Sensitivity:
         """Whether the candidates were quantized with range search (files from before it: no)."""
         return bool(self.settings.get("clip", False))
 
+    @property
+    def solver(self) -> dict[str, bool]:
+        """How the candidates were solved: range search, column order and, with the order, static
+        groups (files from before a setting existed were measured with it off)."""
+        act = bool(self.settings.get("act_order", False))
+        out = {"clip": self.clip, "act_order": act}
+        if act:
+            out["static_groups"] = bool(self.settings.get("static_groups", False))
+        return out
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         data = {"format": FORMAT, **asdict(self)}
@@ -588,6 +598,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     settings = dict(settings or {})
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "clip": config.clip,
+                     "static_groups": config.static_groups,
                      "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),

@@ -61,8 +61,15 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    act_order: bool = False  # GPTQ "desc_act": quantize columns in order of decreasing diag(H)
-    static_groups: bool = False  # with act_order: fix each group's scale/zero before the solve
+    # Columns solved in order of decreasing diag(H) (GPTQ "desc_act") with each group's scale/zero
+    # fixed from the original weights first (llm-compressor's actorder="static"): the groups stay
+    # contiguous, so kernels need no g_idx. On by default: chosen on selection text (docs/defaults.md).
+    act_order: bool = True
+    static_groups: bool = True  # with act_order; off: groups follow the solve order and need a g_idx
+    # static groups: scale/zero from the group's error-updated values when the solve first reaches
+    # one of its columns ("reached", default: chosen on selection text) or from the original weights
+    # before the solve ("original": llm-compressor's static act-order); both keep groups contiguous
+    group_params: str = "reached"
     clip: bool = True  # search each group's range for the lowest |error|^2.4 (GPTQ's "mse") instead of min/max
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
@@ -80,6 +87,8 @@ class QuantConfig:
             raise ConfigError(f"damp_percent={self.damp_percent!r} must lie in (0, 1); 0.01 is the usual choice.")
         if self.affine_epochs < 1 or not (0.0 < self.affine_lr < 1.0):
             raise ConfigError(f"affine_epochs={self.affine_epochs!r} must be ≥ 1 and affine_lr={self.affine_lr!r} in (0, 1).")
+        if self.group_params not in ("original", "reached"):
+            raise ConfigError(f"group_params={self.group_params!r} must be 'original' or 'reached'.")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size!r} must be a positive integer.")
         if self.static_groups and not self.act_order:

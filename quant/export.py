@@ -144,7 +144,8 @@ def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig
         "bits": base.bits,
         "group_size": base.group_size,
         "sym": base.sym,
-        "desc_act": config.act_order,
+        # desc_act tells loaders to follow a permuted g_idx; static groups keep it contiguous, so kernels skip it
+        "desc_act": config.act_order and not config.static_groups,
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,

@@ -63,12 +63,19 @@ def gptq_quantize(
     name: str = "module",
     grid: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     clip: ClipSearch | None = None,
+    group_params: str = "reached",
 ) -> QuantizedWeight:
     """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params.
 
     ``grid``: a fixed (scale, zero) per group (each of shape (out,)), e.g. learned clipping ranges;
     GPTQ then only decides the rounding, with error feedback, on that grid (as with static groups).
-    ``clip``: search each group's range on its (error-updated) columns instead of taking min/max."""
+    ``clip``: search each group's range on its (error-updated) columns instead of taking min/max.
+    ``group_params`` (static groups only): ``"original"`` fixes every group's scale/zero from the
+    original weights before the solve (llm-compressor's static act-order); ``"reached"`` sets them
+    when the solve first reaches one of the group's columns, from the group's error-updated values
+    at that moment. Either way the groups stay contiguous (no g_idx at inference)."""
+    if group_params not in ("original", "reached"):
+        raise ValueError(f"group_params={group_params!r}: choose 'original' or 'reached'")
     W = weight.detach().to(torch.float32).clone()  # (out, in)
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # (in, in)
     out_f, in_f = W.shape
@@ -80,8 +87,11 @@ def gptq_quantize(
     W[:, dead] = 0.0
 
     static_params = None
-    if gs != -1 and static_groups:
+    lazy = gs != -1 and static_groups and act_order and group_params == "reached" and grid is None
+    if gs != -1 and static_groups and not lazy:
         static_params = [search_qparams(W[:, g : g + gs], bits, spec.sym, clip) for g in range(0, in_f, gs)]
+    elif lazy:
+        static_params = [None] * -(-in_f // gs)  # filled as the solve reaches each group
     if grid is not None:
         if len(grid) != (1 if gs == -1 else -(-in_f // gs)):
             raise ValueError(f"{name}: a grid of {len(grid)} groups does not fit in_features={in_f} at group size {gs}.")
@@ -120,6 +130,14 @@ def gptq_quantize(
             col = i1 + i
             if static_params is not None:
                 g = int(perm[col]) // gs_eff
+                if static_params[g] is None:  # lazy: the group's current values, all at or after col
+                    pos = invperm[g * gs : (g + 1) * gs]  # permuted positions of the group's columns
+                    now = pos < i2
+                    cur = torch.empty(out_f, pos.numel(), device=W.device)  # (out, gs)
+                    cur[:, now] = W1[:, pos[now] - i1]
+                    later = pos[~now]
+                    cur[:, ~now] = W[:, later] - Err1[:, :i] @ U[i1 : i1 + i, later]  # pending block updates
+                    static_params[g] = search_qparams(cur, bits, spec.sym, clip)
                 scale, zero = static_params[g]
                 g_of_col[col] = g
             elif gs != -1:

@@ -141,13 +141,13 @@ def config_for(sens: Sensitivity, alloc: Allocation, base: QuantConfig) -> Quant
 
 
 def base_config(sens: Sensitivity, config: QuantConfig | None = None) -> QuantConfig:
-    """``config`` (default: the measurement's method, group size, sym, damping and clipping) with the grouping
+    """``config`` (default: the measurement's method, group size, sym, damping and solver settings) with the grouping
     and fusing the measurement assumed, so the quantized checkpoint matches the allocated units."""
     s = sens.settings
     if config is None:
         config = QuantConfig(method=s.get("method", "gptq"), group_size=s.get("group_size", 128),
                              sym=s.get("sym", False), damp_percent=s.get("damp_percent", 0.01),
-                             clip=sens.clip)
+                             **sens.solver)
     return dataclasses.replace(config, partial_groups=s.get("partial_groups", config.partial_groups),
                                unfused=s.get("granularity") == "linear")
 

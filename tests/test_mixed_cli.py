@@ -153,8 +153,9 @@ def test_candidates_with_their_own_group_size(tiny_model_dir, text_file, tmp_pat
     group sizes, and the checkpoint carries each module's own group size."""
     out = tmp_path / "groups"
     cands = "2,3,3g-1,4"
+    # natural column order: on this random tiny model the Hessian order makes w3g-1 lose to a 2/4-bit mix
     assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--candidates", cands,
-               "--budget", 3.1, "--out", out) == 0
+               "--budget", 3.1, "--no-act-order", "--out", out) == 0
     sens = json.loads((tmp_path / "groups.sens").read_text())
     assert [(c["bits"], c["group_size"]) for c in sens["candidates"]] == [(2, 32), (3, 32), (3, -1), (4, 32), (16, -1)]
     cost = [row[1:3] for row in sens["cost"]]
@@ -220,19 +221,28 @@ def test_search_refines_the_allocation_within_budget(sens_file, tiny_model_dir, 
     assert "--search refines" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("measured", [True, False])
-def test_clip_follows_the_measurement_unless_overridden(tiny_model_dir, text_file, tmp_path, capsys, measured):
-    sens = tmp_path / "clip.sens"
-    flag, other = ("--clip", "--no-clip") if measured else ("--no-clip", "--clip")
+@pytest.mark.parametrize("setting,measured", [("clip", True), ("clip", False), ("act-order", False)])
+def test_solver_settings_follow_the_measurement_unless_overridden(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                  setting, measured):
+    """Range search and column order: quantize --sensitivity solves as the measurement did (a file
+    measured without act-order, as every file before it was the default, gets no act-order and no
+    static groups), unless told otherwise, and then warns."""
+    key = setting.replace("-", "_")
+    sens = tmp_path / "m.sens"
+    flag, other = (f"--{setting}", f"--no-{setting}") if measured else (f"--no-{setting}", f"--{setting}")
     assert run("measure", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--pair-bits", 0,
                flag, "--out", sens) == 0
-    assert json.loads(sens.read_text())["settings"]["clip"] is measured
-    mismatch = (f"measured {'with' if measured else 'without'} --clip but this run quantizes "
+    settings = json.loads(sens.read_text())["settings"]
+    assert settings[key] is measured and settings["static_groups"] is (settings["act_order"] and True)
+    mismatch = (f"measured {'with' if measured else 'without'} --{setting} but this run quantizes "
                 f"{'without' if measured else 'with'} it")
     for extra, want in (([], measured), ([other], not measured)):
         out = tmp_path / f"q{len(extra)}"
         capsys.readouterr()
         assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, "--sensitivity", sens,
                    "--budget", 3.0, "--out", out, *extra) == 0
-        assert json.loads((out / "hmq.json").read_text())["quant_config"]["clip"] is want
+        qc = json.loads((out / "hmq.json").read_text())["quant_config"]
+        assert qc[key] is want
+        if key == "act_order":
+            assert qc["static_groups"] is want  # static groups are on by default, and mean nothing without the order
         assert (mismatch in capsys.readouterr().err) is (want != measured)

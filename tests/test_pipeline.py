@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from calibration.capture import capture_layer_inputs, run_layer
 from calibration.hessian import HessianAccumulator
 from quant.arch import ARCHS, get_arch
+from quant.compressed import contiguous_groups
 from quant.config import ConfigError, ModuleSpec, QuantConfig
 from quant.export import load_quantized, quantization_config, read_tensors, save_quantized, spec_from_quantization_config
 from quant.gptq import gptq_quantize
@@ -18,7 +20,7 @@ from .conftest import build_tiny, windows
 CPU = torch.device("cpu")
 
 
-def naive_gptq(model, arch, w, spec, clip=None):
+def naive_gptq(model, arch, w, spec, clip=None, **order):
     """The textbook sequential GPTQ loop: a full layer forward per step, one module at a time."""
     layers = model.model.layers
     inputs = capture_layer_inputs(model, layers, w, CPU, 4)
@@ -31,17 +33,18 @@ def naive_gptq(model, arch, w, spec, clip=None):
                 h.remove()
             for n in group:
                 lin = layer.get_submodule(n)
-                lin.weight.data = gptq_quantize(lin.weight, accs[n].hessian(), spec, clip=clip).dequantize()
+                lin.weight.data = gptq_quantize(lin.weight, accs[n].hessian(), spec, clip=clip, **order).dequantize()
         inputs = run_layer(layer, inputs)
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_pipeline_equals_textbook_sequential_gptq(clip):
+@pytest.mark.parametrize("clip,act_order", [(False, False), (True, False), (True, True)])
+def test_pipeline_equals_textbook_sequential_gptq(clip, act_order):
     model, ref = build_tiny("llama"), build_tiny("llama")
     w = windows(8, 32)
-    quantize_model(model, get_arch("llama"), w, QuantConfig(bits=3, group_size=32, clip=clip), CPU, batch_size=4,
-                   progress=False)
-    naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32), ClipSearch() if clip else None)
+    cfg = QuantConfig(bits=3, group_size=32, clip=clip, act_order=act_order)
+    quantize_model(model, get_arch("llama"), w, cfg, CPU, batch_size=4, progress=False)
+    naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32), ClipSearch() if clip else None,
+               act_order=cfg.act_order, static_groups=cfg.static_groups)
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             assert torch.equal(mod.dequantize(), ref.get_submodule(name).weight), name
@@ -67,9 +70,11 @@ def test_every_supported_architecture_quantizes_saves_and_reloads(model_type, tm
 
 def test_fp16_checkpoint_reloads_and_resaves_bit_identically(tmp_path):
     model = build_tiny("llama")
-    cfg = QuantConfig(bits=3, group_size=32, act_order=True, overrides={r"layers\.1\.mlp\.down_proj": {"bits": 8},
-                                                                        r"layers\.0\.mlp\.(gate|up)_proj": {"bits": 16}})
+    cfg = QuantConfig(bits=3, group_size=32, act_order=True, static_groups=False,  # a permuted g_idx round-trips too
+                      overrides={r"layers\.1\.mlp\.down_proj": {"bits": 8},
+                                 r"layers\.0\.mlp\.(gate|up)_proj": {"bits": 16}})
     quantize_model(model, get_arch("llama"), windows(8, 32), cfg, CPU, progress=False)
+    assert not contiguous_groups(model.model.layers[1].self_attn.q_proj.unpack().g_idx, 32)
     first = save_quantized(model, None, tmp_path / "a", cfg)
     again = save_quantized(load_quantized(first), None, tmp_path / "b", cfg)
     a, b = read_tensors(first), read_tensors(again)
@@ -80,6 +85,26 @@ def test_fp16_checkpoint_reloads_and_resaves_bit_identically(tmp_path):
     assert isinstance(reloaded.model.layers[0].mlp.gate_proj, torch.nn.Linear)
     assert reloaded.model.layers[1].mlp.down_proj.bits == 8
     assert reloaded.model.layers[1].self_attn.q_proj.bits == 3
+
+
+def test_default_solve_orders_columns_but_keeps_groups_contiguous(tmp_path):
+    """The default (act-order with static groups) solves in Hessian order, yet every group is a
+    contiguous run of columns: the checkpoint says desc_act false and needs no g_idx lookup."""
+    cfg = QuantConfig(bits=3, group_size=32)
+    assert cfg.act_order and cfg.static_groups
+    model, plain = build_tiny("llama"), build_tiny("llama")
+    w = windows(8, 32)
+    quantize_model(model, get_arch("llama"), w, cfg, CPU, progress=False)
+    quantize_model(plain, get_arch("llama"), w, QuantConfig(bits=3, group_size=32, act_order=False), CPU, progress=False)
+    lins = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert all(contiguous_groups(m.unpack().g_idx, 32) for _, m in lins)
+    assert any(not torch.equal(m.dequantize(), plain.get_submodule(n).dequantize()) for n, m in lins)  # another order
+    out = save_quantized(model, None, tmp_path / "ckpt", cfg, save_dtype=torch.float32)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is False and qc["static_groups"] is True
+    ct = save_quantized(load_quantized(out), None, tmp_path / "ct", cfg, fmt="compressed-tensors", save_dtype=torch.float32)
+    weights = json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["actorder"] == "weight"
 
 
 def test_quantization_config_round_trips_per_module_specs():
