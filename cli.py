@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
                                    "keeping groups contiguous (llm-compressor's actorder=static; default on); "
                                    "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
+    q.add_argument("--group-params", choices=("reached", "original"),
+                   help="static groups: set each group's scale/zero from its error-updated values when the solve "
+                        "first reaches it (reached, default) or from the original weights (original: llm-compressor's "
+                        "static act-order)")
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ lazy-batch column block (default 128)")
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(m, "clip", CLIP_HELP)
     _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
     _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
+    m.add_argument("--group-params", choices=("reached", "original"), help="static groups' scale/zero, as quantize")
     for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
                       ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
                       ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),
@@ -317,6 +322,9 @@ def _as_measured(config: "QuantConfig", measured: dict[str, bool], explicit: set
         flag = "--" + key.replace("_", "-")
         if key not in explicit:
             config = dataclasses.replace(config, **{key: value})  # as measured
+        elif key == "group_params" and config.group_params != value:
+            log.warning("the sensitivity was measured with --group-params %s but this run quantizes with %s: the "
+                        "predicted damage may not match", value, config.group_params)
         elif getattr(config, key) != value:
             log.warning("the sensitivity was measured %s %s but this run quantizes %s it: the predicted damage may not "
                         "match (pass %s, or re-measure)", "with" if value else "without", flag,

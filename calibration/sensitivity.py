@@ -193,6 +193,8 @@ class Sensitivity:
         out = {"clip": self.clip, "act_order": act}
         if act:
             out["static_groups"] = bool(self.settings.get("static_groups", False))
+        if act and out["static_groups"]:
+            out["group_params"] = self.settings.get("group_params", "original")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -598,7 +600,7 @@ def measure_sensitivity(model: nn.Module, arch: Arch, windows: torch.Tensor, los
     settings = dict(settings or {})
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "clip": config.clip,
-                     "static_groups": config.static_groups,
+                     "static_groups": config.static_groups, "group_params": config.group_params,
                      "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": est.probes, "trace_tol": trace_tol,
                      "pair_bits": pair_bits, "pair_window": pair_window, "single_bits": sorted(single_set),
