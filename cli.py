@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
                                    "keeping groups contiguous (llm-compressor's actorder=static; default on); "
                                    "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
-    q.add_argument("--group-params", choices=("reached", "original"),
+    q.add_argument("--group-params", choices=("auto", "reached", "original"),
                    help="static groups: set each group's scale/zero from its error-updated values when the solve "
-                        "first reaches it (reached, default) or from the original weights (original: llm-compressor's "
-                        "static act-order)")
+                        "first reaches it (reached) or from the original weights (original: llm-compressor's static "
+                        "act-order); auto (default): reached at 2-3 bits, original at 4 and 8")
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ lazy-batch column block (default 128)")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(m, "clip", CLIP_HELP)
     _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
     _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
-    m.add_argument("--group-params", choices=("reached", "original"), help="static groups' scale/zero, as quantize")
+    m.add_argument("--group-params", choices=("auto", "reached", "original"), help="static groups' scale/zero, as quantize")
     for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
                       ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
                       ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),

@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = keep the module in floating point
+GROUP_PARAMS = ("auto", "reached", "original")
+REACHED_UP_TO_BITS = 3  # group_params="auto": "reached" at this width and below, "original" above
 
 
 class ConfigError(ValueError):
@@ -67,9 +69,10 @@ class QuantConfig:
     act_order: bool = True
     static_groups: bool = True  # with act_order; off: groups follow the solve order and need a g_idx
     # static groups: scale/zero from the group's error-updated values when the solve first reaches
-    # one of its columns ("reached", default: chosen on selection text) or from the original weights
-    # before the solve ("original": llm-compressor's static act-order); both keep groups contiguous
-    group_params: str = "reached"
+    # one of its columns ("reached") or from the original weights before the solve ("original":
+    # llm-compressor's static act-order); both keep groups contiguous. "auto" (default): reached at
+    # 2-3 bits, original at 4 and 8, as selection text ranked them (docs/defaults.md)
+    group_params: str = "auto"
     clip: bool = True  # search each group's range for the lowest |error|^2.4 (GPTQ's "mse") instead of min/max
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
@@ -87,8 +90,8 @@ class QuantConfig:
             raise ConfigError(f"damp_percent={self.damp_percent!r} must lie in (0, 1); 0.01 is the usual choice.")
         if self.affine_epochs < 1 or not (0.0 < self.affine_lr < 1.0):
             raise ConfigError(f"affine_epochs={self.affine_epochs!r} must be ≥ 1 and affine_lr={self.affine_lr!r} in (0, 1).")
-        if self.group_params not in ("original", "reached"):
-            raise ConfigError(f"group_params={self.group_params!r} must be 'original' or 'reached'.")
+        if self.group_params not in GROUP_PARAMS:
+            raise ConfigError(f"group_params={self.group_params!r} must be one of {', '.join(GROUP_PARAMS)}.")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size!r} must be a positive integer.")
         if self.static_groups and not self.act_order:
@@ -107,6 +110,12 @@ class QuantConfig:
                 check_bits(spec["bits"], f"overrides[{pattern!r}].bits")
             if "group_size" in spec:
                 check_group_size(spec["group_size"], f"overrides[{pattern!r}].group_size")
+
+    def group_params_for(self, bits: int) -> str:
+        """The static groups' parameter rule at ``bits`` ("auto" resolved)."""
+        if self.group_params != "auto":
+            return self.group_params
+        return "reached" if bits <= REACHED_UP_TO_BITS else "original"
 
     def spec_for(self, module_name: str) -> ModuleSpec:
         fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}

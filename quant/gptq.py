@@ -63,7 +63,7 @@ def gptq_quantize(
     name: str = "module",
     grid: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     clip: ClipSearch | None = None,
-    group_params: str = "reached",
+    group_params: str = "original",
 ) -> QuantizedWeight:
     """Quantize ``weight`` (out, in) with GPTQ against ``H`` (in, in); returns codes and group params.
 

@@ -57,7 +57,7 @@ def _gptq(weight, H, spec, config, name, grid=None):
         spec,
         act_order=config.act_order,
         static_groups=config.static_groups,
-        group_params=config.group_params,
+        group_params=config.group_params_for(spec.bits),
         damp_percent=config.damp_percent,
         block_size=config.block_size,
         name=name,

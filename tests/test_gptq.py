@@ -185,7 +185,8 @@ def test_config_clip_reaches_the_methods(real_activations, method):
     fn = get_method(method).fn
     on = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=True), "down")
     off = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=False), "down")
-    want = (gptq_quantize(w, H["mlp.down_proj"], spec, clip=ClipSearch(), act_order=True, static_groups=True)
+    want = (gptq_quantize(w, H["mlp.down_proj"], spec, clip=ClipSearch(), act_order=True, static_groups=True,
+                          group_params="reached")  # the default rule at 2 bits
             if method == "gptq"
             else rtn_quantize(w, spec, ClipSearch()))
     assert torch.equal(on.scales, want.scales) and torch.equal(on.intweight, want.intweight)
@@ -213,3 +214,14 @@ def test_reached_group_params_see_the_updated_columns(real_activations, bits, gs
     assert torch.equal(lazy.g_idx.long(), torch.arange(in_f) // gs)
     orig = gptq_quantize(w, H["mlp.down_proj"], spec, group_params="original", **kw)
     assert not torch.equal(lazy.scales, orig.scales)  # it is another grid
+
+
+def test_auto_group_params_follow_the_width():
+    from quant.config import ConfigError, QuantConfig
+
+    cfg = QuantConfig()
+    assert cfg.group_params == "auto"
+    assert [cfg.group_params_for(b) for b in (2, 3, 4, 8)] == ["reached", "reached", "original", "original"]
+    assert QuantConfig(group_params="original").group_params_for(2) == "original"
+    with pytest.raises(ConfigError, match="group_params"):
+        QuantConfig(group_params="late")

@@ -44,7 +44,7 @@ def test_pipeline_equals_textbook_sequential_gptq(clip, act_order):
     cfg = QuantConfig(bits=3, group_size=32, clip=clip, act_order=act_order)
     quantize_model(model, get_arch("llama"), w, cfg, CPU, batch_size=4, progress=False)
     naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32), ClipSearch() if clip else None,
-               act_order=cfg.act_order, static_groups=cfg.static_groups)
+               act_order=cfg.act_order, static_groups=cfg.static_groups, group_params=cfg.group_params_for(3))
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             assert torch.equal(mod.dequantize(), ref.get_submodule(name).weight), name
