@@ -554,7 +554,7 @@ def cmd_quantize(args) -> int:
     if allocation is not None:
         extra["allocation"] = {**allocation, "objective": args.objective}
     save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra, fmt=args.fmt, engine=args.engine)
-    print_summary(report, out, time.perf_counter() - t0)
+    print_summary(report, out, time.perf_counter() - t0, config)
     if allocation is not None:
         a = extra["allocation"]
         print(f"mixed precision ({args.objective}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
@@ -604,7 +604,20 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
     return kept["model"], kept["report"], a, kept["config"]
 
 
-def print_summary(report, out: Path, seconds: float) -> None:
+def solver_line(config) -> str:
+    """How the weights were solved, in one line for the summary."""
+    if config.method not in ("gptq", "affine+gptq"):
+        return f"method {config.method}, range search {'on' if config.clip else 'off'}"
+    order = "natural column order"
+    if config.act_order:
+        groups = (f"static groups ({config.group_params}" + (": set when reached at 2-3 bits, up front at 4-8)"
+                                                              if config.group_params == "auto" else ")")
+                  if config.static_groups else "groups in solve order (g_idx)")
+        order = f"columns in Hessian order, {groups}"
+    return f"method {config.method}: {order}, range search {'on' if config.clip else 'off'}, damping {config.damp_percent}"
+
+
+def print_summary(report, out: Path, seconds: float, config=None) -> None:
     rows: dict[int, list] = {}
     for m in report.modules:
         r = rows.setdefault(m.bits, [0, 0, 0])
@@ -620,6 +633,8 @@ def print_summary(report, out: Path, seconds: float) -> None:
     nbytes = sum(r[2] for r in rows.values())
     print(f"{'all':>5} {sum(r[0] for r in rows.values()):>8} {params:>12,} {nbytes:>12,} {8 * nbytes / params:>7.3f}")
     print("bpw counts packed codes + fp16 scales + packed zeros of the decoder-layer linears.")
+    if config is not None:
+        print(solver_line(config))
     print(f"quantized in {report.seconds:.1f} s, {seconds:.1f} s in all; wrote {out}")
 
 

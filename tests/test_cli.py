@@ -23,6 +23,7 @@ def test_quantize_inspect_eval(tiny_model_dir, text_file, tmp_path, capsys):
     assert run(*quantize_args(tiny_model_dir, text_file, out, "--bits", 4, "--override", r"layers\.1\.mlp\.down_proj=8")) == 0
     summary = capsys.readouterr().out
     assert "bpw" in summary and str(out) in summary
+    assert "columns in Hessian order, static groups (auto" in summary and "range search on" in summary
     assert run("inspect", out, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     mods = report["modules"]
