@@ -91,9 +91,12 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
-def write_json(path: str, args, fp: dict, rows: list[dict]) -> None:
-    """The run's settings, machine, fp results and rows as JSON at ``path``."""
+def write_json(path: str, args, fp: dict, rows: list[dict], quiet: bool = False) -> None:
+    """The run's settings, machine, fp results and rows as JSON at ``path`` (replaced whole)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "settings": vars(args), "fp": fp, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine(), "settings": vars(args), "fp": fp, "rows": rows}, indent=2))
+    tmp.replace(out)
+    if not quiet:
+        print(f"wrote {out}")

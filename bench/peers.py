@@ -91,6 +91,7 @@ def main() -> None:
         res = common.evaluate(model, rep, device)
         rows.append({"tool": tool, "scheme": label, "seed": seed, "seconds": seconds, "bpw": bpw, **res})
         print(f"{label} seed {seed} {tool}: ppl {res['ppl']:.3f} kl {res['kl']:.4f} ({seconds:.0f} s)", flush=True)
+        common.write_json(args.json, args, rep.fp, rows, quiet=True)  # a killed run keeps what it finished
 
     for seed in args.seeds:
         windows = common.calib(tok, args.nsamples, args.seqlen, seed)
