@@ -39,6 +39,7 @@ def _bool_flag(parser, name: str, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quant.config import GROUP_PARAMS, REACHED_UP_TO_BITS
     from quant.methods import METHODS
 
     p = argparse.ArgumentParser(prog="hmq", description="Hessian-aware post-training quantization of Hugging Face causal LMs.")
@@ -65,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
                                    "keeping groups contiguous (llm-compressor's actorder=static; default on); "
                                    "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
-    q.add_argument("--group-params", choices=("auto", "reached", "original"),
+    q.add_argument("--group-params", choices=GROUP_PARAMS,
                    help="static groups: set each group's scale/zero from its error-updated values when the solve "
                         "first reaches it (reached) or from the original weights (original: llm-compressor's static "
-                        "act-order); auto (default): reached at 2-3 bits, original at 4 and 8")
+                        f"act-order); auto (default): reached up to {REACHED_UP_TO_BITS} bits, original above")
     q.add_argument("--damp-percent", type=float, help="GPTQ damping λ as a fraction of mean(diag H); raised ×10 "
                                                       "automatically when Cholesky fails (default 0.01)")
     q.add_argument("--block-size", type=int, help="GPTQ lazy-batch column block (default 128)")
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(m, "clip", CLIP_HELP)
     _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
     _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
-    m.add_argument("--group-params", choices=("auto", "reached", "original"), help="static groups' scale/zero, as quantize")
+    m.add_argument("--group-params", choices=GROUP_PARAMS, help="static groups' scale/zero, as quantize")
     for flag, hlp in (("--calib", "calibration text (default foldoc)"), ("--nsamples", "calibration windows for H_x (default 32)"),
                       ("--seqlen", "tokens per window (default 512)"), ("--seed", "seed (default 0)"),
                       ("--batch-size", "windows per forward (default 8)"), ("--dtype", "compute dtype (default auto)"),
@@ -485,8 +486,6 @@ def _parse_percent(text: str) -> float:
 
 
 def cmd_quantize(args) -> int:
-    import dataclasses
-
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows
@@ -606,12 +605,14 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
 
 def solver_line(config) -> str:
     """How the weights were solved, in one line for the summary."""
+    from quant.config import REACHED_UP_TO_BITS
+
     if config.method not in ("gptq", "affine+gptq"):
         return f"method {config.method}, range search {'on' if config.clip else 'off'}"
     order = "natural column order"
     if config.act_order:
-        groups = (f"static groups ({config.group_params}" + (": set when reached at 2-3 bits, up front at 4-8)"
-                                                              if config.group_params == "auto" else ")")
+        groups = (f"static groups ({config.group_params}" + (f": set when reached up to {REACHED_UP_TO_BITS} bits, "
+                                                              "up front above)" if config.group_params == "auto" else ")")
                   if config.static_groups else "groups in solve order (g_idx)")
         order = f"columns in Hessian order, {groups}"
     return f"method {config.method}: {order}, range search {'on' if config.clip else 'off'}, damping {config.damp_percent}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import subprocess
 import tempfile
 import time
@@ -46,9 +47,9 @@ def load_weights(base, path: Path):
     return model
 
 
-def run_peer(python: str, script: str, folder: Path, windows: torch.Tensor, spec, extra: list[str], tmp: Path) -> Path:
-    wfile, out = tmp / "windows.pt", tmp / f"{Path(script).stem}.safetensors"
-    torch.save(windows.clone(), wfile)
+def run_peer(python: str, script: str, folder: Path, wfile: Path, spec, extra: list[str], tmp: Path) -> Path:
+    """Run a peer script on the windows saved in ``wfile``; returns its weights file in ``tmp``."""
+    out = tmp / f"{Path(script).stem}.safetensors"
     cmd = [python, str(Path(__file__).with_name(script)), "--model", str(folder), "--windows", str(wfile),
            "--bits", str(spec.bits), "--group-size", str(spec.group_size), "--out", str(out), *extra]
     if spec.sym:
@@ -93,8 +94,17 @@ def main() -> None:
         print(f"{label} seed {seed} {tool}: ppl {res['ppl']:.3f} kl {res['kl']:.4f} ({seconds:.0f} s)", flush=True)
         common.write_json(args.json, args, rep.fp, rows, quiet=True)  # a killed run keeps what it finished
 
+    peers = []
+    if args.llmcompressor:
+        peers.append(("llm-compressor", args.llmcompressor, "peer_llmcompressor.py", []))
+    if args.autoround:
+        peers.append((f"AutoRound ({args.autoround_iters} it)", args.autoround, "peer_autoround.py",
+                      ["--iters", str(args.autoround_iters)]))
+    tmp = Path(tempfile.mkdtemp(prefix="hmq-peers-"))
+    wfile = tmp / "windows.pt"
     for seed in args.seeds:
         windows = common.calib(tok, args.nsamples, args.seqlen, seed)
+        torch.save(windows.clone(), wfile)  # what every peer reads for this seed
         for label in args.schemes:
             spec = common.parse_scheme(label)
             for variant in [None, *args.hmq_variants]:
@@ -102,19 +112,12 @@ def main() -> None:
                                                     **({} if variant is None else VARIANTS[variant]))
                 record("hmq" if variant is None else f"hmq {variant}", label, seed, model, report.seconds, report.bpw)
                 del model
-            with tempfile.TemporaryDirectory() as tmp:
-                peers = []
-                if args.llmcompressor:
-                    peers.append(("llm-compressor", args.llmcompressor, "peer_llmcompressor.py", []))
-                if args.autoround:
-                    peers.append((f"AutoRound ({args.autoround_iters} it)", args.autoround, "peer_autoround.py",
-                                  ["--iters", str(args.autoround_iters)]))
-                for tool, python, script, extra in peers:
-                    t0 = time.perf_counter()
-                    out = run_peer(python, script, folder, windows, spec, extra, Path(tmp))
-                    model = load_weights(base, out)
-                    record(tool, label, seed, model, time.perf_counter() - t0)
-                    del model
+            for tool, python, script, extra in peers:
+                t0 = time.perf_counter()
+                out = run_peer(python, script, folder, wfile, spec, extra, tmp)
+                model = load_weights(base, out)
+                record(tool, label, seed, model, time.perf_counter() - t0)
+                del model
             if args.ref:
                 if spec.sym:
                     print(f"{label}: the reference GPTQ run here is asymmetric only; skipped", flush=True)
@@ -128,6 +131,7 @@ def main() -> None:
                     record("reference GPTQ", label, seed, model, time.perf_counter() - t0)
                     del model
 
+    shutil.rmtree(tmp)  # only after a whole run: a failed peer's log stays where its error message points
     tools = list(dict.fromkeys(r["tool"] for r in rows))
     print(f"\n{args.model or 'SmolLM2-135M-Instruct'}; calibration {args.nsamples}×{args.seqlen} tokens of the "
           f"calibration text, seeds {args.seeds}, the same windows for every tool; reporting text "

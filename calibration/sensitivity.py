@@ -193,8 +193,8 @@ class Sensitivity:
         out = {"clip": self.clip, "act_order": act}
         if act:
             out["static_groups"] = bool(self.settings.get("static_groups", False))
-        if act and out["static_groups"]:
-            out["group_params"] = self.settings.get("group_params", "original")
+            if out["static_groups"]:
+                out["group_params"] = self.settings.get("group_params", "original")
         return out
 
     def save(self, path: str | Path) -> Path:

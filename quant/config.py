@@ -63,9 +63,8 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    # Columns solved in order of decreasing diag(H) (GPTQ "desc_act") with each group's scale/zero
-    # fixed from the original weights first (llm-compressor's actorder="static"): the groups stay
-    # contiguous, so kernels need no g_idx. On by default: chosen on selection text (docs/defaults.md).
+    # Columns solved in order of decreasing diag(H) (GPTQ "desc_act") with static groups: the groups
+    # stay contiguous, so kernels need no g_idx. On by default: chosen on selection text (docs/defaults.md).
     act_order: bool = True
     static_groups: bool = True  # with act_order; off: groups follow the solve order and need a g_idx
     # static groups: scale/zero from the group's error-updated values when the solve first reaches

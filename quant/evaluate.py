@@ -61,17 +61,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, unit="window"):
             x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)  # (1, seqlen)
             logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()  # (seqlen-1, vocab)
-            nll = F.cross_entropy(logits, x[0, 1:], reduction="sum")
-            total_nll += nll.item()
+            logp = F.log_softmax(logits, -1)  # (seqlen-1, vocab), what cross-entropy and KL both read
+            total_nll -= logp.gather(1, x[0, 1:, None]).sum().item()
             total_tokens += seqlen - 1
-            if _collect is not None or reference is not None:
-                logp = F.log_softmax(logits, -1)  # (seqlen-1, vocab)
-                if _collect is not None:
-                    _collect.append(logp.to("cpu", torch.float16))
-                if reference is not None:
-                    kl, same = kl_terms(logp, reference[w].to(logp.device))
-                    kls.append(kl.cpu())
-                    agree += int(same.sum())
+            if _collect is not None:
+                _collect.append(logp.to("cpu", torch.float16))
+            if reference is not None:
+                kl, same = kl_terms(logp, reference[w].to(logp.device))
+                kls.append(kl.cpu())
+                agree += int(same.sum())
     mean = total_nll / total_tokens
     res = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
            "seconds": time.perf_counter() - t0}
