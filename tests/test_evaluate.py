@@ -42,6 +42,18 @@ def test_kl_of_a_changed_model_matches_the_definition():
     assert res["top1"] == pytest.approx(agree / (3 * 31), abs=2 / 93)
 
 
+def test_kl_terms_is_kl_of_the_model_from_the_reference():
+    """KL(reference ‖ model), not the reverse: on a clearly asymmetric pair the two directions differ."""
+    g = torch.Generator().manual_seed(2)
+    ref = F.log_softmax(3 * torch.randn(6, 17, generator=g), -1)
+    model = F.log_softmax(torch.randn(6, 17, generator=g), -1)
+    kl, _ = kl_terms(model, ref)
+    want = F.kl_div(model, ref, log_target=True, reduction="none").sum(-1)  # Σ ref · (log ref − log model)
+    reverse = F.kl_div(ref, model, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(kl, reverse, rtol=0.1)
+
+
 def test_kl_terms_is_never_negative():
     p = F.log_softmax(torch.randn(5, 11), -1)
     kl, same = kl_terms(p, p.half())
