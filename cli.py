@@ -373,8 +373,9 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
                                settings=settings)
 
 
-def _load_resolved(args, run, config, explicit: set[str]):
-    """Load the model and settle the group size the way `quantize` does."""
+def _load_resolved(args, run, config, explicit: set[str], stream: bool = False):
+    """Load the model (``stream``: layers stay on disk until the sweep needs them) and settle the
+    group size the way `quantize` does."""
     import dataclasses
 
     from quant.model_io import load_model, resolve_device, resolve_dtype
@@ -382,7 +383,7 @@ def _load_resolved(args, run, config, explicit: set[str]):
     device = resolve_device(run["device"])
     dtype = resolve_dtype(run["dtype"], device)
     log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
-    model, tokenizer, arch = load_model(run["model"], dtype)
+    model, tokenizer, arch = load_model(run["model"], dtype, stream=stream)
     if "group_size" not in explicit:
         gs = auto_group_size(model, arch, config)
         if gs != config.group_size:
@@ -394,11 +395,15 @@ def _load_resolved(args, run, config, explicit: set[str]):
 
 def cmd_measure(args) -> int:
     from quant.config import ConfigError
+    from quant.export import check_writable
 
     t0 = time.perf_counter()
     run, config, explicit = resolve_settings(args)
     if not str(args.out).strip():
         raise ConfigError("--out must name a file, e.g. m.sens.")
+    if Path(args.out).expanduser().is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder: name a file, e.g. {Path(args.out) / 'm.sens'}.")
+    check_writable(Path(args.out))
     model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit)
     sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct")
     path = sens.save(args.out)
@@ -507,7 +512,10 @@ def cmd_quantize(args) -> int:
     if args.sensitivity and not mixed:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
-    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
+    if args.out:  # before any loading: a bad --out is found in a second, not after the work
+        check_output_dir(args.out, args.overwrite)
+    # a uniform run streams the model's layers from disk; mixed precision still holds the fp model
+    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit, stream=not mixed)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
@@ -578,8 +586,7 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
 
     limit = _parse_percent(args.max_ppl_increase)
     _, ids = eval_tokens(tokenizer, calib)
-    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
-    model.to("cpu")
+    fp = perplexity(model, ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
     target = fp * (1 + limit)
     log.info("fp perplexity %.3f on %d held-out windows; target ≤ %.3f", fp, args.eval_windows, target)
     lo, hi = min_max_bpw(sens)
@@ -663,8 +670,7 @@ def cmd_frontier(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     calib = sens.settings.get("calib")
     _, ids = eval_tokens(tokenizer, calib)
-    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
-    model.to("cpu")
+    fp = perplexity(model, ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
     pairs = not args.no_pairs
     lo, hi = min_max_bpw(sens)
     grid = np.linspace(lo, min(hi, 8.5), 41)
@@ -782,7 +788,7 @@ def _load_for_eval(spec: str | None, dtype):
     if spec and is_quantized_checkpoint(spec):
         model = load_quantized(spec, dtype=dtype)
         return model, transformers.AutoTokenizer.from_pretrained(spec)
-    model, tokenizer, _ = load_model(spec, dtype)
+    model, tokenizer, _ = load_model(spec, dtype, stream=True)
     return model, tokenizer
 
 
@@ -805,7 +811,7 @@ def cmd_eval(args) -> int:
     for spec in targets:
         model, tokenizer = _load_for_eval(spec, dtype)
         name, ids = eval_tokens(tokenizer, args.data or DEFAULT_SOURCE)
-        res = perplexity(model.to(device), ids, args.seqlen, args.max_windows, device, progress=not args.no_progress)
+        res = perplexity(model, ids, args.seqlen, args.max_windows, device, progress=not args.no_progress)
         res.update({"model": spec or "offline default (SmolLM2-135M-Instruct)", "data": name})
         results.append(res)
         del model

@@ -54,16 +54,14 @@ def texts(model, tokenizer, split: str, windows: int, seqlen: int, device) -> Te
     """Selection (``split='select'``) or reporting (``'eval'``) windows of the default corpus, with
     the fp model's results and reference log-probabilities on them."""
     _, ids = eval_tokens(tokenizer, None, split)
-    ref, fp = reference_logprobs(model.to(device), ids, seqlen, windows, device, progress=False)
-    model.to("cpu")
+    ref, fp = reference_logprobs(model, ids, seqlen, windows, device, progress=False)
     if fp["windows"] < windows:
         raise SystemExit(f"the {split} text holds only {fp['windows']} windows of {seqlen} tokens")
     return Texts(split, ids, seqlen, windows, fp, ref)
 
 
 def evaluate(model, t: Texts, device) -> dict:
-    res = perplexity(model.to(device), t.ids, t.seqlen, t.windows, device, progress=False, reference=t.reference)
-    model.to("cpu")
+    res = perplexity(model, t.ids, t.seqlen, t.windows, device, progress=False, reference=t.reference)
     return {k: res[k] for k in ("ppl", "nll", "kl", "kl_p99", "top1")}
 
 

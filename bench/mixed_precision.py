@@ -99,8 +99,7 @@ def main() -> None:
                                    base, device, model_name=args.model or "SmolLM2-135M-Instruct",
                                    single_bits=tuple(args.single_bits))
         sens.save(args.sens or Path(args.json).with_suffix(".sens"))
-    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.windows, device, progress=False)["ppl"]
-    model.to("cpu")
+    fp = perplexity(model, ids, args.eval_seqlen, args.windows, device, progress=False)["ppl"]
     del model
     n = total_params(sens)
     rows = [{"config": "fp16", "bpw": 16.0, "ppl": fp}]

@@ -47,7 +47,7 @@ def main() -> None:
     rows = []
 
     def evaluate(model):
-        return perplexity(model.to(device), ids, args.eval_seqlen, args.windows, device, progress=False)
+        return perplexity(model, ids, args.eval_seqlen, args.windows, device, progress=False)
 
     fp = evaluate(base)
     base.to("cpu")

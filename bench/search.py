@@ -57,8 +57,7 @@ def main() -> None:
     windows = calibration_windows(tok, "foldoc", args.nsamples, args.seqlen, 0)
     loss_windows = calibration_windows(tok, "foldoc", args.search_samples, args.search_seqlen, 1)
     _, ids = eval_tokens(tok, "foldoc")
-    fp = perplexity(model.to(device), ids, args.eval_seqlen, args.windows, device, progress=False)["ppl"]
-    model.to("cpu")
+    fp = perplexity(model, ids, args.eval_seqlen, args.windows, device, progress=False)["ppl"]
     print(f"fp perplexity {fp:.3f} on {args.windows} × {args.eval_seqlen} held-out tokens", flush=True)
     uniform = []
     if args.uniform_json and Path(args.uniform_json).is_file():

@@ -28,6 +28,7 @@ class Arch:
     fused_names: tuple[str, ...] = ()  # vLLM's name for each fused group (what its per-module rules match)
     shared_input: tuple[tuple[str, ...], ...] = ()  # linears the layer feeds the very same tensor
     blocks: tuple[Block, ...] = ()  # replayable blocks (see calibration/capture.py)
+    norm: str = "model.norm"  # the final norm, between the last decoder layer and lm_head
 
     @property
     def linears(self) -> tuple[str, ...]:

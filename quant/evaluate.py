@@ -12,7 +12,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from calibration.capture import run_layer
 
 from .qlinear import dequantized_cache
 
@@ -38,10 +39,16 @@ def reference_logprobs(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, m
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windows: int | None = None,
                device: torch.device | str = "cpu", progress: bool = True,
-               reference: list[torch.Tensor] | None = None, _collect: list | None = None) -> dict:
+               reference: list[torch.Tensor] | None = None, _collect: list | None = None, batch_size: int = 8) -> dict:
     """``ids`` (n,) token stream -> {"ppl", "nll", "tokens", "windows", "seqlen", "seconds"}; with
     ``reference`` (from ``reference_logprobs`` on the same ids and windows) also "kl" (mean
-    KL(reference ‖ model) per token, nats), "kl_p99" and "top1" (share of tokens whose argmax agrees)."""
+    KL(reference ‖ model) per token, nats), "kl_p99" and "top1" (share of tokens whose argmax agrees).
+
+    The windows go through the layer sweep (:mod:`quant.engine`) ``batch_size`` at a time: one decoder
+    layer on ``device`` at a time, so a streamed model is evaluated without ever being in memory whole."""
+    from .arch import get_arch
+    from .engine import head_logits, head_on, sweep
+
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
         raise ValueError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: use a smaller --seqlen.")
@@ -53,23 +60,35 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     if reference is not None and len(reference) < n_windows:
         raise ValueError(f"the reference holds {len(reference)} windows but {n_windows} are evaluated: build it "
                          "with the same ids, seqlen and max_windows.")
+    device = torch.device(device)
+    arch = get_arch(model.config.model_type)
     t0 = time.perf_counter()
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)  # (windows, seqlen)
+
+    def step(i, layer, inputs):
+        cache = dequantized_cache(layer) if device.type == "cpu" else contextlib.nullcontext()
+        with cache:
+            return run_layer(layer, inputs)
+
+    hidden = sweep(model, arch, windows, device, step, batch_size=batch_size, keep=False, progress=progress,
+                   desc="perplexity")
     total_nll, total_tokens = 0.0, 0
     kls, agree = [], 0
-    cache = dequantized_cache(model) if torch.device(device).type == "cpu" else contextlib.nullcontext()
-    with cache:
-        for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, unit="window"):
-            x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)  # (1, seqlen)
-            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()  # (seqlen-1, vocab)
-            logp = F.log_softmax(logits, -1)  # (seqlen-1, vocab), what cross-entropy and KL both read
-            total_nll -= logp.gather(1, x[0, 1:, None]).sum().item()
-            total_tokens += seqlen - 1
-            if _collect is not None:
-                _collect.append(logp.to("cpu", torch.float16))
-            if reference is not None:
-                kl, same = kl_terms(logp, reference[w].to(logp.device))
-                kls.append(kl.cpu())
-                agree += int(same.sum())
+    with head_on(model, arch, device):
+        w = 0
+        for batch in hidden:
+            for h in batch.hidden:  # (seqlen, hidden): one window at a time keeps (seqlen, vocab) logits small
+                x = windows[w].to(device)
+                logp = F.log_softmax(head_logits(model, arch, h[None])[0, :-1].float(), -1)  # (seqlen-1, vocab)
+                total_nll -= logp.gather(1, x[1:, None]).sum().item()
+                total_tokens += seqlen - 1
+                if _collect is not None:
+                    _collect.append(logp.to("cpu", torch.float16))
+                if reference is not None:
+                    kl, same = kl_terms(logp, reference[w].to(logp.device))
+                    kls.append(kl.cpu())
+                    agree += int(same.sum())
+                w += 1
     mean = total_nll / total_tokens
     res = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
            "seconds": time.perf_counter() - t0}

@@ -83,7 +83,21 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise CheckpointError(f"output folder {str(out)!r} already exists: choose another --out or pass --overwrite.")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {str(out)!r} exists and is not a folder.")
+    if out.exists() and any(out.iterdir()) and not (out / "hmq.json").is_file():
+        raise CheckpointError(f"--overwrite replaces only hmq checkpoints, and {str(out)!r} is not one (no hmq.json "
+                              "in it): choose another --out, or delete that folder yourself if you mean to.")
+    check_writable(out)
     return out
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a ``path`` whose nearest existing folder cannot be written (found now, not after the work)."""
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {str(path)!r}: {str(parent)!r} is not a writable folder; choose an "
+                              "output path in a folder you can write.")
 
 
 def _module_specs(model: nn.Module, arch) -> dict[str, ModuleSpec | None]:

@@ -216,8 +216,7 @@ def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seql
 
     model, tokenizer, arch = load()
     report = quantize_model(model, arch, windows, config, device, batch_size, progress=progress)
-    res = perplexity(model.to(device), eval_ids, seqlen, max_windows, device, progress=False)
-    model.to("cpu")
+    res = perplexity(model, eval_ids, seqlen, max_windows, device, progress=False)
     return res["ppl"], report, model, tokenizer
 
 

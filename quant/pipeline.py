@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from calibration.capture import LayerInput, Replay, capture_layer_inputs, collect_hessians, run_layer
+from calibration.capture import LayerInput, Replay, collect_hessians, run_layer
 
 from .arch import Arch, decoder_layers, set_submodule
 from .config import ConfigError, ModuleSpec, QuantConfig
+from .engine import sweep
 from .methods import get_method
 from .qlinear import QuantLinear
 from .quantizer import best_rows
@@ -71,16 +71,12 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
                    device: torch.device, batch_size: int = 8, progress: bool = True) -> QuantReport:
     """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`."""
     method = get_method(config.method)
-    layers = decoder_layers(model, arch)
     specs = module_specs(model, arch, config)
     for name, spec in specs.items():  # fail before any work on shapes that cannot be grouped or packed
         if not spec.keep:
             _check_shape(model.get_submodule(name), name, spec, config.partial_groups)
     report = QuantReport()
     t_start = time.perf_counter()
-    # methods that use no activations (RTN) need no calibration forward passes at all
-    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if method.needs_inputs else None
-    fp_inputs = inputs  # the full-precision stream, which affine methods learn to match
     if method.affine:
         from . import affine
 
@@ -91,12 +87,13 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         heads = affine.Heads.of(model.config)
         settings = affine.AffineSettings(epochs=config.affine_epochs, lr=config.affine_lr, clip_lr=2 * config.affine_lr)
     steps = arch.sequential if config.true_sequential else (arch.linears,)
-    bar = tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress, unit="layer")
-    for i in bar:
+    fp_stream: dict = {}  # affine methods: the full-precision stream they learn to match
+
+    def step(i, layer, inputs):
         grids = None
-        layer = layers[i].to(device)
         prefix = f"{arch.layers}.{i}."
         if method.affine:
+            fp_inputs = fp_stream.get("inputs", inputs)
             fp_outputs = run_layer(layer, fp_inputs)
             layer_specs = {n: (None if specs[prefix + n].keep else specs[prefix + n]) for n in arch.linears}
             T, info = affine.learn_block(layer, heads, layer_specs, inputs, [o.hidden for o in fp_outputs], settings,
@@ -107,9 +104,9 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             else:  # RTN: its min/max grid becomes the learned clipped grid
                 affine.clamp_to_clip(layer, T, layer_specs)
             report.affine_loss.append(info["loss"])
-            fp_inputs = fp_outputs
+            fp_stream["inputs"] = fp_outputs
         results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids)
-        inputs = results.pop("__outputs__")
+        outputs = results.pop("__outputs__")
         kept, solved = results.pop("__grid_rows__")
         if solved:
             report.learned_grid_rows.append(kept / solved)
@@ -123,7 +120,11 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
                                                    qlinear.storage_bytes, secs))
             else:
                 report.modules.append(ModuleResult(prefix + n, 16, -1, linear.weight.numel(), fp16_bytes(linear), 0.0))
-        layers[i] = layer.to("cpu")
+        return outputs
+
+    # methods that use no activations (RTN) need no calibration forward passes at all
+    sweep(model, arch, windows if method.needs_inputs else None, device, step, batch_size=batch_size, keep=True,
+          progress=progress, desc=f"{config.method} layers")
     report.seconds = time.perf_counter() - t_start
     return report
 

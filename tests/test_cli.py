@@ -109,11 +109,37 @@ def test_bad_input_clear_error_nothing_written(case, extra, message, tiny_model_
 
 def test_overwrite_replaces_existing_output(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    assert run(*quantize_args(tiny_model_dir, text_file, out, "--method", "rtn")) == 0
     (out / "old.txt").write_text("x")
     assert run(*quantize_args(tiny_model_dir, text_file, out, "--method", "rtn", "--overwrite")) == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert run(*quantize_args(tiny_model_dir, text_file, out, "--method", "rtn", "--overwrite")) != 0
+    assert "not one (no hmq.json" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_unwritable_outputs_are_refused_before_loading(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import quant.model_io
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(quant.model_io, "load_model", no_loading)
+    blocker = tmp_path / "a-file"  # a path under a file cannot be written, whoever runs the test (root too)
+    blocker.write_text("x")
+    assert run(*quantize_args(tiny_model_dir, text_file, blocker / "q", "--method", "rtn")) != 0
+    assert "not a writable folder" in capsys.readouterr().err
+    assert run("measure", "--model", str(tiny_model_dir), "--out", str(blocker / "m.sens")) != 0
+    assert "not a writable folder" in capsys.readouterr().err
+    assert run("measure", "--model", str(tiny_model_dir), "--out", str(tmp_path)) != 0
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):

@@ -1,0 +1,88 @@
+"""The layer sweep: capture the first decoder layer's inputs, then bring one decoder layer at a time
+onto the compute device from wherever its weights live (CPU RAM, or the safetensors shards of a
+streamed model, see :mod:`quant.stream`), hand it and the stored activations to a stage, and move on
+with the activations the stage returns. Stages (quantization, evaluation, ...) are plain callbacks
+``step(index, layer, inputs) -> outputs``; none writes its own loop over the layers.
+
+Memory: one decoder layer on the device, the activations of every window (``n × seq × hidden``),
+and, for a streamed model, nothing of the other layers' fp weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.capture import LayerInput, capture_layer_inputs
+
+from .arch import Arch, decoder_layers
+from .stream import STORE_ATTR, is_streamed, materialize, release
+
+Step = Callable[[int, nn.Module, "list[LayerInput] | None"], "list[LayerInput] | None"]
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return None
+
+
+@contextlib.contextmanager
+def onloaded(model: nn.Module, arch: Arch, index: int, device: torch.device, keep: bool = True):
+    """Decoder layer ``index`` on ``device`` for the duration. Afterwards it goes back where it was;
+    for a streamed model its fp weights are dropped again unless ``keep`` (quantized modules, which
+    the checkpoint does not hold, always stay, on the CPU)."""
+    layer = decoder_layers(model, arch)[index]
+    home = _device_of(layer) or torch.device("cpu")
+    if is_streamed(model):
+        materialize(layer, f"{arch.layers}.{index}.", getattr(model, STORE_ATTR), device)
+    else:
+        layer.to(device)
+    try:
+        yield layer
+    finally:
+        if is_streamed(model) and not keep:
+            release(layer)
+        else:
+            layer.to(home)
+
+
+def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,
+          batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers") -> list[LayerInput] | None:
+    """Run ``step`` on every decoder layer in order; returns the last layer's outputs.
+
+    ``windows`` (n, seq) token ids are pushed to the first layer's inputs (``None``: stages that use
+    no activations, like round-to-nearest). ``keep``: a streamed model keeps what the stage left in
+    each layer (quantize) instead of dropping it again (evaluate)."""
+    layers = decoder_layers(model, arch)
+    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
+    for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
+        with onloaded(model, arch, i, device, keep) as layer:
+            inputs = step(i, layer, inputs)
+    return inputs
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, arch: Arch, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from the last decoder layer's output ``hidden`` (batch, seq, hidden):
+    final norm, then ``lm_head``, as the model's own forward computes them."""
+    norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
+    return head(norm(hidden))  # (batch, seq, vocab)
+
+
+@contextlib.contextmanager
+def head_on(model: nn.Module, arch: Arch, device: torch.device):
+    """The final norm and ``lm_head`` on ``device`` for the duration."""
+    mods = [model.get_submodule(arch.norm), model.get_output_embeddings()]
+    homes = [_device_of(m) or torch.device("cpu") for m in mods]
+    for m in mods:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, h in zip(mods, homes):
+            m.to(h)

@@ -1,0 +1,102 @@
+"""Streaming from disk: a model whose decoder layers stay in its safetensors shards until the layer
+sweep needs them quantizes and evaluates exactly as the same model held in memory."""
+import json
+
+import pytest
+import torch
+
+from quant.config import QuantConfig
+from quant.evaluate import perplexity
+from quant.export import save_quantized
+from quant.model_io import load_model
+from quant.pipeline import quantize_model
+from quant.qlinear import QuantLinear
+from quant.stream import ShardStore, StreamError, is_streamed
+
+from .conftest import build_tiny, windows
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, tokenizer_dir):
+    """A 4-layer tiny Llama saved in many small shards, untied head, as big models are."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("sharded")
+    build_tiny("llama", num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 3
+    return path
+
+
+def layer_fp_weights(model) -> list[str]:
+    """Names of decoder-layer fp parameters that hold data (not on the meta device)."""
+    return [n for n, p in model.model.layers.named_parameters() if p.device.type != "meta"]
+
+
+def test_streamed_model_holds_no_decoder_layer(sharded_dir):
+    model, _, _ = load_model(str(sharded_dir), stream=True)
+    assert is_streamed(model)
+    assert layer_fp_weights(model) == []
+    assert model.lm_head.weight.device.type == "cpu" and model.model.embed_tokens.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_perplexity_equals_in_memory(sharded_dir, tiny_model_dir, tied):
+    folder = tiny_model_dir if tied else sharded_dir
+    whole, _, _ = load_model(str(folder))
+    streamed, _, _ = load_model(str(folder), stream=True)
+    if tied:
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    ids = windows(6, 32, seed=3).flatten()
+    ref = perplexity(whole, ids, 32, progress=False)
+    got = perplexity(streamed, ids, 32, progress=False)
+    assert got["nll"] == ref["nll"]
+    assert layer_fp_weights(streamed) == []  # evaluation dropped every layer again
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_streamed_quantize_equals_in_memory(sharded_dir, tmp_path, method):
+    cfg = QuantConfig(bits=3, group_size=32, method=method)
+    calib = windows(4, 32)
+    whole, tok, arch = load_model(str(sharded_dir))
+    streamed, _, _ = load_model(str(sharded_dir), stream=True)
+    quantize_model(whole, arch, calib, cfg, CPU, progress=False)
+    quantize_model(streamed, arch, calib, cfg, CPU, progress=False)
+    a = {n: m for n, m in whole.named_modules() if isinstance(m, QuantLinear)}
+    b = {n: m for n, m in streamed.named_modules() if isinstance(m, QuantLinear)}
+    assert a.keys() == b.keys() and len(a) == 4 * 7
+    for n in a:
+        for key in ("qweight", "qzeros", "scales"):
+            assert torch.equal(getattr(a[n], key), getattr(b[n], key)), (n, key)
+    # what is left of the layers (norms) came from disk; the checkpoints are the same bytes
+    save_quantized(whole, tok, tmp_path / "whole", cfg)
+    save_quantized(streamed, tok, tmp_path / "streamed", cfg)
+    digests = [json.loads((tmp_path / d / "hmq.json").read_text())["shard_sha256"] for d in ("whole", "streamed")]
+    assert digests[0] == digests[1]
+
+
+def test_shard_outside_the_folder_is_refused(sharded_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(sharded_dir, copy)
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    (tmp_path / "evil.safetensors").write_bytes((copy / index["weight_map"][first]).read_bytes())
+    index["weight_map"][first] = "../evil.safetensors"
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(StreamError, match="outside the folder"):
+        ShardStore(copy)
+
+
+def test_a_missing_shard_is_named(sharded_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(sharded_dir, copy)
+    victim = sorted(copy.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(StreamError, match=f"{victim.name}.*does not exist"):
+        ShardStore(copy)
