@@ -347,7 +347,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     """Run `hmq measure` on an already loaded model."""
     import torch
 
-    from calibration.data import DEFAULT_SOURCE, calibration_windows
+    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
     from calibration.sensitivity import measure_sensitivity, parse_candidates
     from quant.config import ConfigError
 
@@ -358,8 +358,9 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     calib = run["calib"] or DEFAULT_SOURCE
     log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
              run["nsamples"], run["seqlen"], calib, args.loss_samples, args.loss_seqlen)
-    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
-    loss_windows = calibration_windows(tokenizer, calib, args.loss_samples, args.loss_seqlen, run["seed"] + 1)
+    part = own_text_split(calib, "calib", shared=getattr(args, "max_ppl_increase", None) is not None)
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
+    loss_windows = calibration_windows(tokenizer, calib, args.loss_samples, args.loss_seqlen, run["seed"] + 1, part)
     torch.manual_seed(run["seed"])
     settings = {"calib": calib, "nsamples": run["nsamples"], "seqlen": run["seqlen"], "seed": run["seed"],
                 "group_size": config.group_size, "candidates": [c.label for c in candidates]}
@@ -458,7 +459,7 @@ def _budget_allocation(args, sens):
 
 def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, device, calib):
     """--search: evolutionary refinement of the ILP's allocation on the model's measured loss."""
-    from calibration.data import calibration_windows
+    from calibration.data import calibration_windows, own_text_split
     from quant.config import ConfigError
     from quant.mixed import make_problem, search_allocation
 
@@ -466,7 +467,8 @@ def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, dev
         raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
                           "--search-screen ≥ 1 and --search-offspring ≥ 2.")
     latency = _latency_table(args)
-    loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1)
+    loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1,
+                                       own_text_split(calib, "calib"))
     log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", args.search,
              args.search_offspring, args.search_samples, args.search_seqlen, calib)
     problem = make_problem(sens, args.objective, not args.no_pairs, latency, args.gain_scale)
@@ -493,7 +495,7 @@ def _parse_percent(text: str) -> float:
 def cmd_quantize(args) -> int:
     import torch
 
-    from calibration.data import DEFAULT_SOURCE, calibration_windows
+    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
     from quant.config import ConfigError
     from quant.export import check_output_dir, save_quantized
     from quant.pipeline import quantize_model
@@ -537,8 +539,11 @@ def cmd_quantize(args) -> int:
         config = _as_measured(config, sens.solver, explicit)
         config = base_config(sens, config)
         _check_candidates_for_engine(sens, args)
-    log.info("calibration: %d × %d tokens of %s (seed %d)", run["nsamples"], run["seqlen"], calib, run["seed"])
-    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"])
+    # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
+    part = own_text_split(calib, "calib", shared=args.max_ppl_increase is not None)
+    log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
+             "the whole of " if part == "all" else "the calibration part of ", calib, run["seed"])
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
     torch.manual_seed(run["seed"])
     if mixed and args.max_ppl_increase is not None:
         model, report, allocation, config = _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib)
@@ -793,7 +798,7 @@ def _load_for_eval(spec: str | None, dtype):
 
 
 def cmd_eval(args) -> int:
-    from calibration.data import DEFAULT_SOURCE, eval_tokens
+    from calibration.data import DEFAULT_SOURCE, eval_tokens, own_text_split
     from quant.evaluate import perplexity
     from quant.export import CheckpointError, is_quantized_checkpoint
     from quant.model_io import resolve_device, resolve_dtype
@@ -810,7 +815,9 @@ def cmd_eval(args) -> int:
     results = []
     for spec in targets:
         model, tokenizer = _load_for_eval(spec, dtype)
-        name, ids = eval_tokens(tokenizer, args.data or DEFAULT_SOURCE)
+        part = own_text_split(args.data, "eval")  # a user's own file is evaluated whole
+        name, ids = eval_tokens(tokenizer, args.data or DEFAULT_SOURCE, part)
+        log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)
         res = perplexity(model, ids, args.seqlen, args.max_windows, device, progress=not args.no_progress)
         res.update({"model": spec or "offline default (SmolLM2-135M-Instruct)", "data": name})
         results.append(res)

@@ -102,12 +102,25 @@ def _local_documents(path: Path) -> list[tuple[str, str]]:
     return [(f"{i}:{t[:64]}", t) for i, t in enumerate(ds["text"]) if t.strip()]
 
 
+def is_local(source: str | None) -> bool:
+    """Whether ``source`` is the user's own file or folder (not a named dataset)."""
+    return bool(source) and source not in (DEFAULT_SOURCE, *HUB_SOURCES)
+
+
+def own_text_split(source: str | None, default: str, shared: bool = False) -> str:
+    """The part of ``source`` a command reads: the whole of a user's own file (``"all"``) unless the
+    same run both calibrates and evaluates on it (``shared``), else ``default``."""
+    return "all" if is_local(source) and not shared else default
+
+
 def load_text(source: str | None, split: str) -> tuple[str, str]:
     """(name, text) of ``source``'s calibration (``split='calib'``), selection (``'select'``) or
-    reporting (``'eval'``) part."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    reporting (``'eval'``) part; ``'all'``: the whole of a local file or folder."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, not {split!r}")
     source = source or DEFAULT_SOURCE
+    if split == "all" and not is_local(source):
+        raise ValueError(f"split 'all' is for a local file or folder, not {source!r}")
     if source == "wikitext2":
         from datasets import load_dataset
 
@@ -138,7 +151,7 @@ def load_text(source: str | None, split: str) -> tuple[str, str]:
             raise DataError(f"calibration source {source!r} is neither a known dataset (foldoc, wikitext2, c4) "
                             "nor an existing .txt file or folder.")
         docs = _local_documents(path)
-    text = "\n\n".join(t for key, t in docs if _part(key) == split)
+    text = "\n\n".join(t for key, t in docs if split == "all" or _part(key) == split)
     return source, text
 
 
@@ -151,14 +164,15 @@ def tokenize(tokenizer, text: str, name: str = "text") -> torch.Tensor:
 
 
 def calibration_windows(tokenizer, source: str | None = None, nsamples: int = 32, seqlen: int = 512,
-                        seed: int = 0) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens (nsamples, seqlen) from the calibration part; seeded.
+                        seed: int = 0, split: str = "calib") -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens (nsamples, seqlen) from the calibration part
+    (``split='all'``: the whole of a local file); seeded.
 
     A long text is not tokenized whole: each window comes from a random stretch of about
     ``12 * seqlen`` characters (≈ 3 windows' worth of tokens), tokenized on its own, with the
     window placed at random inside it — the same distribution at a fraction of the cost.
     """
-    name, text = load_text(source, "calib")
+    name, text = load_text(source, split)
     if not text.strip():
         raise DataError(f"the calibration text of {name} is empty: give a file or dataset with text in it.")
     gen = torch.Generator().manual_seed(seed)
@@ -184,5 +198,5 @@ def calibration_windows(tokenizer, source: str | None = None, nsamples: int = 32
 def eval_tokens(tokenizer, source: str | None = None, split: str = "eval") -> tuple[str, torch.Tensor]:
     """The reporting text (or, with ``split='select'``, the selection text) as one token stream."""
     name, text = load_text(source, split)
-    what = "selection" if split == "select" else "evaluation" if split == "eval" else "calibration"
+    what = {"select": "selection", "eval": "evaluation", "calib": "calibration", "all": "evaluation"}[split]
     return name, tokenize(tokenizer, text, f"{what} text of {name}")

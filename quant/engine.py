@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from calibration.capture import LayerInput, capture_layer_inputs
 
 from .arch import Arch, decoder_layers
-from .stream import STORE_ATTR, is_streamed, materialize, release
+from .stream import STORE_ATTR, is_streamed, materialize, release, trim_heap
 
 Step = Callable[[int, nn.Module, "list[LayerInput] | None"], "list[LayerInput] | None"]
 
@@ -49,6 +49,7 @@ def onloaded(model: nn.Module, arch: Arch, index: int, device: torch.device, kee
             release(layer)
         else:
             layer.to(home)
+        trim_heap()  # what the layer freed goes back to the OS, so memory stays flat in depth
 
 
 def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,

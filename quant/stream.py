@@ -62,6 +62,10 @@ class ShardStore:
             self._open[shard] = safe_open(self.files[shard], "pt")
         return self._open[shard].get_tensor(name)
 
+    def close(self) -> None:
+        """Unmap the shards: pages read through the memory map count as the process's memory until then."""
+        self._open.clear()
+
 
 def shard_path(folder: Path, name: str) -> Path:
     """``folder / name``, refusing names that leave the folder (``../x``, absolute paths, links out)."""
@@ -116,6 +120,7 @@ def materialize(module: nn.Module, prefix: str, store: ShardStore, device: torch
             sub._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         else:
             sub._buffers[leaf] = value
+    store.close()
 
 
 def release(module: nn.Module) -> None:
@@ -128,6 +133,26 @@ def release(module: nn.Module) -> None:
         for leaf, b in list(sub._buffers.items()):
             if b is not None and b.device.type not in ("meta", "cpu"):
                 sub._buffers[leaf] = b.to("cpu")
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps a freed layer's weights (each below its
+    dynamic mmap threshold) in the heap, so without this the process grows by a layer's worth of
+    fragments per layer swept (measured: +35 MB per 1024-wide layer) although nothing is held."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (not glibc: AttributeError)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: str) -> nn.Module:

@@ -171,3 +171,20 @@ def test_calibration_selection_and_reporting_text_are_disjoint(text_file):
     assert set().union(*parts.values()) == every  # nothing is dropped
     with pytest.raises(ValueError, match="split must be one of"):
         load_text(str(text_file), "test")
+
+
+def test_a_users_own_file_is_evaluated_whole(tiny_model_dir, text_file, tmp_path, capsys):
+    """`eval --data FILE` reads every paragraph of FILE, not the reporting tenth of it."""
+    from calibration.data import load_text, own_text_split
+    from transformers import AutoTokenizer
+
+    assert own_text_split(str(text_file), "eval") == "all" and own_text_split(None, "eval") == "eval"
+    assert own_text_split(str(text_file), "calib", shared=True) == "calib"
+    whole = load_text(str(text_file), "all")[1]
+    assert {p.strip() for p in whole.split("\n\n")} == {p.strip() for p in text_file.read_text().split("\n\n") if p.strip()}
+    out = tmp_path / "ppl.json"
+    assert run("eval", "--model", tiny_model_dir, "--data", text_file, "--seqlen", 32, "--no-progress",
+               "--json", out) == 0
+    assert "the whole of" in capsys.readouterr().err
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert json.loads(out.read_text())["windows"] == tok(whole, return_tensors="pt").input_ids.numel() // 32
