@@ -18,6 +18,10 @@ from calibration.capture import run_layer
 from .qlinear import dequantized_cache
 
 
+class EvalError(ValueError):
+    """The evaluation cannot run as asked (window too long, too little text); the message says what to do."""
+
+
 def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, KL(ref ‖ model) in nats and whether the two agree on the most likely token.
     ``logp``, ``ref_logp``: (tokens, vocab) log-probabilities."""
@@ -51,14 +55,14 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
-        raise ValueError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: use a smaller --seqlen.")
+        raise EvalError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: use a smaller --seqlen.")
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}.")
+        raise EvalError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if reference is not None and len(reference) < n_windows:
-        raise ValueError(f"the reference holds {len(reference)} windows but {n_windows} are evaluated: build it "
+        raise EvalError(f"the reference holds {len(reference)} windows but {n_windows} are evaluated: build it "
                          "with the same ids, seqlen and max_windows.")
     device = torch.device(device)
     arch = get_arch(model.config.model_type)

@@ -82,7 +82,10 @@ def select_kernel(device: torch.device) -> str:
     forced = os.environ.get("HMQ_KERNEL")
     if forced:
         if forced not in KERNELS:
-            raise ValueError(f"HMQ_KERNEL={forced!r} is not an available kernel here: choose one of {sorted(KERNELS)}.")
+            from .config import ConfigError
+
+            raise ConfigError(f"HMQ_KERNEL={forced!r} is not an available kernel here: choose one of {sorted(KERNELS)}, "
+                              "or unset HMQ_KERNEL to let hmq pick.")
         return forced
     if device.type == "cuda" and "triton" in KERNELS:
         return "triton"

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .model_io import ModelLoadError
+
 log = logging.getLogger("hmq")
 
 STORE_ATTR = "hmq_store"  # the attribute of a streamed model that holds its ShardStore
@@ -21,7 +23,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class StreamError(RuntimeError):
+class StreamError(ModelLoadError):
     """A checkpoint folder cannot be streamed; the message says why and what to do."""
 
 

@@ -188,3 +188,18 @@ def test_a_users_own_file_is_evaluated_whole(tiny_model_dir, text_file, tmp_path
     assert "the whole of" in capsys.readouterr().err
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert json.loads(out.read_text())["windows"] == tok(whole, return_tensors="pt").input_ids.numel() // 32
+
+
+def test_bad_yaml_long_windows_and_unknown_kernel_are_one_line_errors(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant:\n  bits: 4\n   group_size: [64\n")
+    assert run(*quantize_args(tiny_model_dir, text_file, tmp_path / "q", "--config", bad)) == 2
+    assert "is not valid YAML at line" in capsys.readouterr().err
+    # the tiny model's context is 256 tokens
+    assert run("eval", "--model", tiny_model_dir, "--data", text_file, "--seqlen", 512, "--no-progress") == 2
+    assert "exceeds the model's max_position_embeddings=256" in capsys.readouterr().err
+    assert run(*quantize_args(tiny_model_dir, text_file, tmp_path / "q", "--method", "rtn")) == 0
+    monkeypatch.setenv("HMQ_KERNEL", "nope")
+    assert run("eval", "--model", tmp_path / "q", "--data", text_file, "--seqlen", 32, "--no-progress") == 2
+    assert "HMQ_KERNEL='nope' is not an available kernel" in capsys.readouterr().err
