@@ -254,7 +254,7 @@ def test_transformers_loads_compressed_tensors(quantized, tmp_path, kind):
 
 
 def _gptqmodel():
-    """GPTQModel, or a skip saying why not (it does not install beside torch 2.13 CPU: see README)."""
+    """GPTQModel, or a skip saying why not (it does not install beside torch 2.13 CPU: see docs/testing.md)."""
     try:
         import gptqmodel  # noqa: F401
         import optimum  # noqa: F401
