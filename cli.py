@@ -516,8 +516,10 @@ def cmd_quantize(args) -> int:
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
     if args.out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(args.out, args.overwrite)
-    # a uniform run streams the model's layers from disk; mixed precision still holds the fp model
-    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit, stream=not mixed)
+    # the model's layers stay on disk until the sweep needs them, except where a mixed run measures,
+    # searches or bisects (those still hold the fp model)
+    stream = not mixed or (bool(args.sensitivity) and not args.search and args.max_ppl_increase is None)
+    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit, stream=stream)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE

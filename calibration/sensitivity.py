@@ -127,11 +127,13 @@ def parse_candidates(items, group_size: int, keep: bool = True) -> list[Candidat
 def fingerprint(model: nn.Module, units: list[Unit]) -> str:
     """SHA-256 of the units' names and shapes plus 4096 weights sampled from each (rounded to fp16,
     so loading the same checkpoint in another dtype matches)."""
+    from quant.stream import stored_weight
+
     h = hashlib.sha256()
     h.update(str(getattr(model.config, "model_type", "")).encode())
     for u in units:
         for name in u.members:
-            w = model.get_submodule(name).weight.detach()
+            w = stored_weight(model, name)
             h.update(f"{name}:{tuple(w.shape)}".encode())
             flat = w.reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096]

@@ -84,6 +84,17 @@ def is_streamed(model: nn.Module) -> bool:
     return getattr(model, STORE_ATTR, None) is not None
 
 
+def stored_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of linear ``name`` in the model's dtype: from memory, or, for a streamed model whose
+    layer is on the meta device, read from its shards (one tensor, not the layer)."""
+    w = model.get_submodule(name).weight.detach()
+    if w.device.type == "meta" and is_streamed(model):
+        store = getattr(model, STORE_ATTR)
+        w = store.get(f"{name}.weight").to(w.dtype)
+        store.close()
+    return w
+
+
 def _tensors(module: nn.Module, skip: str | None = None):
     """(local name, owner module, leaf) of every parameter and persistent buffer of ``module``, leaving
     out the submodule named ``skip`` (the decoder layers, when the rest of a model is loaded)."""

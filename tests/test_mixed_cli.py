@@ -153,9 +153,10 @@ def test_candidates_with_their_own_group_size(tiny_model_dir, text_file, tmp_pat
     group sizes, and the checkpoint carries each module's own group size."""
     out = tmp_path / "groups"
     cands = "2,3,3g-1,4"
-    # natural column order: on this random tiny model the Hessian order makes w3g-1 lose to a 2/4-bit mix
+    # natural column order: on this random tiny model the Hessian order makes w3g-1 lose to a 2/4-bit mix;
+    # 3.05 bpw: since the whole text file calibrates (not nine tenths of it) 3.1 buys a 2/3/4-bit g32 mix
     assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--candidates", cands,
-               "--budget", 3.1, "--no-act-order", "--out", out) == 0
+               "--budget", 3.05, "--no-act-order", "--out", out) == 0
     sens = json.loads((tmp_path / "groups.sens").read_text())
     assert [(c["bits"], c["group_size"]) for c in sens["candidates"]] == [(2, 32), (3, 32), (3, -1), (4, 32), (16, -1)]
     cost = [row[1:3] for row in sens["cost"]]

@@ -100,3 +100,32 @@ def test_a_missing_shard_is_named(sharded_dir, tmp_path):
     victim.unlink()
     with pytest.raises(StreamError, match=f"{victim.name}.*does not exist"):
         ShardStore(copy)
+
+
+def test_mixed_quantize_from_a_measurement_streams_and_equals_in_memory(tiny_model_dir, text_file, tmp_path,
+                                                                        monkeypatch):
+    """`quantize --sensitivity S --budget B` streams the layers; the checkpoint is the one the whole
+    model in memory gives, byte for byte."""
+    import cli
+    import quant.model_io
+
+    common = ["--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--group-size", "32", "--no-progress"]
+    sens = tmp_path / "m.sens"
+    assert cli.main(["measure", "--model", str(tiny_model_dir), *common, "--candidates", "2,3,4", "--loss-samples",
+                     "2", "--loss-seqlen", "32", "--out", str(sens)]) == 0
+    loads = []
+    real = quant.model_io.load_model
+
+    def spy(spec, dtype=torch.float32, stream=False, _force=None):
+        loads.append(stream)
+        return real(spec, dtype, stream=stream if _force is None else _force)
+
+    outs = {}
+    for label, force in (("streamed", None), ("whole", False)):
+        monkeypatch.setattr(quant.model_io, "load_model", lambda s, d=torch.float32, stream=False: spy(s, d, stream, force))
+        outs[label] = tmp_path / label
+        assert cli.main(["quantize", "--model", str(tiny_model_dir), *common, "--sensitivity", str(sens),
+                         "--budget", "3.0", "--out", str(outs[label])]) == 0
+    assert loads == [True, True]  # both asked to stream; the second was made to load whole
+    digests = [json.loads((outs[k] / "hmq.json").read_text())["shard_sha256"] for k in ("streamed", "whole")]
+    assert digests[0] == digests[1]
