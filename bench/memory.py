@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # name -> (layers, hidden, intermediate, heads, kv heads); Llama proportions
+SHAPES = {  # name -> (layers, hidden, intermediate, heads, kv heads[, vocabulary]); Llama proportions
     "d4-h1024": (4, 1024, 2816, 16, 4), "d8-h1024": (8, 1024, 2816, 16, 4), "d16-h1024": (16, 1024, 2816, 16, 4),
     "d32-h1024": (32, 1024, 2816, 16, 4), "d4-h2048": (4, 2048, 5632, 16, 4), "d4-h4096": (4, 4096, 11008, 32, 8),
+    "llama3-70b-2layers": (2, 8192, 28672, 64, 8, 128256),  # two decoder layers of Llama-3-70B's shape
 }
 
 
@@ -35,15 +36,15 @@ def build(folder: Path, shape: tuple, tokenizer_dir: Path) -> int:
     """A random Llama of ``shape`` in fp16, sharded, with SmolLM2's tokenizer; returns its parameter count."""
     import transformers
 
-    layers, hidden, inter, heads, kv = shape
+    layers, hidden, inter, heads, kv = shape[:5]
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
+    cfg = transformers.LlamaConfig(vocab_size=shape[5] if len(shape) > 5 else len(tok), hidden_size=hidden, intermediate_size=inter,
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                                    max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
     n = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder, max_shard_size="200MB")
+    model.save_pretrained(folder, max_shard_size="2GB" if hidden > 4096 else "200MB")
     tok.save_pretrained(folder)
     del model
     return n
@@ -64,12 +65,12 @@ def run(argv: list[str], src: Path) -> dict:
 
 
 def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
-    calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress"]
+    calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", "--dtype", args.dtype]
     return {
         "quantize": ["quantize", "--model", str(model), "--bits", "4", "--group-size", "128", *calib,
                      "--out", str(work / "q"), "--overwrite"],
         "eval": ["eval", "--model", str(model), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
-                 "--no-progress"],
+                 "--no-progress", "--dtype", args.dtype],
     }
 
 
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows")
+    p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
+    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval"])
     p.add_argument("--before", type=Path, help="another hmq checkout to run the same commands from, side by side")
     p.add_argument("--before-shapes", nargs="+", choices=list(SHAPES), help="the shapes --before runs (default: all)")
     p.add_argument("--json", default="docs/results/memory.json")
@@ -99,6 +102,8 @@ def main() -> None:
                 if label == "before" and args.before_shapes and name not in args.before_shapes:
                     continue
                 for cmd, argv in commands(folder, work, args).items():
+                    if cmd not in args.commands:
+                        continue
                     r = run(argv, src)
                     rows.append({"model": name, "params": params, "fp16_gb": disk, "code": label, "command": cmd, **r})
                     print(f"{name:<10} {label:<7} {cmd:<9} peak RSS {r['rss_gb']:6.2f} GB  {r['seconds']:6.1f} s"

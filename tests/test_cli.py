@@ -203,3 +203,13 @@ def test_bad_yaml_long_windows_and_unknown_kernel_are_one_line_errors(tiny_model
     monkeypatch.setenv("HMQ_KERNEL", "nope")
     assert run("eval", "--model", tmp_path / "q", "--data", text_file, "--seqlen", 32, "--no-progress") == 2
     assert "HMQ_KERNEL='nope' is not an available kernel" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer_dir, text_file, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "mismatched"
+    build_tiny("llama", vocab_size=128).save_pretrained(folder)  # the test tokenizer has 256 tokens
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    assert run(*quantize_args(folder, text_file, tmp_path / "q", "--method", "rtn")) == 2
+    assert "has 256 tokens but the model's vocabulary holds 128" in capsys.readouterr().err
