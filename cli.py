@@ -873,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.hessian import CalibrationError
     from quant.config import ConfigError
     from quant.allocate import BudgetError
+    from quant.engine import OutOfMemory, TokenizerMismatch
     from quant.evaluate import EvalError
     from quant.export import CheckpointError
     from quant.model_io import ModelLoadError
@@ -881,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "measure": cmd_measure,
                     "frontier": cmd_frontier, "export": cmd_export}
         return commands[args.command](args)
-    except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError, BudgetError, EvalError) as exc:
+    except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError, BudgetError, EvalError,
+            OutOfMemory, TokenizerMismatch) as exc:
         print(f"hmq: error: {exc}", file=sys.stderr)
         return 2
 

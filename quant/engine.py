@@ -21,6 +21,19 @@ from calibration.capture import LayerInput, capture_layer_inputs
 from .arch import Arch, decoder_layers
 from .stream import STORE_ATTR, is_streamed, materialize, release, trim_heap
 
+class OutOfMemory(RuntimeError):
+    """A stage ran out of memory; the message names the stage, the layer and what makes it fit."""
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizer makes ids the model's embedding does not have."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 Step = Callable[[int, nn.Module, "list[LayerInput] | None"], "list[LayerInput] | None"]
 
 
@@ -60,10 +73,26 @@ def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: to
     no activations, like round-to-nearest). ``keep``: a streamed model keeps what the stage left in
     each layer (quantize) instead of dropping it again (evaluate)."""
     layers = decoder_layers(model, arch)
-    inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
-    for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
-        with onloaded(model, arch, i, device, keep) as layer:
-            inputs = step(i, layer, inputs)
+    vocab = model.get_input_embeddings().num_embeddings
+    if windows is not None and windows.numel() and int(windows.max()) >= vocab:
+        raise TokenizerMismatch(f"{desc}: the text holds token id {int(windows.max())} but the model's vocabulary has "
+                                f"{vocab} entries: the tokenizer does not belong to this model; save the model's own "
+                                "tokenizer beside it.")
+    i = -1
+    try:
+        inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
+        for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
+            with onloaded(model, arch, i, device, keep) as layer:
+                inputs = step(i, layer, inputs)
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        where = "the embeddings" if i < 0 else f"decoder layer {i}"
+        what = "GPU" if device.type == "cuda" else "CPU"
+        raise OutOfMemory(
+            f"{desc}: out of {what} memory at {where} ({exc.__class__.__name__}). The activations of every window "
+            f"are held on {device}: pass a smaller --batch-size, fewer --nsamples or a shorter --seqlen"
+            + (", or --device cpu" if device.type == "cuda" else "") + ".") from None
     return inputs
 
 

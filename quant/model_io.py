@@ -222,11 +222,6 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
         except Exception as exc:
             raise ModelLoadError(f"could not load the weights or tokenizer of {spec!r}: {exc}") from exc
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab and tokenizer is not None and len(tokenizer) > vocab:
-        raise ModelLoadError(f"the tokenizer of {spec!r} has {len(tokenizer)} tokens but the model's vocabulary holds "
-                             f"{vocab}: the folder mixes a tokenizer and a model that do not belong together; "
-                             "save the model's own tokenizer beside it.")
     arch = get_arch(model.config.model_type)
     model.eval()
     model.config.use_cache = False

@@ -129,3 +129,18 @@ def test_mixed_quantize_from_a_measurement_streams_and_equals_in_memory(tiny_mod
     assert loads == [True, True]  # both asked to stream; the second was made to load whole
     digests = [json.loads((outs[k] / "hmq.json").read_text())["shard_sha256"] for k in ("streamed", "whole")]
     assert digests[0] == digests[1]
+
+
+def test_out_of_memory_names_the_stage_layer_and_fix(sharded_dir):
+    from quant.engine import OutOfMemory, sweep
+
+    model, _, arch = load_model(str(sharded_dir), stream=True)
+
+    def step(i, layer, inputs):
+        if i == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return inputs
+
+    with pytest.raises(OutOfMemory, match=r"quantize: out of CPU memory at decoder layer 2 .*--batch-size"):
+        sweep(model, arch, windows(2, 16), CPU, step, desc="quantize", keep=False, progress=False)
+    assert layer_fp_weights(model) == []  # the layer that failed was dropped again
