@@ -47,6 +47,9 @@ def build(folder: Path, shape: tuple, tokenizer_dir: Path) -> int:
     model.save_pretrained(folder, max_shard_size="2GB" if hidden > 4096 else "200MB")
     tok.save_pretrained(folder)
     del model
+    from quant.stream import trim_heap
+
+    trim_heap()  # the next command's process needs the memory this one freed
     return n
 
 
@@ -67,7 +70,7 @@ def run(argv: list[str], src: Path) -> dict:
 def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", "--dtype", args.dtype]
     return {
-        "quantize": ["quantize", "--model", str(model), "--bits", "4", "--group-size", "128", *calib,
+        "quantize": ["quantize", "--model", str(model), "--bits", "4", "--group-size", "128", "--method", args.method, *calib,
                      "--out", str(work / "q"), "--overwrite"],
         "eval": ["eval", "--model", str(model), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
                  "--no-progress", "--dtype", args.dtype],
@@ -80,9 +83,12 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows")
+    p.add_argument("--method", default="gptq", help="hmq's --method for quantize")
     p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
     p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval"])
     p.add_argument("--before", type=Path, help="another hmq checkout to run the same commands from, side by side")
+    p.add_argument("--codes", nargs="+", default=["now", "before"], choices=["now", "before"],
+                   help="which code runs (before: only with --before)")
     p.add_argument("--before-shapes", nargs="+", choices=list(SHAPES), help="the shapes --before runs (default: all)")
     p.add_argument("--json", default="docs/results/memory.json")
     args = p.parse_args()
@@ -99,7 +105,7 @@ def main() -> None:
             params = build(folder, SHAPES[name], tokenizer_dir)
             disk = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
             for label, src in sources.items():
-                if label == "before" and args.before_shapes and name not in args.before_shapes:
+                if label not in args.codes or (label == "before" and args.before_shapes and name not in args.before_shapes):
                     continue
                 for cmd, argv in commands(folder, work, args).items():
                     if cmd not in args.commands:
