@@ -159,6 +159,9 @@ def trim_heap() -> None:
 
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim  # noqa: B018 (not glibc: AttributeError)
+            # blocks of 4 MB and more come from mmap and go back to the OS when freed, instead of
+            # glibc's heap, whose high-water mark otherwise creeps up over a long sweep
+            _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (fixing it also stops its dynamic growth)
         except (OSError, AttributeError):
             _LIBC = False
     if _LIBC:
