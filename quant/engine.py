@@ -21,6 +21,7 @@ from calibration.capture import LayerInput, capture_layer_inputs
 from .arch import Arch, decoder_layers
 from .stream import STORE_ATTR, is_streamed, materialize, release, trim_heap
 
+
 class OutOfMemory(RuntimeError):
     """A stage ran out of memory; the message names the stage, the layer and what makes it fit."""
 

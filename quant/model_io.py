@@ -143,29 +143,6 @@ def _save_folder(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _streamable(path: Path, config) -> bool:
-    """Whether the folder's safetensors names match what the model class expects (transformers renames
-    some checkpoints' tensors while loading; those are loaded whole instead)."""
-    from .stream import ShardStore, StreamError
-
-    try:
-        store = ShardStore(path)
-    except StreamError as exc:
-        log.info("loading %s whole instead of streaming it: %s", path, exc)
-        return False
-    import accelerate
-    import transformers
-
-    with accelerate.init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
-    missing = [n for n in skeleton.state_dict() if n not in store and n not in tied]
-    if missing:
-        log.info("loading %s whole instead of streaming it: its checkpoint names differ from the model's (%s, ...)",
-                 path, missing[0])
-    return not missing
-
-
 def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: bool = False):
     """Return ``(model, tokenizer, arch)`` with the model on the CPU in eval mode.
 
@@ -213,11 +190,12 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
         if stream and not path.exists():  # a hub id: download once, then stream the local snapshot
             path = _snapshot(spec)
         try:
-            if stream and _streamable(path, config):
+            model = None
+            if stream:
                 from .stream import load_skeleton
 
                 model = load_skeleton(path, config, dtype, get_arch(config.model_type).layers)
-            else:
+            if model is None:
                 model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, low_cpu_mem_usage=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
         except Exception as exc:

@@ -171,16 +171,27 @@ def trim_heap() -> None:
 _LIBC = None
 
 
-def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: str) -> nn.Module:
+def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: str) -> nn.Module | None:
     """The model of ``config`` with everything but its decoder layers loaded from ``folder`` on the
-    CPU; the layers stay on the meta device until :func:`materialize` fills them."""
+    CPU; the layers stay on the meta device until :func:`materialize` fills them. ``None`` (with a log
+    line) when the folder cannot be streamed as it is: no safetensors, or tensor names that
+    transformers renames while loading; the caller then loads the model whole."""
     import accelerate
     import transformers
 
-    store = ShardStore(folder)
+    try:
+        store = ShardStore(folder)
+    except StreamError as exc:
+        log.info("loading %s whole instead of streaming it: %s", folder, exc)
+        return None
     with accelerate.init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
+    missing = [n for n in model.state_dict() if n not in store and n not in tied]
+    if missing:
+        log.info("loading %s whole instead of streaming it: its checkpoint names differ from the model's (%s, ...)",
+                 folder, missing[0])
+        return None
     materialize(model, "", store, "cpu", skip=layers_path, absent=frozenset(t for t in tied if t not in store))
     for target, source in tied.items():  # lm_head.weight is embed_tokens.weight when the checkpoint stores it once
         if target not in store:
