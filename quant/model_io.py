@@ -198,6 +198,8 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
             if model is None:
                 model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, low_cpu_mem_usage=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"could not load the weights or tokenizer of {spec!r}: {exc}") from exc
     arch = get_arch(model.config.model_type)

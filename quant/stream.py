@@ -175,15 +175,16 @@ def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: s
     """The model of ``config`` with everything but its decoder layers loaded from ``folder`` on the
     CPU; the layers stay on the meta device until :func:`materialize` fills them. ``None`` (with a log
     line) when the folder cannot be streamed as it is: no safetensors, or tensor names that
-    transformers renames while loading; the caller then loads the model whole."""
+    transformers renames while loading; the caller then loads the model whole. A damaged index
+    (shards outside the folder, or missing) is refused, not handed to a whole-model loader."""
     import accelerate
     import transformers
 
-    try:
-        store = ShardStore(folder)
-    except StreamError as exc:
-        log.info("loading %s whole instead of streaming it: %s", folder, exc)
+    folder = Path(folder)
+    if not (folder / INDEX).is_file() and not (folder / SINGLE).is_file():
+        log.info("loading %s whole instead of streaming it: it holds no %s or %s", folder, SINGLE, INDEX)
         return None
+    store = ShardStore(folder)
     with accelerate.init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source

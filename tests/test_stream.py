@@ -89,6 +89,8 @@ def test_shard_outside_the_folder_is_refused(sharded_dir, tmp_path):
     (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(StreamError, match="outside the folder"):
         ShardStore(copy)
+    with pytest.raises(StreamError, match="outside the folder"):  # not handed on to a whole-model loader
+        load_model(str(copy), stream=True)
 
 
 def test_a_missing_shard_is_named(sharded_dir, tmp_path):
