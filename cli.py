@@ -348,7 +348,8 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     import torch
 
     from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
-    from calibration.sensitivity import measure_sensitivity, parse_candidates
+    from calibration.units import parse_candidates
+    from calibration.measure import measure_sensitivity
     from quant.config import ConfigError
 
     for k in ("loss_samples", "loss_seqlen", "probes"):
@@ -444,7 +445,7 @@ def _latency_table(args) -> dict | None:
 
 
 def _budget_allocation(args, sens):
-    from quant.mixed import allocate, allocate_latency, budget_to_bytes
+    from calibration.mixed import allocate, allocate_latency, budget_to_bytes
 
     if args.budget_latency is not None:
         alloc = allocate_latency(sens, _latency_table(args), args.budget_latency, args.objective, not args.no_pairs,
@@ -461,7 +462,7 @@ def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, dev
     """--search: evolutionary refinement of the ILP's allocation on the model's measured loss."""
     from calibration.data import calibration_windows, own_text_split
     from quant.config import ConfigError
-    from quant.mixed import make_problem, search_allocation
+    from calibration.mixed import make_problem, search_allocation
 
     if min(args.search, args.search_samples, args.search_seqlen, args.search_screen) < 1 or args.search_offspring < 2:
         raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
@@ -526,7 +527,7 @@ def cmd_quantize(args) -> int:
     allocation = None
     if mixed:
         from calibration.sensitivity import Sensitivity
-        from quant.mixed import base_config
+        from calibration.mixed import base_config
 
         if args.sensitivity:
             sens = Sensitivity.load(args.sensitivity)
@@ -551,7 +552,7 @@ def cmd_quantize(args) -> int:
         model, report, allocation, config = _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib)
     else:
         if mixed:
-            from quant.mixed import config_for
+            from calibration.mixed import config_for
 
             alloc = _budget_allocation(args, sens)
             search = None
@@ -588,7 +589,7 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
     from calibration.data import eval_tokens
     from quant.allocate import bisect_budget
     from quant.evaluate import perplexity
-    from quant.mixed import allocate, config_for, min_max_bpw, quantize_and_eval, total_params
+    from calibration.mixed import allocate, config_for, min_max_bpw, quantize_and_eval, total_params
     from quant.model_io import load_model
 
     limit = _parse_percent(args.max_ppl_increase)
@@ -663,7 +664,7 @@ def cmd_frontier(args) -> int:
     from calibration.sensitivity import Sensitivity
     from quant.config import QuantConfig
     from quant.evaluate import perplexity
-    from quant.mixed import (allocate, base_config, config_for, frontier_allocations, min_max_bpw, plot_frontier,
+    from calibration.mixed import (allocate, base_config, config_for, frontier_allocations, min_max_bpw, plot_frontier,
                              predicted_ppl, quantize_and_eval, total_params)
     from quant.model_io import load_model, resolve_device, resolve_dtype
 
@@ -870,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         log.propagate = False
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from calibration.data import DataError
-    from calibration.hessian import CalibrationError
+    from quant.hessian import CalibrationError
     from quant.config import ConfigError
     from quant.allocate import BudgetError
     from quant.engine import OutOfMemory, TokenizerMismatch

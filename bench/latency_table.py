@@ -17,7 +17,7 @@ import torch
 
 from calibration.sensitivity import Sensitivity
 from quant.config import ModuleSpec
-from quant.mixed import shape_key
+from calibration.mixed import shape_key
 from quant.qlinear import QuantLinear
 from quant.quantizer import rtn_quantize
 

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 
 from calibration.data import calibration_windows, eval_tokens
-from calibration.sensitivity import Sensitivity, measure_sensitivity, parse_candidates
+from calibration.sensitivity import Sensitivity
+from calibration.units import parse_candidates
+from calibration.measure import measure_sensitivity
 from quant.allocate import Problem, solve
 from quant.config import QuantConfig
 from quant.evaluate import perplexity
-from quant.mixed import (allocate, config_for, frontier_allocations, min_max_bpw, plot_frontier, predicted_ppl,
+from calibration.mixed import (allocate, config_for, frontier_allocations, min_max_bpw, plot_frontier, predicted_ppl,
                          quantize_and_eval, total_params)
 from quant.model_io import load_model
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from calibration.capture import capture_layer_inputs, run_layer
+from quant.capture import capture_layer_inputs, run_layer
 from calibration.data import calibration_windows, eval_tokens
 from quant.config import QuantConfig
 from quant.evaluate import perplexity

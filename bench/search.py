@@ -21,7 +21,7 @@ from calibration.data import calibration_windows, eval_tokens
 from calibration.sensitivity import Sensitivity
 from quant.config import QuantConfig
 from quant.evaluate import perplexity
-from quant.mixed import allocate, base_config, config_for, make_problem, quantize_and_eval, search_allocation, total_params
+from calibration.mixed import allocate, base_config, config_for, make_problem, quantize_and_eval, search_allocation, total_params
 from quant.model_io import load_model
 
 

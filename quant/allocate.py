@@ -63,11 +63,11 @@ class Problem:
 
 def min_cost_tied(cost: np.ndarray, ties: list[tuple[int, int]]) -> float:
     """Cheapest total cost when tied units must share a candidate (ties form groups)."""
-    groups = _tie_groups(cost.shape[0], ties)
+    groups = tie_groups(cost.shape[0], ties)
     return float(sum(cost[g].sum(axis=0).min() for g in groups))
 
 
-def _tie_groups(n: int, ties: list[tuple[int, int]]) -> list[list[int]]:
+def tie_groups(n: int, ties: list[tuple[int, int]]) -> list[list[int]]:
     parent = list(range(n))
 
     def find(a):

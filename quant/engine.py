@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.capture import LayerInput, capture_layer_inputs
+from .capture import LayerInput, capture_layer_inputs
 
 from .arch import Arch, decoder_layers
 from .stream import STORE_ATTR, is_streamed, materialize, release, trim_heap
@@ -66,6 +66,40 @@ def onloaded(model: nn.Module, arch: Arch, index: int, device: torch.device, kee
         trim_heap()  # what the layer freed goes back to the OS, so memory stays flat in depth
 
 
+@contextlib.contextmanager
+def oom_guard(desc: str, device: torch.device, where: Callable[[], str]):
+    """Out of memory inside becomes :class:`OutOfMemory`, naming ``desc``, ``where()`` and the fix."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        what = "GPU" if device.type == "cuda" else "CPU"
+        raise OutOfMemory(
+            f"{desc}: out of {what} memory at {where()} ({exc.__class__.__name__}). The activations of every window "
+            f"are held on {device}: pass a smaller --batch-size, fewer --nsamples or a shorter --seqlen"
+            + (", or --device cpu" if device.type == "cuda" else "") + ".") from None
+
+
+def check_vocab(model: nn.Module, windows: torch.Tensor | None, desc: str) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if windows is not None and windows.numel() and int(windows.max()) >= vocab:
+        raise TokenizerMismatch(f"{desc}: the text holds token id {int(windows.max())} but the model's vocabulary has "
+                                f"{vocab} entries: the tokenizer does not belong to this model; save the model's own "
+                                "tokenizer beside it.")
+
+
+def visit(model: nn.Module, arch: Arch, indices, device: torch.device, *, keep: bool = True,
+          progress: bool = True, desc: str = "layers"):
+    """Yield ``(i, layer)`` for each decoder-layer index in ``indices`` (any order: a backward pass
+    walks them in reverse), each on ``device`` only until the caller asks for the next. The one loop
+    over layers that every stage runs on; :func:`sweep` is its forward form with activations."""
+    indices = list(indices)
+    for i in tqdm(indices, desc=desc, disable=not progress or len(indices) < 2, unit="layer"):
+        with onloaded(model, arch, i, device, keep) as layer:
+            yield i, layer
+
+
 def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,
           batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers") -> list[LayerInput] | None:
     """Run ``step`` on every decoder layer in order; returns the last layer's outputs.
@@ -73,27 +107,15 @@ def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: to
     ``windows`` (n, seq) token ids are pushed to the first layer's inputs (``None``: stages that use
     no activations, like round-to-nearest). ``keep``: a streamed model keeps what the stage left in
     each layer (quantize) instead of dropping it again (evaluate)."""
-    layers = decoder_layers(model, arch)
-    vocab = model.get_input_embeddings().num_embeddings
-    if windows is not None and windows.numel() and int(windows.max()) >= vocab:
-        raise TokenizerMismatch(f"{desc}: the text holds token id {int(windows.max())} but the model's vocabulary has "
-                                f"{vocab} entries: the tokenizer does not belong to this model; save the model's own "
-                                "tokenizer beside it.")
-    i = -1
-    try:
-        inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
-        for i in tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer"):
-            with onloaded(model, arch, i, device, keep) as layer:
-                inputs = step(i, layer, inputs)
-    except Exception as exc:
-        if not _is_oom(exc):
-            raise
-        where = "the embeddings" if i < 0 else f"decoder layer {i}"
-        what = "GPU" if device.type == "cuda" else "CPU"
-        raise OutOfMemory(
-            f"{desc}: out of {what} memory at {where} ({exc.__class__.__name__}). The activations of every window "
-            f"are held on {device}: pass a smaller --batch-size, fewer --nsamples or a shorter --seqlen"
-            + (", or --device cpu" if device.type == "cuda" else "") + ".") from None
+    check_vocab(model, windows, desc)
+    at = [-1]
+    with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
+        inputs = capture_layer_inputs(model, decoder_layers(model, arch), windows, device, batch_size) \
+            if windows is not None else None
+        for i, layer in visit(model, arch, range(len(decoder_layers(model, arch))), device, keep=keep,
+                              progress=progress, desc=desc):
+            at[0] = i
+            inputs = step(i, layer, inputs)
     return inputs
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibration.capture import run_layer
+from .capture import run_layer
 
 from .qlinear import dequantized_cache
 

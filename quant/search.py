@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .allocate import BudgetError, _tie_groups
+from .allocate import BudgetError, tie_groups
 
 
 @dataclass
@@ -72,7 +72,7 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     allowed = np.ones((U, C), bool) if allowed is None else np.asarray(allowed, bool)
     if len(start) != U:
         raise ValueError(f"start gives {len(start)} candidates for {U} units.")
-    groups = _tie_groups(U, list(ties or []))
+    groups = tie_groups(U, list(ties or []))
     lv = _Levels(cost, groups, allowed)
     level = []
     for gi, g in enumerate(groups):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from calibration.capture import capture_layer_inputs, run_layer
+from quant.capture import capture_layer_inputs, run_layer
 from quant import affine
 from quant.arch import get_arch
 from quant.config import ModuleSpec, QuantConfig

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from calibration.capture import capture_layer_inputs, collect_hessians
+from quant.capture import capture_layer_inputs, collect_hessians
 from quant.config import ModuleSpec
 from quant.gptq import gptq_quantize
 from quant.quantizer import ClipSearch, compute_qparams, fake_quantize, rtn_quantize, search_qparams

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from calibration.capture import capture_layer_inputs, run_layer
-from calibration.hessian import HessianAccumulator
+from quant.capture import capture_layer_inputs, run_layer
+from quant.hessian import HessianAccumulator
 from quant.arch import ARCHS, get_arch
 from quant.compressed import contiguous_groups
 from quant.config import ConfigError, ModuleSpec, QuantConfig
@@ -139,7 +139,7 @@ def test_unknown_architecture_names_supported_ones():
 
 
 def test_nan_activations_name_the_module():
-    from calibration.hessian import CalibrationError
+    from quant.hessian import CalibrationError
 
     model = build_tiny("llama")
     with torch.no_grad():

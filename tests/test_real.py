@@ -76,7 +76,7 @@ def test_mixed_precision_beats_uniform_gptq_at_equal_size(smollm):
 
     from calibration.sensitivity import Sensitivity
     from quant.evaluate import perplexity
-    from quant.mixed import allocate, config_for, total_params
+    from calibration.mixed import allocate, config_for, total_params
     from quant.pipeline import QuantReport, quantize_model
 
     model, tokenizer, arch, ids, calibration_windows = smollm

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from calibration.search import StitchedLoss, candidate_database
-from calibration.sensitivity import build_units, candidate_cost, parse_candidates
+from calibration.units import build_units, candidate_cost, parse_candidates
 from quant.allocate import BudgetError
 from quant.arch import get_arch
 from quant.config import QuantConfig

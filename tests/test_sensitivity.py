@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.sensitivity import Sensitivity, SensitivityError, build_units, measure_sensitivity, parse_candidates
+from calibration.sensitivity import Sensitivity, SensitivityError
+from calibration.units import build_units, parse_candidates
+from calibration.measure import measure_sensitivity
 from quant.arch import get_arch
 from quant.config import ConfigError, ModuleSpec, QuantConfig
 from quant.quantizer import ClipSearch, rtn_quantize
@@ -159,7 +161,7 @@ def _tiny_loss(units, bits, ids) -> float:
 def test_in_context_losses_match_a_full_forward(measured):
     """``context_bits=2``: each unit's loss change when it alone leaves the all-2-bit model equals a
     plain forward of such a copy, and the ``context`` objective is exact at those configurations."""
-    from quant.mixed import make_problem
+    from calibration.mixed import make_problem
 
     model, arch, sens = measured
     ids = windows(2, 32, seed=5)
@@ -237,7 +239,7 @@ def test_in_context_around_a_mixed_anchor(measured):
     """``context_anchor``: the changes are measured around any allocation (here units at 2, 4 and 16
     bits), exactly by a full forward, and the Taylor method tracks them (a unit anchored at fp16 has
     its curvature fitted at the 4-bit pass instead)."""
-    from quant.mixed import make_problem
+    from calibration.mixed import make_problem
 
     model, arch, sens = measured
     ids = windows(2, 32, seed=5)

@@ -1,12 +1,17 @@
-"""Hutchinson's estimator against exact traces: an explicit matrix, and a tiny model's exact Hessian."""
+"""Hutchinson's estimator against exact traces: an explicit matrix, and a tiny model's exact Hessian;
+the layer-by-layer Hessian-vector products against the whole-model double backward on the same probes."""
 import math
 
 import pytest
 import torch
 
-from calibration.trace import hutchinson, model_traces
+from calibration.curvature import fisher_traces, hutchinson_traces, mean_gradients, rademacher
+from calibration.trace import hutchinson
+from quant.arch import get_arch
 
 from .conftest import build_tiny, windows
+
+ARCH = get_arch("llama")
 
 
 def test_hutchinson_explicit_matrix():
@@ -43,35 +48,71 @@ def test_hutchinson_tiny_model_exact_block_trace():
         H = torch.func.hessian(loss_of)(p.detach().clone()).reshape(p.numel(), p.numel())
         exact = float(H.trace())
         sd = math.sqrt(2 * (float(H.pow(2).sum()) - float(H.diagonal().pow(2).sum())) / probes)
-        est = model_traces(model, [n], ids, torch.device("cpu"), tol=0.0, max_probes=probes, progress=False)
+        est = hutchinson_traces(model, ARCH, [n], ids, torch.device("cpu"), tol=0.0, max_probes=probes, progress=False,
+                                probes_per_sweep=50)
         assert abs(est.mean[0] - exact) < 4 * sd, (n, est.mean[0], exact, sd)
         assert 0.75 < est.se[0] / sd < 1.3, (n, est.se[0], sd)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
-def test_hutchinson_in_batches_equals_one_graph():
-    """Beyond ``max_batch_tokens`` each probe's Hessian-vector product is summed batch by batch (so
-    long loss windows do not hold one huge double-backward graph): same probes, same estimate."""
-    model = build_tiny("llama", num_hidden_layers=1)
-    ids = windows(3, 16)
-    names = ["model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"]
-    whole = model_traces(model, names, ids, torch.device("cpu"), tol=0.0, max_probes=3, progress=False)
-    split = model_traces(model, names, ids, torch.device("cpu"), tol=0.0, max_probes=3, progress=False,
-                         max_batch_tokens=32)  # batches of 2 and 1 windows
-    assert split.probes == whole.probes == 3
-    assert split.mean == pytest.approx(whole.mean, rel=1e-4) and split.se == pytest.approx(whole.se, rel=1e-3)
+NAMES = [f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("self_attn.q_proj", "self_attn.v_proj",
+                                                                    "mlp.gate_proj", "mlp.down_proj")]
 
 
-def test_fisher_trace_is_mean_squared_window_gradient():
+def _whole_model_rows(model, names, ids, probes):
+    """The reference: vᵀ(Hv) per block from one double-backward graph over the whole model."""
+    model.set_attn_implementation("eager")
+    params = [model.get_parameter(n) for n in names]
+    g = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, params, create_graph=True)
+    rows = []
+    for p in range(probes):
+        v = [rademacher(0, p, k, q.shape, "cpu", q.dtype) for k, q in enumerate(params)]
+        hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+        rows.append([float((a * b).sum()) for a, b in zip(v, hv)])
+    model.set_attn_implementation("sdpa")
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_layer_by_layer_hvp_equals_the_whole_model_double_backward():
+    """Same probes, same estimate: each probe's vᵀ(Hv), cross-layer terms included, equals the
+    whole-model graph's, whether the windows go as one batch or three, and whether the probes run
+    one per sweep or several."""
     model = build_tiny("llama")
     ids = windows(3, 16)
-    name = "model.layers.1.mlp.up_proj.weight"
-    est = model_traces(model, [name], ids, torch.device("cpu"), method="fisher", progress=False)
-    p = model.get_parameter(name)
+    rows = _whole_model_rows(model, NAMES, ids, 3)
+    for kw in (dict(), dict(max_batch_tokens=16, probes_per_sweep=1), dict(probes_per_sweep=2)):
+        est = hutchinson_traces(model, ARCH, NAMES, ids, torch.device("cpu"), tol=0.0, max_probes=3, progress=False, **kw)
+        assert est.probes == 3
+        assert est.mean == pytest.approx(rows.mean(0).tolist(), rel=1e-4, abs=1e-6), kw
+        assert est.se == pytest.approx((rows.std(0) / math.sqrt(3)).tolist(), rel=1e-3, abs=1e-6), kw
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_stopping_rule_is_the_same_in_chunks():
+    """Probes run several per sweep stop where probing one at a time would have stopped."""
+    model = build_tiny("llama", num_hidden_layers=1)
+    ids = windows(2, 16)
+    names = NAMES[:4]
+    one = hutchinson_traces(model, ARCH, names, ids, torch.device("cpu"), tol=1.5, max_probes=12, progress=False,
+                            probes_per_sweep=1)
+    four = hutchinson_traces(model, ARCH, names, ids, torch.device("cpu"), tol=1.5, max_probes=12, progress=False,
+                             probes_per_sweep=5)
+    assert 4 <= one.probes < 12 and four.probes == one.probes and four.mean == pytest.approx(one.mean, rel=1e-6)
+
+
+def test_fisher_and_gradients_are_the_whole_model_ones():
+    model = build_tiny("llama")
+    ids = windows(3, 16)
+    est = fisher_traces(model, ARCH, NAMES, ids, torch.device("cpu"), progress=False)
+    params = [model.get_parameter(n) for n in NAMES]
     sq = []
     for w in ids:
-        model.zero_grad()
-        model(input_ids=w[None], labels=w[None], use_cache=False).loss.backward()
-        sq.append(float(p.grad.pow(2).sum()))
-    assert est.mean[0] == pytest.approx(sum(sq) / 3, rel=1e-4)
-    assert est.probes == 3 and math.isfinite(est.se[0])
+        grads = torch.autograd.grad(model(input_ids=w[None], labels=w[None], use_cache=False).loss, params)
+        sq.append([float(g.pow(2).sum()) for g in grads])
+    assert est.mean == pytest.approx(torch.tensor(sq).mean(0).tolist(), rel=1e-4)
+    assert est.probes == 3 and all(math.isfinite(s) for s in est.se)
+    mean = mean_gradients(model, ARCH, NAMES, ids, torch.device("cpu"))
+    whole = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, params)
+    for n, g in zip(NAMES, whole):
+        assert torch.allclose(mean[n], g, atol=1e-6, rtol=1e-4), n

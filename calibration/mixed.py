@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
+from quant.allocate import BudgetError, Problem, Solution, frontier, solve
+from quant.config import QuantConfig
 
-from .allocate import BudgetError, Problem, Solution, frontier, solve
-from .config import QuantConfig
+from .sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
 
 
 @dataclass
@@ -211,8 +211,8 @@ def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seql
                       max_windows: int | None = 8, batch_size: int = 8, progress: bool = False):
     """Fresh model from ``load()`` -> quantize with ``config`` -> perplexity on ``eval_ids``.
     Returns (ppl, QuantReport, model, tokenizer)."""
-    from .evaluate import perplexity
-    from .pipeline import quantize_model
+    from quant.evaluate import perplexity
+    from quant.pipeline import quantize_model
 
     model, tokenizer, arch = load()
     report = quantize_model(model, arch, windows, config, device, batch_size, progress=progress)
@@ -229,9 +229,9 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     model (:func:`calibration.search.candidate_database`). Same budget and cost as ``alloc``; keeping
     16 bits stays out unless the ILP chose it; ``problem`` (the ILP's) gives the new allocation's
     predicted ΔNLL. Returns the new allocation and the search's record (losses, evaluations, time)."""
-    from calibration.search import StitchedLoss, candidate_database
+    from .search import StitchedLoss, candidate_database
 
-    from .search import evolve
+    from quant.search import evolve
 
     cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
     start = list(alloc.solution.choice)
@@ -239,10 +239,12 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
                         for k in range(len(sens.units))])
     db = candidate_database(model, arch, sens.units, sens.candidates, sens.cost, windows, config, device, start,
                             progress=progress)
-    fitness = StitchedLoss(model, arch, sens.units, db, loss_windows, device, screen)
-    res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
-                 survivors=survivors, seed=seed, progress=progress, allowed=allowed)
-    del db
+    try:
+        fitness = StitchedLoss(model, arch, sens.units, db, loss_windows, device, screen)
+        res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
+                     survivors=survivors, seed=seed, progress=progress, allowed=allowed)
+    finally:
+        db.close()
     predicted = problem.objective(res.choice) if problem is not None else math.nan
     sol = Solution(res.choice, predicted, res.cost, f"searched ({alloc.solution.status} start)",
                    alloc.solution.gap, alloc.solution.seconds + res.seconds)

@@ -1,0 +1,224 @@
+"""The loss of *variants* of a model, each differing from a reference in a few weights, on the engine.
+
+Measurement (the loss change of one unit, a pair, or one unit in context) and the search (the loss of
+a configuration near the best so far) both ask the same question many times: the mean NLL of the
+model with some weights replaced. A variant is computed from the first decoder layer it changes; the
+layers in front are replayed from the reference's stored boundary activations. Variants that start
+at the same layer share one visit of each later layer (:func:`quant.engine.visit`), so a streamed
+model reads each layer once per start layer, not once per variant.
+
+Candidate weights (one copy per width and unit) live in a :class:`WeightCache`: safetensors files in
+a cache folder on disk, read back one layer's worth at a time, never a model copy per candidate in RAM.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import Arch, decoder_layers
+from .capture import LayerInput, capture_layer_inputs, run_layer
+from .engine import head_on, visit
+
+Swap = dict[str, torch.Tensor]  # full linear name -> weight (out, in)
+
+
+def cache_root() -> Path:
+    from .model_io import data_dir
+
+    return data_dir() / "work"
+
+
+class WeightCache:
+    """``(unit, candidate) -> {member name: weight}`` kept on disk: :meth:`put` buffers, :meth:`flush`
+    writes the buffer as one safetensors file (call it once per decoder layer), :meth:`get` reads one
+    entry back. The folder (under ``~/.cache/hmq/work`` unless given) is removed by :meth:`close`."""
+
+    def __init__(self, folder: str | Path | None = None):
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="weights-", dir=root))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._where: dict[tuple[int, int], tuple[Path | None, tuple[str, ...]]] = {}
+        self._files = 0
+
+    @staticmethod
+    def _key(k: int, c: int, member: str) -> str:
+        return f"{k}/{c}/{member}"
+
+    def put(self, k: int, c: int, weights: Swap) -> None:
+        for m, w in weights.items():
+            self._buffer[self._key(k, c, m)] = w.detach().to("cpu").contiguous()
+        self._where[(k, c)] = (None, tuple(weights))
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.folder / f"{self._files:05d}.safetensors"
+        save_file(self._buffer, str(path))
+        self._files += 1
+        for kc, (where, members) in self._where.items():
+            if where is None:
+                self._where[kc] = (path, members)
+        self._buffer = {}
+
+    def __contains__(self, kc) -> bool:
+        return tuple(kc) in self._where
+
+    def keys(self):
+        return self._where.keys()
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, kc, default=None) -> Swap | None:
+        kc = tuple(kc)
+        if kc not in self._where:
+            return default
+        path, members = self._where[kc]
+        if path is None:
+            return {m: self._buffer[self._key(*kc, m)] for m in members}
+        with safe_open(str(path), framework="pt") as f:
+            return {m: f.get_tensor(self._key(*kc, m)) for m in members}
+
+    def __getitem__(self, kc) -> Swap:
+        out = self.get(kc)
+        if out is None:
+            raise KeyError(kc)
+        return out
+
+    def close(self) -> None:
+        self._buffer, self._where = {}, {}
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def swapped(layer: nn.Module, prefix: str, swap: Swap):
+    """The linears of ``layer`` named in ``swap`` (full names starting with ``prefix``) use its weights
+    for the duration."""
+    old = []
+    for name, w in swap.items():
+        if name.startswith(prefix):
+            lin = layer.get_submodule(name.removeprefix(prefix))
+            old.append((lin, lin.weight.data))
+            lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+    try:
+        yield
+    finally:
+        for lin, w in old:
+            lin.weight.data = w
+
+
+@torch.no_grad()
+def head_nll(model: nn.Module, arch: Arch, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> float:
+    """Summed next-token NLL of ``ids`` (b, seq) from the last decoder layer's output ``hidden``
+    (b, seq, hidden), the head run ``chunk`` positions at a time."""
+    norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
+    total = 0.0
+    for a in range(0, ids.shape[1] - 1, chunk):
+        b = min(a + chunk, ids.shape[1] - 1)
+        logits = head(norm(hidden[:, a:b].to(head.weight.device))).float()  # (batch, b-a, vocab)
+        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                   ids[:, a + 1 : b + 1].reshape(-1).to(logits.device), reduction="sum"))
+    return total
+
+
+class Reference:
+    """A model's boundary activations on ``ids`` (n, seq), one batch: ``inputs[i]`` is what decoder
+    layer ``i`` receives, ``inputs[L]`` the last layer's output, with ``swap`` applied (the fp model
+    when empty). Boundaries are kept on the CPU."""
+
+    def __init__(self, model: nn.Module, arch: Arch, ids: torch.Tensor, device: torch.device):
+        self.model, self.arch, self.device = model, arch, device
+        self.ids = ids.to(device)
+        first = capture_layer_inputs(model, decoder_layers(model, arch), self.ids, device, len(ids))[0]
+        self.kwargs = first.kwargs
+        self.inputs: list[torch.Tensor] = [first.hidden.cpu()]
+
+    @property
+    def layers(self) -> int:
+        return len(decoder_layers(self.model, self.arch))
+
+    def extend(self, i: int, layer: nn.Module, swap: Swap | None = None) -> None:
+        """Append layer ``i``'s output (the layer on the device, ``swap``'s weights in it)."""
+        assert len(self.inputs) == i + 1, "boundaries are built in layer order"
+        with swapped(layer, f"{self.arch.layers}.{i}.", swap or {}):
+            x = run_layer(layer, [LayerInput(self.inputs[i].to(self.device), self.kwargs)])[0].hidden
+        self.inputs.append(x.cpu())
+
+    def build(self, swap: "Swap | Callable[[int], Swap] | None" = None, start: int = 0,
+              progress: bool = False) -> "Reference":
+        """Boundaries from layer ``start`` on, with ``swap`` (or ``swap(i)`` for layer ``i``); those
+        in front are kept."""
+        del self.inputs[start + 1 :]
+        for i, layer in visit(self.model, self.arch, range(start, self.layers), self.device, keep=False,
+                              progress=progress, desc="reference"):
+            self.extend(i, layer, swap(i) if callable(swap) else swap)
+        return self
+
+    def nll(self, windows: int | None = None) -> float:
+        """Mean NLL of the reference itself on its first ``windows`` windows."""
+        n = windows or len(self.ids)
+        with head_on(self.model, self.arch, self.device):
+            return head_nll(self.model, self.arch, self.inputs[-1][:n].to(self.device), self.ids[:n]) / (
+                n * (self.ids.shape[1] - 1))
+
+
+def _first(v, n: int, total: int):
+    """``v`` (a layer's keyword argument) for the first ``n`` of ``total`` windows."""
+    if n == total:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v[:n] if v.dim() > 0 and v.shape[0] == total else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_first(x, n, total) for x in v)
+    return v
+
+
+@torch.no_grad()
+def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int], Swap]]]", windows: int | None = None, group: int = 64,
+                 progress: bool = False, desc: str = "variants") -> list[float]:
+    """Mean NLL of each variant ``(start, swap)`` on the reference's first ``windows`` windows: layers
+    ``< start`` replayed from ``ref``, ``swap``'s weights in the layers from ``start`` on (``swap(i)``:
+    a function giving layer ``i``'s, asked for when the layer runs, so a variant's weights are read
+    from the cache one layer at a time). Variants
+    with the same start run together, ``group`` at a time, over one visit of each later layer."""
+    n = windows or len(ref.ids)
+    ids = ref.ids[:n]
+    count = n * (ids.shape[1] - 1)
+    kwargs = {k: _first(v, n, len(ref.ids)) for k, v in ref.kwargs.items()}
+    out = [0.0] * len(variants)
+    by_start: dict[int, list[int]] = {}
+    for v, (start, _) in enumerate(variants):
+        by_start.setdefault(min(start, ref.layers), []).append(v)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(variants), desc=desc, disable=not progress, unit="pass")
+    for start in sorted(by_start):
+        todo = by_start[start]
+        for g in range(0, len(todo), group):
+            batch = todo[g : g + group]
+            states = [ref.inputs[start][:n].to(ref.device) for _ in batch]
+            for i, layer in visit(ref.model, ref.arch, range(start, ref.layers), ref.device, keep=False, progress=False):
+                prefix = f"{ref.arch.layers}.{i}."
+                for s, v in enumerate(batch):
+                    sw = variants[v][1]
+                    with swapped(layer, prefix, sw(i) if callable(sw) else sw):
+                        states[s] = run_layer(layer, [LayerInput(states[s], kwargs)])[0].hidden
+            with head_on(ref.model, ref.arch, ref.device):
+                for s, v in enumerate(batch):
+                    out[v] = head_nll(ref.model, ref.arch, states[s], ids) / count
+            bar.update(len(batch))
+    bar.close()
+    return out
