@@ -375,7 +375,7 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
                                settings=settings)
 
 
-def _load_resolved(args, run, config, explicit: set[str], stream: bool = False):
+def _load_resolved(args, run, config, explicit: set[str], stream: bool = True):
     """Load the model (``stream``: layers stay on disk until the sweep needs them) and settle the
     group size the way `quantize` does."""
     import dataclasses
@@ -517,10 +517,8 @@ def cmd_quantize(args) -> int:
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
     if args.out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(args.out, args.overwrite)
-    # the model's layers stay on disk until the sweep needs them, except where a mixed run measures,
-    # searches or bisects (those still hold the fp model)
-    stream = not mixed or (bool(args.sensitivity) and not args.search and args.max_ppl_increase is None)
-    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit, stream=stream)
+    # the model's layers stay on disk until the sweep needs them (measurement and search included)
+    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
@@ -604,7 +602,7 @@ def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, c
     def measure(bpw):
         alloc = allocate(sens, bpw * n / 8, args.objective, not args.no_pairs, gain_scale=args.gain_scale)
         cfg = config_for(sens, alloc, config)
-        ppl, report, qmodel, _ = quantize_and_eval(lambda: load_model(run["model"], dtype), windows, cfg, device, ids,
+        ppl, report, qmodel, _ = quantize_and_eval(lambda: load_model(run["model"], dtype, stream=True), windows, cfg, device, ids,
                                                    args.eval_seqlen, args.eval_windows, run["batch_size"])
         log.info("bisection: %.3f bpw -> ppl %.3f (target %.3f)", alloc.bpw, ppl, target)
         if ppl <= target and (not kept or alloc.bpw < kept["alloc"].bpw):
@@ -671,7 +669,7 @@ def cmd_frontier(args) -> int:
     sens = Sensitivity.load(args.sensitivity)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, arch = load_model(args.model, dtype)
+    model, tokenizer, arch = load_model(args.model, dtype, stream=True)
     sens.check_model(model, arch)
     uniform_bits = _parse_bits_list(args.uniform_bits, "--uniform-bits") if args.verify else []
     out = Path(args.out)
@@ -687,7 +685,7 @@ def cmd_frontier(args) -> int:
                   "units": dict(zip(a.unit_names, a.candidates))} for a in front]
     base = base_config(sens)
     windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, sens.settings.get("seed", 0))
-    load = lambda: load_model(args.model, dtype)  # noqa: E731
+    load = lambda: load_model(args.model, dtype, stream=True)  # noqa: E731
     n = total_params(sens)
     verified, uniform = [], []
     u4 = 8 * sum(sens.cost[k][[c.bits for c in sens.candidates].index(4)] for k in range(len(sens.units))) / n \

@@ -2,6 +2,7 @@
 sweep needs them quantizes and evaluates exactly as the same model held in memory."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,38 @@ def test_out_of_memory_names_the_stage_layer_and_fix(sharded_dir):
     with pytest.raises(OutOfMemory, match=r"quantize: out of CPU memory at decoder layer 2 .*--batch-size"):
         sweep(model, arch, windows(2, 16), CPU, step, desc="quantize", keep=False, progress=False)
     assert layer_fp_weights(model) == []  # the layer that failed was dropped again
+
+
+def test_streamed_measurement_and_search_equal_in_memory(sharded_dir):
+    """The whole measurement (layer errors, Hutchinson traces, single, pair and in-context loss
+    changes) and the search's database and stitched losses give the same numbers on a streamed model
+    as on the same model in memory, and the streamed model is left with no layer loaded."""
+    from calibration.measure import measure_sensitivity
+    from calibration.search import StitchedLoss, candidate_database
+    from calibration.units import parse_candidates
+
+    calib, loss_ids = windows(4, 32), windows(2, 32, seed=5)
+    cands = parse_candidates([2, 4], 32)
+    cfg = QuantConfig(method="gptq", group_size=32)
+    got = {}
+    for label, stream in (("streamed", True), ("whole", False)):
+        model, _, arch = load_model(str(sharded_dir), stream=stream)
+        sens = measure_sensitivity(model, arch, calib, loss_ids, cands, cfg, CPU, max_probes=2, trace_tol=0.0,
+                                   pair_bits=2, progress=False, context_bits=2)
+        anchor = [0] * len(sens.units)
+        db = candidate_database(model, arch, sens.units, cands, sens.cost, calib, cfg, CPU, anchor, progress=False)
+        fit = StitchedLoss(model, arch, sens.units, db, loss_ids, CPU)
+        moved = list(anchor)
+        moved[5] = 1
+        got[label] = (sens, [fit(anchor, True), fit(moved, True), fit(moved, False)])
+        db.close()
+        if stream:
+            assert layer_fp_weights(model) == []
+    a, b = got["streamed"][0], got["whole"][0]
+    assert a.fingerprint == b.fingerprint
+    for field in ("out_err", "sqnorm", "hx_trace", "trace", "single", "context_single"):
+        assert np.allclose(np.array(getattr(a, field), dtype=float), np.array(getattr(b, field), dtype=float),
+                           rtol=1e-5, atol=1e-7), field
+    assert [p[:2] for p in a.pairs] == [p[:2] for p in b.pairs]
+    assert np.allclose([p[2] for p in a.pairs], [p[2] for p in b.pairs], atol=1e-7)
+    assert got["streamed"][1] == pytest.approx(got["whole"][1], abs=1e-6)
