@@ -32,6 +32,9 @@ CLIP_HELP = ("search each group's range (shrunk by up to 20%%) for the lowest |e
              "min/max (GPTQ's mse option); helps most at 2-3 bits; --no-clip for textbook GPTQ (default on)")
 
 
+DEFAULT_CANDIDATES = "2,3,4,8"  # the candidate widths a measurement tries unless told
+
+
 def _bool_flag(parser, name: str, help: str) -> None:
     dest = name.replace("-", "_")
     parser.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help)
@@ -229,7 +232,7 @@ def _allocation_flags(p) -> None:
 
 def _measure_flags(p, standalone: bool) -> None:
     g = p.add_argument_group("sensitivity measurement") if not standalone else p
-    g.add_argument("--candidates", default="2,3,4,8", help="candidate bit widths at --group-size, or bits with their own "
+    g.add_argument("--candidates", default=DEFAULT_CANDIDATES, help="candidate bit widths at --group-size, or bits with their own "
                                                            "group size such as 3g-1 (one group per output channel) or "
                                                            "2g64 (default 2,3,4,8; keeping 16 is always a candidate "
                                                            "unless --no-keep)")
@@ -355,6 +358,9 @@ def _measure(args, run, config, model, tokenizer, arch, device, model_label: str
     for k in ("loss_samples", "loss_seqlen", "probes"):
         if getattr(args, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
+    if args.trace == "hutchinson" and args.probes < 2:
+        raise ConfigError("--probes must be at least 2: a Hutchinson trace needs two probes for its standard error, "
+                          "which the allocation uses (or pass --trace fisher).")
     candidates = parse_candidates(args.candidates.split(","), config.group_size, not args.no_keep)
     calib = run["calib"] or DEFAULT_SOURCE
     log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
@@ -517,6 +523,8 @@ def cmd_quantize(args) -> int:
     model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
     if args.out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(args.out, args.overwrite)
+    if mixed and not args.sensitivity:  # measure only what the target engine runs
+        _engine_candidates(args)
     # the model's layers stay on disk until the sweep needs them (measurement and search included)
     model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
@@ -729,6 +737,38 @@ def _check_engine_early(model, arch, config, args) -> None:
 
     specs = {n: (None if s.keep else s) for n, s in module_specs(model, arch, config).items()}
     check_engine(specs, arch, args.fmt, args.engine)
+
+
+def _engine_candidates(args) -> None:
+    """Before any work: narrow the candidate widths to those ``--engine`` runs in ``--format`` (the
+    default list quietly, with a log line; a list the user gave is refused), and refuse a layout or unit
+    granularity the engine cannot load mixed."""
+    from quant.config import ConfigError
+    from quant.export import ENGINE_RULES
+
+    rule = ENGINE_RULES.get((args.engine, args.fmt))
+    if rule is None:
+        return  # named by the export's own check
+    if not rule.per_module:
+        raise ConfigError(f"{args.engine} loads {args.fmt} checkpoints with one scheme for every linear only: for mixed "
+                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
+    if rule.fused and args.units == "linear":
+        raise ConfigError(f"{args.engine} runs q/k/v and gate/up as fused matmuls with one scheme each: measure with "
+                          "--units fused, or target --engine gptqmodel/hmq.")
+    items = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    bits_of = {c: c.lower().removeprefix("w").partition("g")[0] for c in items}
+    odd = [c for c in items if bits_of[c].isdigit() and int(bits_of[c]) not in (*rule.bits, 16)]
+    if not odd:
+        return
+    if args.candidates != DEFAULT_CANDIDATES:
+        raise ConfigError(f"--candidates {','.join(odd)}: {args.engine} does not run those widths as {args.fmt} (it runs "
+                          f"{'/'.join(map(str, rule.bits))}-bit): drop them, or export --format gptq.")
+    args.candidates = ",".join(c for c in items if c not in odd)
+    kept = sorted({int(bits_of[c]) for c in items if c not in odd})
+    if args.pair_bits and args.pair_bits not in kept:
+        args.pair_bits = kept[0]
+    log.info("%s runs %s at %s bits: measuring candidates %s (pairs at %d bits)", args.engine, args.fmt,
+             "/".join(map(str, rule.bits)), args.candidates, args.pair_bits or 0)
 
 
 def _check_candidates_for_engine(sens, args) -> None:

@@ -247,3 +247,26 @@ def test_solver_settings_follow_the_measurement_unless_overridden(tiny_model_dir
         if key == "act_order":
             assert qc["static_groups"] is want  # static groups are on by default, and mean nothing without the order
         assert (mismatch in capsys.readouterr().err) is (want != measured)
+
+
+def test_only_candidates_the_engine_runs_are_measured(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """`--format compressed-tensors` (vLLM runs it at 4/8 bits): with the default candidates the run
+    measures 4 and 8 only and lands; a list with 2 or 3 bits, or --units linear, is refused before any
+    loading or measuring."""
+    import calibration.measure
+
+    measured = []
+    real = calibration.measure.measure_sensitivity
+    monkeypatch.setattr(calibration.measure, "measure_sensitivity",
+                        lambda *a, **k: measured.append([c.label for c in a[4]]) or real(*a, **k))
+    out = tmp_path / "ct"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--budget", 6,
+               "--format", "compressed-tensors", "--out", out) == 0
+    assert measured == [["w4g32", "w8g32", "fp16"]]
+    sens = json.loads((tmp_path / "ct.sens").read_text())
+    assert sens["settings"]["pair_bits"] == 4
+    assert {m["bits"] for m in json.loads((out / "hmq.json").read_text())["modules"].values() if m} <= {4, 8}
+    for extra in (["--candidates", "3,4"], ["--units", "linear"]):
+        assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], *extra,
+                   "--budget", 6, "--format", "compressed-tensors", "--out", tmp_path / "no") == 2
+    assert len(measured) == 1 and not (tmp_path / "no").exists()
