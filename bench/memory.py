@@ -74,6 +74,11 @@ def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
                      "--out", str(work / "q"), "--overwrite"],
         "eval": ["eval", "--model", str(model), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
                  "--no-progress", "--dtype", args.dtype],
+        # the measurement and a mixed run with a measurement; --measure-flags (the same at every depth)
+        # keeps random models' runs short: memory, not the measurement's cost, is what this compares
+        "measure": ["measure", "--model", str(model), *calib, *args.measure_flags.split(), "--out", str(work / "m.sens")],
+        "budget": ["quantize", "--model", str(model), "--budget", "3.0", *calib, *args.measure_flags.split(),
+                   "--out", str(work / "b"), "--overwrite"],
     }
 
 
@@ -85,7 +90,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4, help="evaluation windows")
     p.add_argument("--method", default="gptq", help="hmq's --method for quantize")
     p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
-    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval"])
+    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget"])
+    p.add_argument("--measure-flags", default="--candidates 2,4 --probes 2 --single-bits 2 --pair-bits 2 --loss-samples 2",
+                   help="flags of the measure and budget commands (default: a light measurement)")
     p.add_argument("--before", type=Path, help="another hmq checkout to run the same commands from, side by side")
     p.add_argument("--codes", nargs="+", default=["now", "before"], choices=["now", "before"],
                    help="which code runs (before: only with --before)")
@@ -124,7 +131,7 @@ def main() -> None:
         print(f"{r['model']:<10} {r['params'] / 1e6:>7.0f}M {r['fp16_gb']:>8.2f} {r['code']:<7} {r['command']:<9} "
               f"{r['rss_gb']:>11.2f} {r['seconds']:>7.1f}")
     for label in sources:
-        for cmd in ("quantize", "eval"):
+        for cmd in ("quantize", "eval", "measure", "budget"):
             peak = {r["model"]: r["rss_gb"] for r in rows if r["code"] == label and r["command"] == cmd}
             if "d4-h1024" in peak and "d32-h1024" in peak:
                 ratio = peak["d32-h1024"] / peak["d4-h1024"]
