@@ -210,10 +210,6 @@ def _format_flags(p) -> None:
                         "schemes, fused groups); the README has the table (default vllm)")
 
 
-def _single_bits(args) -> tuple[int, ...] | None:
-    text = str(args.single_bits).strip()
-    return None if text == "all" else tuple(_parse_bits_list(text, "--single-bits"))
-
 
 def _allocation_flags(p) -> None:
     from calibration.sensitivity import CONTEXT_GAIN_SCALE, OBJECTIVES
@@ -249,11 +245,10 @@ def _measure_flags(p, standalone: bool) -> None:
     g.add_argument("--pair-bits", type=int, default=3, help="width at which single and pair loss increases are "
                                                             "measured (default 3; 0 = no inter-layer terms)")
     g.add_argument("--single-bits", default="all", help="widths at which each unit's own loss increase is measured "
-                                                        "(default all candidate widths; each holds one fp16 model "
-                                                        "copy in CPU memory until then; e.g. 3 for the pair width only)")
+                                                        "(default all candidate widths; e.g. 3 for the pair width only)")
     g.add_argument("--context-bits", type=int, default=0,
                    help="also measure each unit at every candidate with all other units at this width, for "
-                        "--objective context (e.g. 3; default 0: not measured; holds one fp16 model copy per candidate)")
+                        "--objective context (e.g. 3; default 0: not measured)")
     g.add_argument("--context-method", choices=("exact", "taylor"), default="exact",
                    help="how --context-bits measures: exact (one pass per unit and candidate) or taylor (one pass "
                         "per unit and --context-exact-bits width, the rest from the gradient at the all-context "
@@ -337,48 +332,33 @@ def _as_measured(config: "QuantConfig", measured: dict[str, bool], explicit: set
 
 
 def _parse_bits_list(text: str, flag: str) -> list[int]:
-    from quant.config import ConfigError, check_bits
+    from calibration.runs import parse_bits_list
 
-    try:
-        values = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r} must be a comma-separated list of bit widths, e.g. 2,3,4,8.") from None
-    return [check_bits(b, flag) for b in values]
+    return parse_bits_list(text, flag)
+
+
+def _measure_options(args):
+    from calibration.runs import MeasureOptions
+
+    return MeasureOptions(candidates=args.candidates, keep=not args.no_keep, units=args.units, trace=args.trace,
+                          probes=args.probes, trace_tol=args.trace_tol, loss_samples=args.loss_samples,
+                          loss_seqlen=args.loss_seqlen, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
+                          single_bits=args.single_bits, context_bits=args.context_bits or None,
+                          context_method=args.context_method, context_exact_bits=args.context_exact_bits)
+
+
+def _alloc_options(args):
+    from calibration.runs import AllocOptions
+
+    return AllocOptions(args.objective, not args.no_pairs, args.gain_scale)
 
 
 def _measure(args, run, config, model, tokenizer, arch, device, model_label: str):
     """Run `hmq measure` on an already loaded model."""
-    import torch
+    from calibration.runs import measure_model
 
-    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
-    from calibration.units import parse_candidates
-    from calibration.measure import measure_sensitivity
-    from quant.config import ConfigError
-
-    for k in ("loss_samples", "loss_seqlen", "probes"):
-        if getattr(args, k) < 1:
-            raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
-    if args.trace == "hutchinson" and args.probes < 2:
-        raise ConfigError("--probes must be at least 2: a Hutchinson trace needs two probes for its standard error, "
-                          "which the allocation uses (or pass --trace fisher).")
-    candidates = parse_candidates(args.candidates.split(","), config.group_size, not args.no_keep)
-    calib = run["calib"] or DEFAULT_SOURCE
-    log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
-             run["nsamples"], run["seqlen"], calib, args.loss_samples, args.loss_seqlen)
-    part = own_text_split(calib, "calib", shared=getattr(args, "max_ppl_increase", None) is not None)
-    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
-    loss_windows = calibration_windows(tokenizer, calib, args.loss_samples, args.loss_seqlen, run["seed"] + 1, part)
-    torch.manual_seed(run["seed"])
-    settings = {"calib": calib, "nsamples": run["nsamples"], "seqlen": run["seqlen"], "seed": run["seed"],
-                "group_size": config.group_size, "candidates": [c.label for c in candidates]}
-    return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
-                               granularity=args.units, trace_method=args.trace, trace_tol=args.trace_tol,
-                               max_probes=args.probes, pair_bits=args.pair_bits or None, pair_window=args.pair_window,
-                               single_bits=_single_bits(args), context_bits=args.context_bits or None,
-                               context_method=args.context_method,
-                               context_exact_bits=tuple(_parse_bits_list(args.context_exact_bits, "--context-exact-bits")),
-                               batch_size=run["batch_size"], seed=run["seed"], progress=not args.no_progress,
-                               settings=settings)
+    return measure_model(model, tokenizer, arch, config, run, _measure_options(args), device, model_label,
+                         shared=getattr(args, "max_ppl_increase", None) is not None, progress=not args.no_progress)
 
 
 def _load_resolved(args, run, config, explicit: set[str], stream: bool = True):
@@ -593,35 +573,14 @@ def cmd_quantize(args) -> int:
 def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib):
     """Smallest budget whose measured held-out perplexity is within --max-ppl-increase of fp."""
     from calibration.data import eval_tokens
-    from quant.allocate import bisect_budget
-    from quant.evaluate import perplexity
-    from calibration.mixed import allocate, config_for, min_max_bpw, quantize_and_eval, total_params
+    from calibration.runs import bisect_run
     from quant.model_io import load_model
 
-    limit = _parse_percent(args.max_ppl_increase)
     _, ids = eval_tokens(tokenizer, calib)
-    fp = perplexity(model, ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
-    target = fp * (1 + limit)
-    log.info("fp perplexity %.3f on %d held-out windows; target ≤ %.3f", fp, args.eval_windows, target)
-    lo, hi = min_max_bpw(sens)
-    n = total_params(sens)
-    kept: dict = {}
-
-    def measure(bpw):
-        alloc = allocate(sens, bpw * n / 8, args.objective, not args.no_pairs, gain_scale=args.gain_scale)
-        cfg = config_for(sens, alloc, config)
-        ppl, report, qmodel, _ = quantize_and_eval(lambda: load_model(run["model"], dtype, stream=True), windows, cfg, device, ids,
-                                                   args.eval_seqlen, args.eval_windows, run["batch_size"])
-        log.info("bisection: %.3f bpw -> ppl %.3f (target %.3f)", alloc.bpw, ppl, target)
-        if ppl <= target and (not kept or alloc.bpw < kept["alloc"].bpw):
-            kept.update(model=qmodel, report=report, alloc=alloc, config=cfg)
-        return ppl
-
-    best, history = bisect_budget(measure, lo, hi, lambda ppl: ppl <= target, steps=args.bisect_steps)
-    a = kept["alloc"].to_dict()
-    a["bisection"] = [{"budget": b, "ppl": p} for b, p in history]
-    a["fp_ppl"], a["target_ppl"] = fp, target
-    return kept["model"], kept["report"], a, kept["config"]
+    res = bisect_run(sens, config, _alloc_options(args), lambda: load_model(run["model"], dtype, stream=True), windows,
+                     ids, model, device, _parse_percent(args.max_ppl_increase), args.bisect_steps, args.eval_seqlen,
+                     args.eval_windows, run["batch_size"])
+    return res.model, res.report, res.allocation, res.config
 
 
 def solver_line(config) -> str:
@@ -664,14 +623,9 @@ def print_summary(report, out: Path, seconds: float, config=None) -> None:
 
 
 def cmd_frontier(args) -> int:
-    import numpy as np
-
-    from calibration.data import calibration_windows, eval_tokens
+    from calibration.mixed import plot_frontier
+    from calibration.runs import FrontierOptions, frontier_run
     from calibration.sensitivity import Sensitivity
-    from quant.config import QuantConfig
-    from quant.evaluate import perplexity
-    from calibration.mixed import (allocate, base_config, config_for, frontier_allocations, min_max_bpw, plot_frontier,
-                             predicted_ppl, quantize_and_eval, total_params)
     from quant.model_io import load_model, resolve_device, resolve_dtype
 
     sens = Sensitivity.load(args.sensitivity)
@@ -679,43 +633,15 @@ def cmd_frontier(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, arch = load_model(args.model, dtype, stream=True)
     sens.check_model(model, arch)
-    uniform_bits = _parse_bits_list(args.uniform_bits, "--uniform-bits") if args.verify else []
+    opts = FrontierOptions(args.verify, _parse_bits_list(args.uniform_bits, "--uniform-bits"), args.map_budget,
+                           args.eval_windows, args.eval_seqlen, args.nsamples, args.seqlen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    calib = sens.settings.get("calib")
-    _, ids = eval_tokens(tokenizer, calib)
-    fp = perplexity(model, ids, args.eval_seqlen, args.eval_windows, device, progress=False)["ppl"]
-    pairs = not args.no_pairs
-    lo, hi = min_max_bpw(sens)
-    grid = np.linspace(lo, min(hi, 8.5), 41)
-    front = frontier_allocations(sens, grid, args.objective, pairs, gain_scale=args.gain_scale)
-    predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
-                  "units": dict(zip(a.unit_names, a.candidates))} for a in front]
-    base = base_config(sens)
-    windows = calibration_windows(tokenizer, calib, args.nsamples, args.seqlen, sens.settings.get("seed", 0))
-    load = lambda: load_model(args.model, dtype, stream=True)  # noqa: E731
-    n = total_params(sens)
-    verified, uniform = [], []
-    u4 = 8 * sum(sens.cost[k][[c.bits for c in sens.candidates].index(4)] for k in range(len(sens.units))) / n \
-        if 4 in [c.bits for c in sens.candidates] else hi
-    for bpw in (np.linspace(lo + 0.25, u4 + 0.1, args.verify) if args.verify else []):
-        alloc = allocate(sens, bpw * n / 8, args.objective, pairs, gain_scale=args.gain_scale)
-        ppl, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids,
-                                     args.eval_seqlen, args.eval_windows)
-        verified.append({"bpw": alloc.bpw, "ppl": ppl, "predicted_ppl": predicted_ppl(fp, alloc.predicted_dloss),
-                         "units": dict(zip(alloc.unit_names, alloc.candidates))})
-        log.info("verified %.3f bpw: ppl %.3f (predicted %.3f)", alloc.bpw, ppl, verified[-1]["predicted_ppl"])
-    for method in ("rtn", "gptq"):
-        for bits in uniform_bits:
-            cfg = QuantConfig(**{**base.to_dict(), "method": method, "bits": bits})
-            ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, args.eval_seqlen, args.eval_windows)
-            uniform.append({"method": method, "bits": bits, "bpw": report.bpw, "ppl": ppl})
-            log.info("uniform %s w%d: %.3f bpw, ppl %.3f", method, bits, report.bpw, ppl)
-    heat = allocate(sens, max(args.map_budget, lo) * n / 8, args.objective, pairs, gain_scale=args.gain_scale)
-    payload = {"model": sens.model, "objective": args.objective, "pairs": pairs, "fp_ppl": fp,
-               "eval_windows": args.eval_windows, "predicted": predicted, "verified": verified, "uniform": uniform,
-               "bit_map": heat.to_dict()}
+    payload = frontier_run(sens, model, tokenizer, lambda: load_model(args.model, dtype, stream=True), device,
+                           _alloc_options(args), opts)
+    heat = payload.pop("heat")
     (out / "frontier.json").write_text(json.dumps(payload, indent=1))
+    fp, predicted, verified, uniform = (payload[k] for k in ("fp_ppl", "predicted", "verified", "uniform"))
     plot_frontier(out / "frontier.png", predicted, verified, uniform, fp, sens, heat,
                   f"{sens.model}: mixed ({args.objective}) vs uniform")
     print()

@@ -15,6 +15,7 @@ from .capture import LayerInput, Replay, collect_hessians, run_layer
 from .arch import Arch, decoder_layers, set_submodule
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .engine import sweep
+from .stream import detach_store
 from .methods import get_method
 from .qlinear import QuantLinear
 from .quantizer import best_rows
@@ -125,6 +126,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     # methods that use no activations (RTN) need no calibration forward passes at all
     sweep(model, arch, windows if method.needs_inputs else None, device, step, batch_size=batch_size, keep=True,
           progress=progress, desc=f"{config.method} layers")
+    detach_store(model)  # every layer is quantized and in memory now: nothing to read from the shards again
     report.seconds = time.perf_counter() - t_start
     return report
 

@@ -84,6 +84,15 @@ def is_streamed(model: nn.Module) -> bool:
     return getattr(model, STORE_ATTR, None) is not None
 
 
+def detach_store(model: nn.Module) -> None:
+    """The model no longer streams: every layer is in memory now (a quantized model), so later sweeps
+    keep what they find instead of dropping it back to the shards."""
+    store = getattr(model, STORE_ATTR, None)
+    if store is not None:
+        store.close()
+        setattr(model, STORE_ATTR, None)
+
+
 def stored_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The weight of linear ``name`` in the model's dtype: from memory, or, for a streamed model whose
     layer is on the meta device, read from its shards (one tensor, not the layer)."""

@@ -1,0 +1,192 @@
+"""Whole mixed-precision runs, as the commands run them: measure a loaded model from its settings,
+find the smallest budget within a perplexity limit (bisection), and compute the frontier report.
+Plain options in, typed results out; the CLI (``cli.py``) only parses flags into these and prints.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from quant.config import ConfigError, QuantConfig, check_bits
+
+from .sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
+
+log = logging.getLogger("hmq")
+
+
+def parse_bits_list(text: str, what: str) -> list[int]:
+    """``"2,3,4"`` -> [2, 3, 4], each a supported width (``what`` names the setting in errors)."""
+    try:
+        values = [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} must be a comma-separated list of bit widths, e.g. 2,3,4,8.") from None
+    return [check_bits(b, what) for b in values]
+
+
+@dataclass
+class MeasureOptions:
+    """What `hmq measure` measures (its flags, in snake_case)."""
+
+    candidates: str = "2,3,4,8"
+    keep: bool = True
+    units: str = "fused"
+    trace: str = "hutchinson"
+    probes: int = 16
+    trace_tol: float = 0.05
+    loss_samples: int = 4
+    loss_seqlen: int = 256
+    pair_bits: int | None = 3
+    pair_window: int = 1
+    single_bits: str = "all"
+    context_bits: int | None = None
+    context_method: str = "exact"
+    context_exact_bits: str = "16"
+
+    def check(self) -> None:
+        for k in ("loss_samples", "loss_seqlen", "probes"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"--{k.replace('_', '-')} must be a positive integer.")
+        if self.trace == "hutchinson" and self.probes < 2:
+            raise ConfigError("--probes must be at least 2: a Hutchinson trace needs two probes for its standard error, "
+                              "which the allocation uses (or pass --trace fisher).")
+
+    def single_widths(self) -> tuple[int, ...] | None:
+        text = str(self.single_bits).strip()
+        return None if text == "all" else tuple(parse_bits_list(text, "--single-bits"))
+
+
+def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: MeasureOptions, device,
+                  model_label: str, shared: bool = False, progress: bool = True) -> Sensitivity:
+    """The measurement of a loaded model on the calibration source of ``run`` (``shared``: this run
+    also evaluates on a user's own file, so it calibrates on its calibration part only)."""
+    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
+
+    from .measure import measure_sensitivity
+    from .units import parse_candidates
+
+    opts.check()
+    candidates = parse_candidates(opts.candidates.split(","), config.group_size, opts.keep)
+    calib = run["calib"] or DEFAULT_SOURCE
+    log.info("measuring sensitivity: %d × %d tokens of %s for H_x, %d × %d for traces and loss increases",
+             run["nsamples"], run["seqlen"], calib, opts.loss_samples, opts.loss_seqlen)
+    part = own_text_split(calib, "calib", shared=shared)
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
+    loss_windows = calibration_windows(tokenizer, calib, opts.loss_samples, opts.loss_seqlen, run["seed"] + 1, part)
+    torch.manual_seed(run["seed"])
+    settings = {"calib": calib, "nsamples": run["nsamples"], "seqlen": run["seqlen"], "seed": run["seed"],
+                "group_size": config.group_size, "candidates": [c.label for c in candidates]}
+    return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
+                               granularity=opts.units, trace_method=opts.trace, trace_tol=opts.trace_tol,
+                               max_probes=opts.probes, pair_bits=opts.pair_bits or None, pair_window=opts.pair_window,
+                               single_bits=opts.single_widths(), context_bits=opts.context_bits or None,
+                               context_method=opts.context_method,
+                               context_exact_bits=tuple(parse_bits_list(opts.context_exact_bits, "--context-exact-bits")),
+                               batch_size=run["batch_size"], seed=run["seed"], progress=progress, settings=settings)
+
+
+@dataclass
+class AllocOptions:
+    """How a measurement becomes an allocation (the allocation flags)."""
+
+    objective: str = "hessian"
+    pairs: bool = True
+    gain_scale: float = CONTEXT_GAIN_SCALE
+
+
+@dataclass
+class Bisection:
+    model: object
+    report: object
+    allocation: dict
+    config: QuantConfig
+
+
+def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions, load, windows, eval_ids, fp_model,
+               device, limit: float, steps: int = 5, eval_seqlen: int = 512, eval_windows: int = 8,
+               batch_size: int = 8) -> Bisection:
+    """The smallest budget whose measured held-out perplexity is within ``limit`` (a fraction) of
+    the fp model's: each step quantizes a fresh model from ``load()`` and evaluates it."""
+    from quant.allocate import bisect_budget
+    from quant.evaluate import perplexity
+
+    from .mixed import allocate, config_for, min_max_bpw, quantize_and_eval, total_params
+
+    fp = perplexity(fp_model, eval_ids, eval_seqlen, eval_windows, device, progress=False)["ppl"]
+    target = fp * (1 + limit)
+    log.info("fp perplexity %.3f on %d held-out windows; target ≤ %.3f", fp, eval_windows, target)
+    lo, hi = min_max_bpw(sens)
+    n = total_params(sens)
+    kept: dict = {}
+
+    def measure(bpw):
+        alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale)
+        cfg = config_for(sens, alloc, config)
+        ppl, report, qmodel, _ = quantize_and_eval(load, windows, cfg, device, eval_ids, eval_seqlen, eval_windows,
+                                                   batch_size)
+        log.info("bisection: %.3f bpw -> ppl %.3f (target %.3f)", alloc.bpw, ppl, target)
+        if ppl <= target and (not kept or alloc.bpw < kept["alloc"].bpw):
+            kept.update(model=qmodel, report=report, alloc=alloc, config=cfg)
+        return ppl
+
+    _, history = bisect_budget(measure, lo, hi, lambda ppl: ppl <= target, steps=steps)
+    a = kept["alloc"].to_dict()
+    a["bisection"] = [{"budget": b, "ppl": p} for b, p in history]
+    a["fp_ppl"], a["target_ppl"] = fp, target
+    return Bisection(kept["model"], kept["report"], a, kept["config"])
+
+
+@dataclass
+class FrontierOptions:
+    verify: int = 0
+    uniform_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    map_budget: float = 3.0
+    eval_windows: int = 8
+    eval_seqlen: int = 512
+    nsamples: int = 32
+    seqlen: int = 512
+
+
+def frontier_run(sens: Sensitivity, model, tokenizer, load, device, alloc_opts: AllocOptions,
+                 opts: FrontierOptions) -> dict:
+    """The predicted frontier on a grid of budgets, ``opts.verify`` of its points quantized and
+    measured, uniform RTN and GPTQ beside them, and a bit map: the ``frontier.json`` payload (with
+    ``heat``, the bit map's allocation, for the plot)."""
+    from calibration.data import calibration_windows, eval_tokens
+    from quant.evaluate import perplexity
+
+    from .mixed import allocate, base_config, config_for, frontier_allocations, min_max_bpw, predicted_ppl, \
+        quantize_and_eval, total_params
+
+    calib = sens.settings.get("calib")
+    _, ids = eval_tokens(tokenizer, calib)
+    fp = perplexity(model, ids, opts.eval_seqlen, opts.eval_windows, device, progress=False)["ppl"]
+    obj, pairs, gs = alloc_opts.objective, alloc_opts.pairs, alloc_opts.gain_scale
+    lo, hi = min_max_bpw(sens)
+    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), obj, pairs, gain_scale=gs)
+    predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
+                  "units": dict(zip(a.unit_names, a.candidates))} for a in front]
+    base = base_config(sens)
+    windows = calibration_windows(tokenizer, calib, opts.nsamples, opts.seqlen, sens.settings.get("seed", 0))
+    n = total_params(sens)
+    widths = [c.bits for c in sens.candidates]
+    u4 = 8 * sum(sens.cost[k][widths.index(4)] for k in range(len(sens.units))) / n if 4 in widths else hi
+    verified, uniform = [], []
+    for bpw in (np.linspace(lo + 0.25, u4 + 0.1, opts.verify) if opts.verify else []):
+        alloc = allocate(sens, bpw * n / 8, obj, pairs, gain_scale=gs)
+        ppl, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids, opts.eval_seqlen,
+                                    opts.eval_windows)
+        verified.append({"bpw": alloc.bpw, "ppl": ppl, "predicted_ppl": predicted_ppl(fp, alloc.predicted_dloss),
+                         "units": dict(zip(alloc.unit_names, alloc.candidates))})
+        log.info("verified %.3f bpw: ppl %.3f (predicted %.3f)", alloc.bpw, ppl, verified[-1]["predicted_ppl"])
+    for method in ("rtn", "gptq"):
+        for bits in (opts.uniform_bits if opts.verify else []):
+            cfg = QuantConfig(**{**base.to_dict(), "method": method, "bits": bits})
+            ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, opts.eval_seqlen, opts.eval_windows)
+            uniform.append({"method": method, "bits": bits, "bpw": report.bpw, "ppl": ppl})
+            log.info("uniform %s w%d: %.3f bpw, ppl %.3f", method, bits, report.bpw, ppl)
+    heat = allocate(sens, max(opts.map_budget, lo) * n / 8, obj, pairs, gain_scale=gs)
+    return {"model": sens.model, "objective": obj, "pairs": pairs, "fp_ppl": fp, "eval_windows": opts.eval_windows,
+            "predicted": predicted, "verified": verified, "uniform": uniform, "bit_map": heat.to_dict(), "heat": heat}
