@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hmq")
 
-RUN_KEYS = {"model", "calib", "nsamples", "seqlen", "seed", "dtype", "device", "batch_size"}
-RUN_DEFAULTS = {"model": None, "calib": None, "nsamples": 32, "seqlen": 512, "seed": 0, "dtype": "auto",
-                "device": "auto", "batch_size": 8}
-PREFERRED_GROUP_SIZES = (128, 64, 32)
 
 
 CLIP_HELP = ("search each group's range (shrunk by up to 20%%) for the lowest |error|^2.4 instead of taking its "
@@ -264,77 +260,20 @@ def _measure_flags(p, standalone: bool) -> None:
 # ---- quantize -----------------------------------------------------------------------------------
 
 
-def _parse_overrides(items: list[str] | None) -> dict:
-    from quant.config import ConfigError
-
-    out = {}
-    for item in items or []:
-        pattern, sep, bits = item.rpartition("=")
-        if not sep or not pattern or not bits.strip().lstrip("-").isdigit():
-            raise ConfigError(f"--override {item!r} must look like REGEX=BITS, e.g. 'mlp\\.down_proj=8'.")
-        out[pattern] = {"bits": int(bits)}
-    return out
-
-
-def resolve_settings(args) -> tuple[dict, "QuantConfig", set[str]]:
-    """Preset < flags. Returns (run settings, QuantConfig, the QuantConfig fields the user set, by preset or flag)."""
-    import dataclasses
-
-    from quant.config import ConfigError, QuantConfig, load_yaml
-
-    preset = load_yaml(args.config) if args.config else {}
-    quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
-    unknown = sorted(set(preset) - quant_keys - RUN_KEYS)
-    if unknown:
-        raise ConfigError(f"{args.config}: unknown key(s) {unknown}; allowed: {sorted(quant_keys | RUN_KEYS)}.")
-    run = {**RUN_DEFAULTS, **{k: v for k, v in preset.items() if k in RUN_KEYS}}
-    quant = {k: v for k, v in preset.items() if k in quant_keys}
-    for k in RUN_KEYS:
-        if getattr(args, k, None) is not None:
-            run[k] = getattr(args, k)
-    for k in quant_keys - {"overrides"}:
-        if getattr(args, k, None) is not None:
-            quant[k] = getattr(args, k)
-    if getattr(args, "override", None):
-        quant["overrides"] = {**quant.get("overrides", {}), **_parse_overrides(args.override)}
-    config = QuantConfig.from_dict(quant)
-    for k in ("nsamples", "seqlen", "batch_size"):
-        if not isinstance(run[k], int) or run[k] < 1:
-            raise ConfigError(f"{k}={run[k]!r} must be a positive integer.")
-    return run, config, set(quant)
-
-
-def auto_group_size(model, arch, config) -> int:
-    """The largest preferred group size dividing every quantized module's in_features."""
-    specs_in = [model.get_submodule(f"{arch.layers}.0.{n}").in_features for n in arch.linears]
-    for gs in (config.group_size, *PREFERRED_GROUP_SIZES):
-        if gs == -1 or all(i % gs == 0 for i in specs_in):
-            return gs
-    return config.group_size
-
-
-def _as_measured(config: "QuantConfig", measured: dict[str, bool], explicit: set[str]) -> "QuantConfig":
-    """The solver settings a measurement was taken with, unless the user set them (then warn on a mismatch)."""
-    import dataclasses
-
-    for key, value in measured.items():
-        flag = "--" + key.replace("_", "-")
-        if key not in explicit:
-            config = dataclasses.replace(config, **{key: value})  # as measured
-        elif key == "group_params" and config.group_params != value:
-            log.warning("the sensitivity was measured with --group-params %s but this run quantizes with %s: the "
-                        "predicted damage may not match", value, config.group_params)
-        elif getattr(config, key) != value:
-            log.warning("the sensitivity was measured %s %s but this run quantizes %s it: the predicted damage may not "
-                        "match (pass %s, or re-measure)", "with" if value else "without", flag,
-                        "with" if getattr(config, key) else "without", flag if value else flag.replace("--", "--no-"))
-    return config
-
-
 def _parse_bits_list(text: str, flag: str) -> list[int]:
     from calibration.runs import parse_bits_list
 
     return parse_bits_list(text, flag)
+
+
+def resolve_settings(args) -> tuple[dict, "QuantConfig", set[str]]:
+    """Preset < flags (see :func:`quant.config.resolve_settings`)."""
+    import dataclasses
+
+    from quant.config import QuantConfig, RUN_KEYS, resolve_settings as resolve
+
+    flags = {k: getattr(args, k, None) for k in RUN_KEYS | {f.name for f in dataclasses.fields(QuantConfig)}}
+    return resolve(args.config, flags, getattr(args, "override", None))
 
 
 def _measure_options(args):
@@ -367,6 +306,7 @@ def _load_resolved(args, run, config, explicit: set[str], stream: bool = True):
     import dataclasses
 
     from quant.model_io import load_model, resolve_device, resolve_dtype
+    from quant.pipeline import auto_group_size
 
     device = resolve_device(run["device"])
     dtype = resolve_dtype(run["dtype"], device)
@@ -504,7 +444,10 @@ def cmd_quantize(args) -> int:
     if args.out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(args.out, args.overwrite)
     if mixed and not args.sensitivity:  # measure only what the target engine runs
-        _engine_candidates(args)
+        from calibration.runs import engine_candidates
+
+        args.candidates, args.pair_bits = engine_candidates(args.engine, args.fmt, args.candidates, args.units,
+                                                            args.pair_bits, args.candidates == DEFAULT_CANDIDATES)
     # the model's layers stay on disk until the sweep needs them (measurement and search included)
     model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
     tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
@@ -512,8 +455,9 @@ def cmd_quantize(args) -> int:
     calib = run["calib"] or DEFAULT_SOURCE
     allocation = None
     if mixed:
+        from calibration.mixed import as_measured, base_config
+        from calibration.runs import check_measurement_for_engine
         from calibration.sensitivity import Sensitivity
-        from calibration.mixed import base_config
 
         if args.sensitivity:
             sens = Sensitivity.load(args.sensitivity)
@@ -525,9 +469,9 @@ def cmd_quantize(args) -> int:
             log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                         "predicted damage may not match (re-run `hmq measure --method %s`)",
                         sens.settings.get("method"), config.method, config.method)
-        config = _as_measured(config, sens.solver, explicit)
+        config = as_measured(config, sens.solver, explicit)
         config = base_config(sens, config)
-        _check_candidates_for_engine(sens, args)
+        check_measurement_for_engine(sens, args.engine, args.fmt)
     # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
     part = own_text_split(calib, "calib", shared=args.max_ppl_increase is not None)
     log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
@@ -663,57 +607,6 @@ def _check_engine_early(model, arch, config, args) -> None:
 
     specs = {n: (None if s.keep else s) for n, s in module_specs(model, arch, config).items()}
     check_engine(specs, arch, args.fmt, args.engine)
-
-
-def _engine_candidates(args) -> None:
-    """Before any work: narrow the candidate widths to those ``--engine`` runs in ``--format`` (the
-    default list quietly, with a log line; a list the user gave is refused), and refuse a layout or unit
-    granularity the engine cannot load mixed."""
-    from quant.config import ConfigError
-    from quant.export import ENGINE_RULES
-
-    rule = ENGINE_RULES.get((args.engine, args.fmt))
-    if rule is None:
-        return  # named by the export's own check
-    if not rule.per_module:
-        raise ConfigError(f"{args.engine} loads {args.fmt} checkpoints with one scheme for every linear only: for mixed "
-                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
-    if rule.fused and args.units == "linear":
-        raise ConfigError(f"{args.engine} runs q/k/v and gate/up as fused matmuls with one scheme each: measure with "
-                          "--units fused, or target --engine gptqmodel/hmq.")
-    items = [c.strip() for c in args.candidates.split(",") if c.strip()]
-    bits_of = {c: c.lower().removeprefix("w").partition("g")[0] for c in items}
-    odd = [c for c in items if bits_of[c].isdigit() and int(bits_of[c]) not in (*rule.bits, 16)]
-    if not odd:
-        return
-    if args.candidates != DEFAULT_CANDIDATES:
-        raise ConfigError(f"--candidates {','.join(odd)}: {args.engine} does not run those widths as {args.fmt} (it runs "
-                          f"{'/'.join(map(str, rule.bits))}-bit): drop them, or export --format gptq.")
-    args.candidates = ",".join(c for c in items if c not in odd)
-    kept = sorted({int(bits_of[c]) for c in items if c not in odd})
-    if args.pair_bits and args.pair_bits not in kept:
-        args.pair_bits = kept[0]
-    log.info("%s runs %s at %s bits: measuring candidates %s (pairs at %d bits)", args.engine, args.fmt,
-             "/".join(map(str, rule.bits)), args.candidates, args.pair_bits or 0)
-
-
-def _check_candidates_for_engine(sens, args) -> None:
-    from quant.config import ConfigError
-    from quant.export import ENGINE_RULES
-
-    rule = ENGINE_RULES[(args.engine, args.fmt)]
-    odd = sorted({c.bits for c in sens.candidates if c.bits != 16 and c.bits not in rule.bits})
-    if odd:
-        raise ConfigError(f"the measurement's candidates include {'/'.join(map(str, odd))}-bit, which {args.engine} does "
-                          f"not run as {args.fmt}: re-run `hmq measure --candidates "
-                          f"{','.join(map(str, sorted({c.bits for c in sens.candidates if c.bits in rule.bits})))}` "
-                          "or export --format gptq.")
-    if rule.fused and sens.settings.get("granularity") == "linear":
-        raise ConfigError(f"{args.engine} runs q/k/v and gate/up as fused matmuls with one scheme each, but this "
-                          "measurement has --units linear: measure with --units fused, or target --engine gptqmodel/hmq.")
-    if not rule.per_module:
-        raise ConfigError(f"{args.engine} loads {args.fmt} checkpoints with one scheme for every linear only: for mixed "
-                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
 
 
 def cmd_export(args) -> int:

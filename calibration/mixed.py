@@ -3,6 +3,7 @@ plus budgets in the units users think in (bits per weight, bytes) and the fronti
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from quant.allocate import BudgetError, Problem, Solution, frontier, solve
 from quant.config import QuantConfig
 
 from .sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
+
+log = logging.getLogger("hmq")
 
 
 @dataclass
@@ -249,3 +252,19 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     sol = Solution(res.choice, predicted, res.cost, f"searched ({alloc.solution.status} start)",
                    alloc.solution.gap, alloc.solution.seconds + res.seconds)
     return _allocation(sens, sol, alloc.budget), res.to_dict()
+
+
+def as_measured(config: QuantConfig, measured: dict[str, bool], explicit: set[str]) -> QuantConfig:
+    """The solver settings a measurement was taken with, unless the user set them (then warn on a mismatch)."""
+    for key, value in measured.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in explicit:
+            config = dataclasses.replace(config, **{key: value})  # as measured
+        elif key == "group_params" and config.group_params != value:
+            log.warning("the sensitivity was measured with --group-params %s but this run quantizes with %s: the "
+                        "predicted damage may not match", value, config.group_params)
+        elif getattr(config, key) != value:
+            log.warning("the sensitivity was measured %s %s but this run quantizes %s it: the predicted damage may not "
+                        "match (pass %s, or re-measure)", "with" if value else "without", flag,
+                        "with" if getattr(config, key) else "without", flag if value else flag.replace("--", "--no-"))
+    return config

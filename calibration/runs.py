@@ -190,3 +190,55 @@ def frontier_run(sens: Sensitivity, model, tokenizer, load, device, alloc_opts: 
     heat = allocate(sens, max(opts.map_budget, lo) * n / 8, obj, pairs, gain_scale=gs)
     return {"model": sens.model, "objective": obj, "pairs": pairs, "fp_ppl": fp, "eval_windows": opts.eval_windows,
             "predicted": predicted, "verified": verified, "uniform": uniform, "bit_map": heat.to_dict(), "heat": heat}
+
+
+def engine_candidates(engine: str, fmt: str, candidates: str, units: str, pair_bits: int | None,
+                      is_default: bool) -> tuple[str, int | None]:
+    """Before any work: the candidate list (and pair width) narrowed to the widths ``engine`` runs in
+    ``fmt`` (the default list quietly, with a log line; a list the user gave is refused), after
+    refusing a layout or unit granularity the engine cannot load mixed."""
+    from quant.export import ENGINE_RULES
+
+    rule = ENGINE_RULES.get((engine, fmt))
+    if rule is None:
+        return candidates, pair_bits  # named by the export's own check
+    if not rule.per_module:
+        raise ConfigError(f"{engine} loads {fmt} checkpoints with one scheme for every linear only: for mixed "
+                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
+    if rule.fused and units == "linear":
+        raise ConfigError(f"{engine} runs q/k/v and gate/up as fused matmuls with one scheme each: measure with "
+                          "--units fused, or target --engine gptqmodel/hmq.")
+    items = [c.strip() for c in candidates.split(",") if c.strip()]
+    bits_of = {c: c.lower().removeprefix("w").partition("g")[0] for c in items}
+    odd = [c for c in items if bits_of[c].isdigit() and int(bits_of[c]) not in (*rule.bits, 16)]
+    if not odd:
+        return candidates, pair_bits
+    if not is_default:
+        raise ConfigError(f"--candidates {','.join(odd)}: {engine} does not run those widths as {fmt} (it runs "
+                          f"{'/'.join(map(str, rule.bits))}-bit): drop them, or export --format gptq.")
+    candidates = ",".join(c for c in items if c not in odd)
+    kept = sorted({int(bits_of[c]) for c in items if c not in odd})
+    if pair_bits and pair_bits not in kept:
+        pair_bits = kept[0]
+    log.info("%s runs %s at %s bits: measuring candidates %s (pairs at %d bits)", engine, fmt,
+             "/".join(map(str, rule.bits)), candidates, pair_bits or 0)
+    return candidates, pair_bits
+
+
+def check_measurement_for_engine(sens: Sensitivity, engine: str, fmt: str) -> None:
+    """A measurement given with --sensitivity holds only what ``engine`` runs in ``fmt``."""
+    from quant.export import ENGINE_RULES
+
+    rule = ENGINE_RULES[(engine, fmt)]
+    odd = sorted({c.bits for c in sens.candidates if c.bits != 16 and c.bits not in rule.bits})
+    if odd:
+        raise ConfigError(f"the measurement's candidates include {'/'.join(map(str, odd))}-bit, which {engine} does "
+                          f"not run as {fmt}: re-run `hmq measure --candidates "
+                          f"{','.join(map(str, sorted({c.bits for c in sens.candidates if c.bits in rule.bits})))}` "
+                          "or export --format gptq.")
+    if rule.fused and sens.settings.get("granularity") == "linear":
+        raise ConfigError(f"{engine} runs q/k/v and gate/up as fused matmuls with one scheme each, but this "
+                          "measurement has --units linear: measure with --units fused, or target --engine gptqmodel/hmq.")
+    if not rule.per_module:
+        raise ConfigError(f"{engine} loads {fmt} checkpoints with one scheme for every linear only: for mixed "
+                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")

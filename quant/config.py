@@ -150,3 +150,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}.")
     return data
+
+
+# the run's own settings (what to quantize, on what text, where), beside QuantConfig's fields
+RUN_KEYS = {"model", "calib", "nsamples", "seqlen", "seed", "dtype", "device", "batch_size"}
+RUN_DEFAULTS = {"model": None, "calib": None, "nsamples": 32, "seqlen": 512, "seed": 0, "dtype": "auto",
+                "device": "auto", "batch_size": 8}
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["mlp\\.down_proj=8"]`` -> ``{"mlp\\.down_proj": {"bits": 8}}``."""
+    out = {}
+    for item in items or []:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--override {item!r} must look like REGEX=BITS, e.g. 'mlp\\.down_proj=8'.")
+        out[pattern] = {"bits": int(bits)}
+    return out
+
+
+def resolve_settings(preset_path: str | None, flags: dict[str, Any], overrides: list[str] | None = None
+                     ) -> tuple[dict, QuantConfig, set[str]]:
+    """Built-in defaults < the YAML preset < ``flags`` (None: not given). Returns (run settings,
+    QuantConfig, the QuantConfig fields the user set, by preset or flag)."""
+    preset = load_yaml(preset_path) if preset_path else {}
+    quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
+    unknown = sorted(set(preset) - quant_keys - RUN_KEYS)
+    if unknown:
+        raise ConfigError(f"{preset_path}: unknown key(s) {unknown}; allowed: {sorted(quant_keys | RUN_KEYS)}.")
+    run = {**RUN_DEFAULTS, **{k: v for k, v in preset.items() if k in RUN_KEYS}}
+    quant = {k: v for k, v in preset.items() if k in quant_keys}
+    run.update({k: flags[k] for k in RUN_KEYS if flags.get(k) is not None})
+    quant.update({k: flags[k] for k in quant_keys - {"overrides"} if flags.get(k) is not None})
+    if overrides:
+        quant["overrides"] = {**quant.get("overrides", {}), **parse_overrides(overrides)}
+    config = QuantConfig.from_dict(quant)
+    for k in ("nsamples", "seqlen", "batch_size"):
+        if not isinstance(run[k], int) or run[k] < 1:
+            raise ConfigError(f"{k}={run[k]!r} must be a positive integer.")
+    return run, config, set(quant)

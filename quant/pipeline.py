@@ -212,3 +212,16 @@ def _check_shape(linear: nn.Module, name: str, spec: ModuleSpec, partial_groups:
         check_packable(out_f, spec.bits, f"{name} out_features")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+PREFERRED_GROUP_SIZES = (128, 64, 32)
+
+
+def auto_group_size(model: nn.Module, arch: Arch, config: QuantConfig) -> int:
+    """``config.group_size`` if it divides every quantized module's in_features, else the largest
+    preferred group size that does."""
+    specs_in = [model.get_submodule(f"{arch.layers}.0.{n}").in_features for n in arch.linears]
+    for gs in (config.group_size, *PREFERRED_GROUP_SIZES):
+        if gs == -1 or all(i % gs == 0 for i in specs_in):
+            return gs
+    return config.group_size
