@@ -71,7 +71,7 @@ def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
     calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress", "--dtype", args.dtype]
     return {
         "quantize": ["quantize", "--model", str(model), "--bits", "4", "--group-size", "128", "--method", args.method, *calib,
-                     "--out", str(work / "q"), "--overwrite"],
+                     *args.quantize_flags.split(), "--out", str(work / "q"), "--overwrite"],
         "eval": ["eval", "--model", str(model), "--seqlen", str(args.seqlen), "--max-windows", str(args.windows),
                  "--no-progress", "--dtype", args.dtype],
         # the measurement and a mixed run with a measurement; --measure-flags (the same at every depth)
@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--method", default="gptq", help="hmq's --method for quantize")
     p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
     p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget"])
+    p.add_argument("--quantize-flags", default="", help="extra flags of the quantize command (e.g. --no-clip)")
     p.add_argument("--measure-flags", default="--candidates 2,4 --probes 2 --single-bits 2 --pair-bits 2 --loss-samples 2",
                    help="flags of the measure and budget commands (default: a light measurement)")
     p.add_argument("--before", type=Path, help="another hmq checkout to run the same commands from, side by side")
