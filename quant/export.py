@@ -381,9 +381,20 @@ def shard_files(path: Path) -> list[Path]:
     return [path / f for f in files]
 
 
+def _listed_digests(path: Path) -> dict[str, str] | None:
+    """The shard digests hmq.json lists (None: not an hmq checkpoint, or one from before they were listed)."""
+    meta_file = Path(path) / "hmq.json"
+    try:
+        listed = json.loads(meta_file.read_text()).get("shard_sha256") if meta_file.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{meta_file} is not valid JSON: the checkpoint was damaged; re-export it.") from None
+    return listed if isinstance(listed, dict) else None
+
+
 def read_tensors(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint; with ``verify``, each shard is checked against its SHA-256 digests."""
     tensors = {}
+    listed = _listed_digests(path) if verify else None
     for f in shard_files(path):
         try:
             with safe_open(str(f), framework="pt") as fh:
@@ -392,7 +403,7 @@ def read_tensors(path: Path, verify: bool = True) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise CheckpointError(f"cannot read shard {f}: {exc} (truncated or not a safetensors file?)") from None
         if verify:
-            problem = integrity.verify(str(f), shard, metadata)
+            problem = integrity.verify(str(f), shard, metadata) or integrity.against_listing(f, metadata, listed)
             if problem:
                 raise CheckpointError(problem + " Re-export it, or pass --no-verify to load it anyway.")
         tensors.update(shard)

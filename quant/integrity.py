@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import torch
 
 SHARD_KEY = "hmq.sha256"
 TENSORS_KEY = "hmq.tensor_sha256"
+log = logging.getLogger("hmq")
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -52,3 +54,17 @@ def verify(file: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             for n in bad[:5]]
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     return f"{file}: SHA-256 mismatch for {', '.join(what)}{more}; the shard is corrupt or was modified."
+
+
+def against_listing(f, metadata: dict | None, listed: dict[str, str] | None) -> str | None:
+    """A shard's own digest against hmq.json's list; a shard with no digests is reported, not passed."""
+    own = (metadata or {}).get(SHARD_KEY)
+    if own is None:
+        if listed is not None:
+            return (f"{f}: the shard carries no SHA-256 digests, but hmq.json lists one for it "
+                    f"({str(listed.get(f.name))[:12]}…): it was replaced after export.")
+        log.warning("%s carries no SHA-256 digests (not written by hmq): its contents cannot be checked", f)
+        return None
+    if listed is not None and f.name in listed and listed[f.name] != own:
+        return f"{f}: its SHA-256 ({own[:12]}…) is not the one hmq.json lists ({listed[f.name][:12]}…): it was replaced."
+    return None

@@ -187,6 +187,29 @@ def test_tampered_shard_names_file_and_tensor(quantized, tmp_path, fmt):
     load_quantized(out, verify=False)  # the user can still opt out
 
 
+def test_shard_digests_are_checked_against_hmq_json(quantized, tmp_path, caplog):
+    """A shard re-saved without digests, or one whose digest is not the one hmq.json lists, is refused
+    with its name; a checkpoint another tool wrote (no hmq.json, no digests) loads with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    out = save(quantized, "uniform", tmp_path / "ck", "gptq")
+    shard = out / "model.safetensors"
+    tensors = load_file(shard)
+    save_file(tensors, shard)  # same tensors, no hmq digests in the header
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the shard carries no SHA-256 digests, but hmq\.json"):
+        load_quantized(out)
+    out2 = save(quantized, "uniform", tmp_path / "ck2", "gptq")
+    meta = json.loads((out2 / "hmq.json").read_text())
+    meta["shard_sha256"]["model.safetensors"] = "0" * 64
+    (out2 / "hmq.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"is not the one hmq\.json lists \(000000000000"):
+        load_quantized(out2)
+    (out / "hmq.json").unlink()  # now a foreign checkpoint: nothing to check it against
+    with caplog.at_level("WARNING", logger="hmq"):
+        load_quantized(out)
+    assert "carries no SHA-256 digests" in caplog.text
+
+
 def test_truncated_and_missing_shards_are_named(quantized, tmp_path):
     out = save(quantized, "uniform", tmp_path / "ck", "gptq")
     shard = out / "model.safetensors"
@@ -225,7 +248,7 @@ def test_nan_scales_refused_on_save_and_load(quantized, tmp_path):
     from safetensors.torch import save_file
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})  # no digests: only the scale check
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight_scale .* NaN or Inf"):
-        load_quantized(out)
+        load_quantized(out, verify=False)  # the scale check holds even without the digest checks
 
 
 def test_checkpoints_hold_no_pickles(quantized, tmp_path):
