@@ -15,7 +15,7 @@ from quant.arch import Arch, decoder_layers
 from quant.config import ConfigError, ModuleSpec, QuantConfig, check_bits, check_group_size
 from quant.packing import check_packable
 from quant.quantizer import check_groupable, storage_bytes
-from quant.stream import stored_weight
+from quant.stream import stored_sample
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,8 @@ def fingerprint(model: nn.Module, units: list[Unit]) -> str:
     h.update(str(getattr(model.config, "model_type", "")).encode())
     for u in units:
         for name in u.members:
-            w = stored_weight(model, name)
-            h.update(f"{name}:{tuple(w.shape)}".encode())
-            flat = w.reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            shape, sample = stored_sample(model, name, 4096)  # a streamed model's weights are not read whole
+            h.update(f"{name}:{shape}".encode())
             h.update(sample.to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()
 

@@ -64,6 +64,26 @@ class ShardStore:
             self._open[shard] = safe_open(self.files[shard], "pt")
         return self._open[shard].get_tensor(name)
 
+    def strided(self, name: str, stride: int, count: int) -> torch.Tensor:
+        """``tensor.reshape(-1)[::stride][:count]``, read through a memory map of the shard, so only
+        the pages the sample touches are read, not the tensor."""
+        import numpy as np
+
+        path = self.files[self.weight_map[name]]
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(n))[name]
+        dtypes = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+                  "BF16": (np.uint16, torch.bfloat16)}
+        if entry["dtype"] not in dtypes:
+            return self.get(name).reshape(-1)[::stride][:count]
+        np_dtype, dtype = dtypes[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        flat = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + n + start, shape=((end - start) // np.dtype(np_dtype).itemsize,))
+        sample = torch.from_numpy(np.array(flat[::stride][:count]))
+        del flat
+        return sample.view(dtype) if dtype == torch.bfloat16 else sample
+
     def close(self) -> None:
         """Unmap the shards: pages read through the memory map count as the process's memory until then."""
         self._open.clear()
@@ -91,6 +111,21 @@ def detach_store(model: nn.Module) -> None:
     if store is not None:
         store.close()
         setattr(model, STORE_ATTR, None)
+
+
+def stored_sample(model: nn.Module, name: str, count: int = 4096) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(shape, ``w.reshape(-1)[::stride][:count]`` with ``stride = numel // count``) of linear
+    ``name``'s weight: the sample a fingerprint hashes, read from the shards for a streamed model
+    without reading the weight."""
+    w = model.get_submodule(name).weight.detach()
+    shape = tuple(w.shape)
+    stride = max(1, w.numel() // count)
+    if w.device.type == "meta" and is_streamed(model):
+        store = getattr(model, STORE_ATTR)
+        sample = store.strided(f"{name}.weight", stride, count).to(w.dtype)
+        store.close()
+        return shape, sample
+    return shape, w.reshape(-1)[::stride][:count]
 
 
 def stored_weight(model: nn.Module, name: str) -> torch.Tensor:

@@ -182,3 +182,26 @@ def test_streamed_measurement_and_search_equal_in_memory(sharded_dir):
     assert [p[:2] for p in a.pairs] == [p[:2] for p in b.pairs]
     assert np.allclose([p[2] for p in a.pairs], [p[2] for p in b.pairs], atol=1e-7)
     assert got["streamed"][1] == pytest.approx(got["whole"][1], abs=1e-6)
+
+
+def test_strided_sample_reads_what_the_flat_view_gives(sharded_dir):
+    """The fingerprint's sample of a streamed weight, read row by row from the shard, equals the same
+    stride over the weight in memory, whether the stride is shorter or longer than a row."""
+    store = ShardStore(sharded_dir)
+    model, _, _ = load_model(str(sharded_dir), stream=False)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"):
+        w = model.get_parameter(name).detach().reshape(-1)
+        for stride, count in ((1, 50), (7, 300), (129, 40), (w.numel() // 4096 or 1, 4096)):
+            assert torch.equal(store.strided(name, stride, count), w[::stride][:count]), (name, stride)
+    store.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
+def test_strided_sample_in_every_stored_dtype(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    t = (torch.randn(37, 53) * 20).to(dtype)
+    save_file({"a.weight": t, "b": torch.ones(3)}, tmp_path / "model.safetensors")
+    store = ShardStore(tmp_path)
+    got = store.strided("a.weight", 5, 100)
+    assert got.dtype == dtype and torch.equal(got, t.reshape(-1)[::5][:100])
