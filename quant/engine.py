@@ -95,6 +95,7 @@ def visit(model: nn.Module, arch: Arch, indices, device: torch.device, *, keep: 
     walks them in reverse), each on ``device`` only until the caller asks for the next. The one loop
     over layers that every stage runs on; :func:`sweep` is its forward form with activations."""
     indices = list(indices)
+    trim_heap()  # also fixes glibc's mmap threshold before the first layer's buffers are allocated
     for i in tqdm(indices, desc=desc, disable=not progress or len(indices) < 2, unit="layer"):
         with onloaded(model, arch, i, device, keep) as layer:
             yield i, layer
