@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from quant.arch import Arch, decoder_layers
@@ -159,56 +159,56 @@ def hutchinson_traces(model: nn.Module, arch: Arch, names: list[str], windows: t
 
 def _hutchinson_chunk(run: _Sweeps, names: list[str], probes: list[int], seed: int, chunk_tokens: int
                       ) -> list[list[float]]:
-    """``vᵀ(Hv)`` per block for each probe in ``probes``: one forward and one backward sweep."""
-    L = len(run.prefix)
+    """``vᵀ(Hv)`` per block for each probe in ``probes``: one forward and one backward sweep, the
+    probes batched by ``vmap`` (each layer's primal computed once, its tangents as one batch)."""
+    L, P = len(run.prefix), len(probes)
 
-    def probe_of(i, p, theta):
-        return {local: rademacher(seed, p, k, theta[local].shape, run.device, theta[local].dtype) for k, local in run.local[i]}
+    def probe_of(i, theta):  # (P, *shape) per probed weight of layer i
+        return {local: torch.stack([rademacher(seed, p, k, theta[local].shape, run.device, theta[local].dtype)
+                                    for p in probes]) for k, local in run.local[i]}
 
-    # forward: boundary activations and, per probe, their tangents (stored on the CPU)
+    # forward: boundary activations and their tangents along every probe (stored on the CPU)
     hs = [x.hidden for x in run.batches]  # per batch (b, seq, hidden)
-    tangents = [[torch.zeros_like(h) for h in hs] for _ in probes]
+    tangents = [h.new_zeros((P, *h.shape)) for h in hs]  # per batch (P, b, seq, hidden)
     saved: list[tuple[list, list]] = []
     for i, layer in run.layers(range(L), "hutchinson forward"):
-        saved.append(([h.cpu() for h in hs], [[t.cpu() for t in ts] for ts in tangents]))
+        saved.append(([h.cpu() for h in hs], [t.cpu() for t in tangents]))
         with _frozen(layer):
-            new_h = []
             for b, x in enumerate(run.batches):
                 f, theta = run.fn(i, layer, x)
-                for q, p in enumerate(probes):
-                    out, tangents[q][b] = jvp(f, (hs[b], theta), (tangents[q][b], probe_of(i, p, theta)))
-                new_h.append(out)
-            hs = new_h
+                h = hs[b]
+                hs[b], tangents[b] = vmap(lambda t, v: jvp(f, (h, theta), (t, v)), out_dims=(None, 0))(
+                    tangents[b], probe_of(i, theta))
     # the head: g_L = ∂ℓ/∂h_L and its tangent along each probe
-    gs, gts = [], [[None] * len(hs) for _ in probes]
+    gs, gts = [], []
     with head_on(run.model, run.arch, run.device), _frozen(run.model.get_output_embeddings()), \
             _frozen(run.model.get_submodule(run.arch.norm)):
         for b, ids in enumerate(run.ids):
             loss = grad(_head_loss(run.model, run.arch, ids, run.total, chunk_tokens))
-            for q in range(len(probes)):
-                g, gts[q][b] = jvp(loss, (hs[b],), (tangents[q][b],))
+            h = hs[b]
+            g, gt = vmap(lambda t: jvp(loss, (h,), (t,)), out_dims=(None, 0))(tangents[b])
             gs.append(g)
+            gts.append(gt)
     del hs, tangents
     # backward: each layer's block of H v from its jvp-of-vjp, and (g, ġ) for the layer below
-    out = [[0.0] * len(names) for _ in probes]
+    out = torch.zeros(P, len(names), dtype=torch.float64)
     for i, layer in run.layers(reversed(range(L)), "hutchinson backward"):
         h_in, t_in = saved.pop()
         with _frozen(layer):
             for b, x in enumerate(run.batches):
                 f, theta = run.fn(i, layer, x)
-                h = h_in[b].to(run.device)
+                h, g = h_in[b].to(run.device), gs[b]
 
                 def back(h, theta, g, f=f):
                     return vjp(f, h, theta)[1](g)
 
-                for q, p in enumerate(probes):
-                    v = probe_of(i, p, theta)
-                    (gh, _), (gth, hv) = jvp(back, (h, theta, gs[b]), (t_in[q][b].to(run.device), v, gts[q][b]))
-                    for k, local in run.local[i]:
-                        out[q][k] += float((v[local].float() * hv[local].float()).sum())
-                    gts[q][b] = gth
-                gs[b] = gh
-    return out
+                v = probe_of(i, theta)
+                (gh, _), (gth, hv) = vmap(lambda t, vv, gt: jvp(back, (h, theta, g), (t, vv, gt)),
+                                          out_dims=((None, None), (0, 0)))(t_in[b].to(run.device), v, gts[b])
+                for k, local in run.local[i]:
+                    out[:, k] += (v[local].float() * hv[local].float()).flatten(1).sum(1).double().cpu()
+                gs[b], gts[b] = gh, gth
+    return out.tolist()
 
 
 def layer_gradients(model: nn.Module, arch: Arch, names: list[str], windows: torch.Tensor, device: torch.device,
