@@ -15,8 +15,9 @@ activations, whatever the model's depth.
 * **Fisher**: ``E‖∇ℓ_window‖²``, per-window gradients from one forward and one backward sweep.
 * **Gradients** of the mean NLL (the Taylor path), from the same backward sweep.
 
-The loss head (final norm, ``lm_head``, cross-entropy) runs over chunks of tokens, so the
-vocabulary-wide logits of every token are never held at once.
+The loss head (final norm, ``lm_head``, cross-entropy) runs over chunks of a few dozen positions,
+each chunk's derivatives taken and its graph freed before the next, so the vocabulary-wide logits
+of more than one chunk are never held.
 """
 from __future__ import annotations
 
@@ -82,22 +83,31 @@ def _layer_fn(layer: nn.Module, kwargs: dict, fixed: dict[str, torch.Tensor]) ->
     return f
 
 
-def _head_loss(model: nn.Module, arch: Arch, ids: torch.Tensor, total: int, chunk: int) -> Callable:
-    """``h (b, seq, hidden) -> Σ NLL / total`` over the next-token targets of ``ids`` (b, seq), the
-    head run ``chunk`` positions at a time (the mean NLL the model's own ``loss`` gives when ``total``
-    counts every target)."""
+def _head_grads(model: nn.Module, arch: Arch, h: torch.Tensor, ids: torch.Tensor, total: int, chunk: int,
+                tangents: torch.Tensor | None = None):
+    """``g = ∂ℓ/∂h`` for ``ℓ = Σ NLL / total`` over the next-token targets of ``ids`` (b, seq), from
+    the last boundary ``h`` (b, seq, hidden), and with ``tangents`` (P, b, seq, hidden) also each
+    probe's tangent of ``g``. The loss is a sum over positions and the head (final norm, ``lm_head``)
+    works per position, so this runs ``chunk`` positions at a time, each chunk's graph freed before the
+    next: the vocabulary-wide logits of only ``chunk`` positions are ever held."""
     norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
-    seq = ids.shape[1]
 
-    def loss(h):
-        s = h.new_zeros((), dtype=torch.float32)
-        for a in range(0, seq - 1, chunk):
-            b = min(a + chunk, seq - 1)
-            logits = head(norm(h[:, a:b])).float()  # (batch, b-a, vocab)
-            s = s + nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, a + 1 : b + 1].reshape(-1),
-                                                reduction="sum")
-        return s / total
-    return loss
+    def loss_of(x, y):  # x (n, hidden), y (n,)
+        logits = head(norm(x)).float()  # (n, vocab)
+        return nn.functional.cross_entropy(logits, y, reduction="sum") / total
+
+    g = torch.zeros_like(h)
+    gt = torch.zeros_like(tangents) if tangents is not None else None
+    for w in range(ids.shape[0]):
+        for a in range(0, ids.shape[1] - 1, chunk):
+            e = min(a + chunk, ids.shape[1] - 1)
+            x, y = h[w, a:e], ids[w, a + 1 : e + 1]
+            if tangents is None:
+                g[w, a:e] = grad(loss_of)(x, y)
+            else:
+                dx = grad(lambda x: loss_of(x, y))
+                g[w, a:e], gt[:, w, a:e] = vmap(lambda t: jvp(dx, (x,), (t,)), out_dims=(None, 0))(tangents[:, w, a:e])
+    return g, gt
 
 
 class _Sweeps:
@@ -132,7 +142,7 @@ class _Sweeps:
 
 def hutchinson_traces(model: nn.Module, arch: Arch, names: list[str], windows: torch.Tensor, device: torch.device, *,
                       tol: float = 0.05, min_probes: int = 4, max_probes: int = 32, seed: int = 0,
-                      probes_per_sweep: int = 4, max_batch_tokens: int = 1024, chunk_tokens: int = 256,
+                      probes_per_sweep: int = 4, max_batch_tokens: int = 1024, chunk_tokens: int = 32,
                       overrides: Overrides = None, progress: bool = True) -> TraceEstimate:
     """Hutchinson estimate of the trace of the loss Hessian's diagonal block of each named decoder
     weight (mean NLL on ``windows`` (n, seq)). Probes run ``probes_per_sweep`` per pair of sweeps;
@@ -184,9 +194,7 @@ def _hutchinson_chunk(run: _Sweeps, names: list[str], probes: list[int], seed: i
     with head_on(run.model, run.arch, run.device), _frozen(run.model.get_output_embeddings()), \
             _frozen(run.model.get_submodule(run.arch.norm)):
         for b, ids in enumerate(run.ids):
-            loss = grad(_head_loss(run.model, run.arch, ids, run.total, chunk_tokens))
-            h = hs[b]
-            g, gt = vmap(lambda t: jvp(loss, (h,), (t,)), out_dims=(None, 0))(tangents[b])
+            g, gt = _head_grads(run.model, run.arch, hs[b], ids, run.total, chunk_tokens, tangents[b])
             gs.append(g)
             gts.append(gt)
     del hs, tangents
@@ -213,7 +221,7 @@ def _hutchinson_chunk(run: _Sweeps, names: list[str], probes: list[int], seed: i
 
 def layer_gradients(model: nn.Module, arch: Arch, names: list[str], windows: torch.Tensor, device: torch.device,
                     on_grad: Callable[[str, int, torch.Tensor], None], *, overrides: Overrides = None,
-                    chunk_tokens: int = 256, progress: bool = True) -> None:
+                    chunk_tokens: int = 64, progress: bool = True) -> None:
     """Gradient of each window's mean NLL with respect to each named decoder weight, by one forward
     and one backward sweep over the layers: ``on_grad(name, window, gradient)`` for every pair (the
     gradient is on ``device``, in the weight's dtype)."""
@@ -231,7 +239,7 @@ def layer_gradients(model: nn.Module, arch: Arch, names: list[str], windows: tor
                     new_h.append(f(h, theta))
                 hs = new_h
         with head_on(model, arch, device), _frozen(model.get_output_embeddings()), _frozen(model.get_submodule(arch.norm)):
-            gs = [grad(_head_loss(model, arch, ids, ids.shape[1] - 1, chunk_tokens))(h) for ids, h in zip(run.ids, hs)]
+            gs = [_head_grads(model, arch, h, ids, ids.shape[1] - 1, chunk_tokens)[0] for ids, h in zip(run.ids, hs)]
         del hs
         for i, layer in run.layers(reversed(range(L)), "gradients backward", progress):
             h_in = saved.pop()

@@ -80,7 +80,7 @@ def test_layer_by_layer_hvp_equals_the_whole_model_double_backward():
     model = build_tiny("llama")
     ids = windows(3, 16)
     rows = _whole_model_rows(model, NAMES, ids, 3)
-    for kw in (dict(), dict(max_batch_tokens=16, probes_per_sweep=1), dict(probes_per_sweep=2)):
+    for kw in (dict(), dict(max_batch_tokens=16, probes_per_sweep=1), dict(probes_per_sweep=2, chunk_tokens=5)):
         est = hutchinson_traces(model, ARCH, NAMES, ids, torch.device("cpu"), tol=0.0, max_probes=3, progress=False, **kw)
         assert est.probes == 3
         assert est.mean == pytest.approx(rows.mean(0).tolist(), rel=1e-4, abs=1e-6), kw
