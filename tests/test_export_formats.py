@@ -205,8 +205,15 @@ def test_shard_digests_are_checked_against_hmq_json(quantized, tmp_path, caplog)
     with pytest.raises(CheckpointError, match=r"is not the one hmq\.json lists \(000000000000"):
         load_quantized(out2)
     (out / "hmq.json").unlink()  # now a foreign checkpoint: nothing to check it against
-    with caplog.at_level("WARNING", logger="hmq"):
-        load_quantized(out)
+    import logging
+
+    hmq_log = logging.getLogger("hmq")  # the CLI, once run in this process, stops it propagating
+    hmq_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="hmq"):
+            load_quantized(out)
+    finally:
+        hmq_log.removeHandler(caplog.handler)
     assert "carries no SHA-256 digests" in caplog.text
 
 
