@@ -17,7 +17,7 @@ from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .curvature import mean_gradients
 from .measure import anchor_swap
-from .units import Candidate, Unit
+from .units import Candidate, Unit, units_by_layer
 
 
 def _taylor_todo(k, anchor, candidates, exact_bits, weights_of) -> list:
@@ -44,9 +44,7 @@ def measure_in_context(model, arch, units: list[Unit], candidates: list[Candidat
     """Returns (changes (U, C), loss increase of the anchor model over fp, exactly measured (U, C) or
     None): see the module docstring."""
     U, C = len(units), len(candidates)
-    by_layer: dict[int, list[int]] = {}
-    for k, u in enumerate(units):
-        by_layer.setdefault(u.layer, []).append(k)
+    by_layer = units_by_layer(units)
 
     def fp_of(k):
         return {m: stored_weight(model, m) for m in units[k].members}

@@ -28,13 +28,12 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from tqdm.auto import tqdm
 
 from quant.arch import Arch, decoder_layers
 from quant.capture import LayerInput, capture_layer_inputs
-from quant.engine import check_vocab, head_on, oom_guard, visit
+from quant.engine import check_vocab, head_logits, head_on, oom_guard, visit
 
-from .trace import TraceEstimate, summarise, settled
+from .trace import TraceEstimate, hutchinson, summarise
 
 
 # weights that replace the model's own (full parameter names), or a function of the layer index giving them
@@ -90,10 +89,8 @@ def _head_grads(model: nn.Module, arch: Arch, h: torch.Tensor, ids: torch.Tensor
     probe's tangent of ``g``. The loss is a sum over positions and the head (final norm, ``lm_head``)
     works per position, so this runs ``chunk`` positions at a time, each chunk's graph freed before the
     next: the vocabulary-wide logits of only ``chunk`` positions are ever held."""
-    norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
-
     def loss_of(x, y):  # x (n, hidden), y (n,)
-        logits = head(norm(x)).float()  # (n, vocab)
+        logits = head_logits(model, arch, x).float()  # (n, vocab)
         return nn.functional.cross_entropy(logits, y, reduction="sum") / total
 
     g = torch.zeros_like(h)
@@ -149,22 +146,10 @@ def hutchinson_traces(model: nn.Module, arch: Arch, names: list[str], windows: t
     the estimate stops after the first probe at which every block's standard error is below
     ``tol`` × the mean |trace| (after ``min_probes``), exactly as if the probes ran one by one."""
     per = max(1, max_batch_tokens // max(1, windows.shape[1]))
-    rows: list[list[float]] = []
     with eager_attention(model), torch.enable_grad(), oom_guard("hutchinson", device, lambda: "a layer's jvp"):
         run = _Sweeps(model, arch, names, windows, device, per, overrides)
-        bar = tqdm(total=max_probes, desc="hutchinson", disable=not progress, unit="probe")
-        while len(rows) < max_probes:
-            chunk = list(range(len(rows), min(max_probes, len(rows) + probes_per_sweep)))
-            rows += _hutchinson_chunk(run, names, chunk, seed, chunk_tokens)
-            bar.update(len(chunk))
-            keep = settled(rows, tol, min_probes)
-            if keep is not None:
-                rows = rows[:keep]
-                break
-        est = summarise(torch.tensor(rows, dtype=torch.float64), len(rows))
-        bar.set_postfix(rel_se=f"{est.rel_se():.3f}")
-        bar.close()
-    return est
+        return hutchinson(lambda probes: _hutchinson_chunk(run, names, probes, seed, chunk_tokens), tol=tol,
+                          min_probes=min_probes, max_probes=max_probes, per_call=probes_per_sweep, progress=progress)
 
 
 def _hutchinson_chunk(run: _Sweeps, names: list[str], probes: list[int], seed: int, chunk_tokens: int

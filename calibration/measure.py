@@ -17,18 +17,17 @@ import time
 
 import torch
 
-from quant.arch import Arch, decoder_layers
+from quant.arch import Arch
 from quant.capture import collect_hessians, run_layer
 from quant.config import ConfigError, QuantConfig
 from quant.engine import sweep
 from quant.methods import get_method
-from quant.stream import stored_weight
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
-from .curvature import fisher_traces, hutchinson_traces, mean_gradients
+from .curvature import fisher_traces, hutchinson_traces
 from .sensitivity import Sensitivity
 from .units import (Candidate, Unit, build_units, candidate_cost, fingerprint, member_weights, quantized_candidates,
-                    unit_weight)
+                    unit_weight, units_by_layer)
 
 
 def _context_anchor(units: list[Unit], candidates: list[Candidate], context_bits: int | None,
@@ -50,16 +49,9 @@ def _context_anchor(units: list[Unit], candidates: list[Candidate], context_bits
 
 
 def anchor_swap(weights: WeightCache, anchor: list[int], ks) -> dict[str, torch.Tensor]:
-    """The quantized member weights of units ``ks`` at their anchor candidates (none for a unit anchored
-    at fp16, or where its candidate does not apply: it stays at fp)."""
+    """The quantized member weights of units ``ks`` at their candidates in ``anchor`` (a candidate
+    index per unit; none for a unit at fp16, or where its candidate does not apply: it stays at fp)."""
     return {m: w for k in ks for m, w in (weights.get((k, anchor[k])) or {}).items()}
-
-
-def _by_layer(units: list[Unit]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for k, u in enumerate(units):
-        out.setdefault(u.layer, []).append(k)
-    return out
 
 
 class _LayerErrors:
@@ -70,7 +62,7 @@ class _LayerErrors:
         self.model, self.arch, self.units, self.candidates, self.cost = model, arch, units, candidates, cost
         self.config, self.method, self.weights, self.ref = config, get_method(config.method), weights, ref
         self.keep_bits, self.anchor, self.sequential = keep_bits, anchor, sequential
-        self.by_layer = _by_layer(units)
+        self.by_layer = units_by_layer(units)
         U, C = len(units), len(candidates)
         self.sqnorm = [[0.0] * C for _ in range(U)]
         self.out_err = [[0.0] * C for _ in range(U)]

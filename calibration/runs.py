@@ -202,12 +202,7 @@ def engine_candidates(engine: str, fmt: str, candidates: str, units: str, pair_b
     rule = ENGINE_RULES.get((engine, fmt))
     if rule is None:
         return candidates, pair_bits  # named by the export's own check
-    if not rule.per_module:
-        raise ConfigError(f"{engine} loads {fmt} checkpoints with one scheme for every linear only: for mixed "
-                          "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")
-    if rule.fused and units == "linear":
-        raise ConfigError(f"{engine} runs q/k/v and gate/up as fused matmuls with one scheme each: measure with "
-                          "--units fused, or target --engine gptqmodel/hmq.")
+    _check_mixed_layout(rule, engine, fmt, units, measured=False)
     items = [c.strip() for c in candidates.split(",") if c.strip()]
     bits_of = {c: c.lower().removeprefix("w").partition("g")[0] for c in items}
     odd = [c for c in items if bits_of[c].isdigit() and int(bits_of[c]) not in (*rule.bits, 16)]
@@ -236,9 +231,17 @@ def check_measurement_for_engine(sens: Sensitivity, engine: str, fmt: str) -> No
                           f"not run as {fmt}: re-run `hmq measure --candidates "
                           f"{','.join(map(str, sorted({c.bits for c in sens.candidates if c.bits in rule.bits})))}` "
                           "or export --format gptq.")
-    if rule.fused and sens.settings.get("granularity") == "linear":
-        raise ConfigError(f"{engine} runs q/k/v and gate/up as fused matmuls with one scheme each, but this "
-                          "measurement has --units linear: measure with --units fused, or target --engine gptqmodel/hmq.")
+    _check_mixed_layout(rule, engine, fmt, sens.settings.get("granularity", "fused"), measured=True)
+
+
+def _check_mixed_layout(rule, engine: str, fmt: str, units: str, measured: bool) -> None:
+    """``engine`` loads ``fmt`` with a scheme per module, and ``units`` (the unit granularity) is one it
+    can run: a fusing engine needs one scheme per fused group (``measured``: the error names the
+    measurement's granularity)."""
+    if rule.fused and units == "linear":
+        raise ConfigError(f"{engine} runs q/k/v and gate/up as fused matmuls with one scheme each"
+                          + (", but this measurement has --units linear" if measured else "")
+                          + ": measure with --units fused, or target --engine gptqmodel/hmq.")
     if not rule.per_module:
         raise ConfigError(f"{engine} loads {fmt} checkpoints with one scheme for every linear only: for mixed "
                           "precision export --format compressed-tensors or target --engine gptqmodel/vllm.")

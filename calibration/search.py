@@ -21,7 +21,7 @@ from quant.methods import get_method
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .measure import anchor_swap
-from .units import Candidate, Unit, member_weights, quantized_candidates, unit_weight
+from .units import Candidate, Unit, member_weights, quantized_candidates, unit_weight, units_by_layer
 
 
 @torch.no_grad()
@@ -35,9 +35,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     method = get_method(config.method)
     dtype = next(p for p in model.parameters()).dtype  # the weights quantize would run with, bit for bit
     steps = arch.sequential if config.true_sequential else (arch.linears,)
-    by_layer: dict[int, list[int]] = {}
-    for k, u in enumerate(units):
-        by_layer.setdefault(u.layer, []).append(k)
+    by_layer = units_by_layer(units)
     db = WeightCache()
 
     def step(i, layer, inputs):
@@ -81,9 +79,7 @@ class StitchedLoss:
                  device: torch.device, screen: int = 1):
         self.units, self.db = units, database
         self.layers = len(decoder_layers(model, arch))
-        self.by_layer: dict[int, list[int]] = {}
-        for k, u in enumerate(units):
-            self.by_layer.setdefault(u.layer, []).append(k)
+        self.by_layer = units_by_layer(units)
         self.n = len(windows)
         self.screen = max(1, min(screen, len(windows)))
         self.ref: list[int] | None = None
@@ -93,7 +89,7 @@ class StitchedLoss:
 
     def swap(self, choice):
         """Layer ``i`` -> the database weights of its units at ``choice`` (keep-16: the layer's own)."""
-        return lambda i: {m: w for k in self.by_layer.get(i, []) for m, w in (self.db.get((k, choice[k])) or {}).items()}
+        return lambda i: anchor_swap(self.db, choice, self.by_layer.get(i, []))
 
     @torch.no_grad()
     def __call__(self, choice: list[int], full: bool) -> float:

@@ -5,13 +5,13 @@ Hutchinson: for Rademacher ``v`` (±1 entries), ``E[vᵀ H v] = Tr(H)``. One pro
 parameters at once gives every block's trace together, because for block ``k`` the estimate is
 ``v_kᵀ (H v)_k = v_kᵀ H_kk v_k + Σ_{l≠k} v_kᵀ H_kl v_l`` and the cross terms vanish in expectation.
 For a model, ``H v`` comes layer by layer (``calibration/curvature.py``); :func:`hutchinson` is the
-estimator on any ``hvp``.
+estimator and its stopping rule, on any source of ``vᵀHv`` samples.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -39,30 +39,26 @@ def summarise(samples: torch.Tensor, probes: int) -> TraceEstimate:
     return TraceEstimate(mean.tolist(), se.tolist(), probes)
 
 
-def hutchinson(hvp: Callable[[list[torch.Tensor]], list[torch.Tensor]], shapes: Sequence[torch.Size], *,
-               tol: float = 0.05, min_probes: int = 4, max_probes: int = 64, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu", progress: bool = False) -> TraceEstimate:
-    """Trace of each diagonal block of ``H`` given ``hvp(v) = H v`` (block-wise lists of tensors).
+def hutchinson(sample: Callable[[list[int]], list[list[float]]], *, tol: float = 0.05, min_probes: int = 4,
+               max_probes: int = 64, per_call: int = 1, progress: bool = False) -> TraceEstimate:
+    """Trace of each diagonal block of ``H`` from ``sample(probes)``, which gives ``v_kᵀ (H v)_k`` per
+    block for each probe index in ``probes`` (``per_call`` at a time, in order).
 
-    Stops once every block's standard error is below ``tol`` × the mean |trace| of the blocks (after
-    ``min_probes``) or after ``max_probes``."""
-    rows = []
-    bar = tqdm(range(max_probes), desc="hutchinson", disable=not progress, unit="probe")
-    for k in bar:
-        v = [torch.randint(0, 2, tuple(s), generator=generator).to(device, torch.float32) * 2 - 1 for s in shapes]
-        hv = hvp(v)
-        rows.append(torch.stack([(a * b.to(torch.float32)).sum().cpu() for a, b in zip(v, hv)]))
-        est = summarise(torch.stack(rows), k + 1)
-        bar.set_postfix(rel_se=f"{est.rel_se():.3f}")
-        if k + 1 >= min_probes and est.rel_se() <= tol:
+    Stops after the first probe at which every block's standard error is below ``tol`` × the mean
+    |trace| of the blocks (after ``min_probes``), or after ``max_probes``: the same probes are kept
+    whether they come one or several per call."""
+    rows: list[list[float]] = []
+    bar = tqdm(total=max_probes, desc="hutchinson", disable=not progress, unit="probe")
+    while len(rows) < max_probes:
+        done = len(rows)
+        rows += sample(list(range(done, min(max_probes, done + per_call))))
+        bar.update(len(rows) - done)
+        stop = next((k for k in range(max(min_probes, done + 1), len(rows) + 1)
+                     if summarise(torch.tensor(rows[:k], dtype=torch.float64), k).rel_se() <= tol), None)
+        if stop is not None:
+            rows = rows[:stop]
             break
+    est = summarise(torch.tensor(rows, dtype=torch.float64), len(rows))
+    bar.set_postfix(rel_se=f"{est.rel_se():.3f}")
+    bar.close()
     return est
-
-
-def settled(rows: list[list[float]], tol: float, min_probes: int) -> int | None:
-    """The first probe count (≥ ``min_probes``) at which :func:`hutchinson`'s stopping rule holds
-    for ``rows`` (probes, blocks), or None: what probing one by one would have kept."""
-    for k in range(max(min_probes, 1), len(rows) + 1):
-        if summarise(torch.tensor(rows[:k], dtype=torch.float64), k).rel_se() <= tol:
-            return k
-    return None

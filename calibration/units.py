@@ -67,6 +67,14 @@ def build_units(model: nn.Module, arch: Arch, granularity: str = "fused") -> lis
     return units
 
 
+def units_by_layer(units: list[Unit]) -> dict[int, list[int]]:
+    """Decoder-layer index -> the indices of the units in it."""
+    out: dict[int, list[int]] = {}
+    for k, u in enumerate(units):
+        out.setdefault(u.layer, []).append(k)
+    return out
+
+
 def parse_candidates(items, group_size: int, keep: bool = True) -> list[Candidate]:
     """Candidates from bit widths at ``group_size`` (``3``) or explicit (bits, group size) pairs
     (``"3g-1"``: 3 bits, one group per output channel; ``"w2g64"``). For each width the

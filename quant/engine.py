@@ -109,21 +109,20 @@ def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: to
     no activations, like round-to-nearest). ``keep``: a streamed model keeps what the stage left in
     each layer (quantize) instead of dropping it again (evaluate)."""
     check_vocab(model, windows, desc)
+    layers = decoder_layers(model, arch)
     at = [-1]
     with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
-        inputs = capture_layer_inputs(model, decoder_layers(model, arch), windows, device, batch_size) \
-            if windows is not None else None
-        for i, layer in visit(model, arch, range(len(decoder_layers(model, arch))), device, keep=keep,
-                              progress=progress, desc=desc):
+        inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
+        for i, layer in visit(model, arch, range(len(layers)), device, keep=keep, progress=progress, desc=desc):
             at[0] = i
             inputs = step(i, layer, inputs)
     return inputs
 
 
-@torch.no_grad()
 def head_logits(model: nn.Module, arch: Arch, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits from the last decoder layer's output ``hidden`` (batch, seq, hidden):
-    final norm, then ``lm_head``, as the model's own forward computes them."""
+    """The model's logits from the last decoder layer's output ``hidden`` (..., hidden): final norm,
+    then ``lm_head``, as the model's own forward computes them (differentiable: callers that need no
+    gradient run it under ``torch.no_grad``)."""
     norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
     return head(norm(hidden))  # (batch, seq, vocab)
 

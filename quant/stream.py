@@ -52,6 +52,7 @@ class ShardStore:
             self.files[name] = shard_path(self.folder, name)
         self.weight_map = weight_map
         self._open: dict[str, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -70,9 +71,12 @@ class ShardStore:
         import numpy as np
 
         path = self.files[self.weight_map[name]]
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            entry = json.loads(f.read(n))[name]
+        if path not in self._headers:  # (header length, header): read once per shard, not once per tensor
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (n, json.loads(f.read(n)))
+        n, header = self._headers[path]
+        entry = header[name]
         dtypes = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
                   "BF16": (np.uint16, torch.bfloat16)}
         if entry["dtype"] not in dtypes:

@@ -22,10 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import Arch, decoder_layers
 from .capture import LayerInput, capture_layer_inputs, run_layer
-from .engine import head_on, visit
+from .engine import head_logits, head_on, visit
 
 Swap = dict[str, torch.Tensor]  # full linear name -> weight (out, in)
 
@@ -73,14 +74,8 @@ class WeightCache:
     def __contains__(self, kc) -> bool:
         return tuple(kc) in self._where
 
-    def keys(self):
-        return self._where.keys()
-
     def __iter__(self):
         return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
     def get(self, kc, default=None) -> Swap | None:
         kc = tuple(kc)
@@ -124,11 +119,11 @@ def swapped(layer: nn.Module, prefix: str, swap: Swap):
 def head_nll(model: nn.Module, arch: Arch, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> float:
     """Summed next-token NLL of ``ids`` (b, seq) from the last decoder layer's output ``hidden``
     (b, seq, hidden), the head run ``chunk`` positions at a time."""
-    norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
+    device = model.get_output_embeddings().weight.device
     total = 0.0
     for a in range(0, ids.shape[1] - 1, chunk):
         b = min(a + chunk, ids.shape[1] - 1)
-        logits = head(norm(hidden[:, a:b].to(head.weight.device))).float()  # (batch, b-a, vocab)
+        logits = head_logits(model, arch, hidden[:, a:b].to(device)).float()  # (batch, b-a, vocab)
         total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                    ids[:, a + 1 : b + 1].reshape(-1).to(logits.device), reduction="sum"))
     return total
@@ -202,8 +197,6 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
     by_start: dict[int, list[int]] = {}
     for v, (start, _) in enumerate(variants):
         by_start.setdefault(min(start, ref.layers), []).append(v)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(variants), desc=desc, disable=not progress, unit="pass")
     for start in sorted(by_start):
         todo = by_start[start]

@@ -14,20 +14,34 @@ from .conftest import build_tiny, windows
 ARCH = get_arch("llama")
 
 
+def _matrix_sampler(H, split, seed):
+    """``vᵀ(Hv)`` per block for Rademacher probes drawn in order from one generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample(probes):
+        rows = []
+        for _ in probes:
+            v = (torch.randint(0, 2, (H.shape[0],), generator=gen) * 2 - 1).float()
+            rows.append([float(a @ b) for a, b in zip(torch.split(v, split), torch.split(H @ v, split))])
+        return rows
+
+    return sample
+
+
 def test_hutchinson_explicit_matrix():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(30, 30, generator=g)
     H = A @ A.T / 30 + torch.diag(torch.linspace(0.5, 3, 30))  # two blocks: rows 0..11 and 12..29
-    hvp = lambda v: list(torch.split(H @ torch.cat([t.reshape(-1) for t in v]), [12, 18]))  # noqa: E731
-    est = hutchinson(hvp, [torch.Size([12]), torch.Size([18])], tol=0.0, max_probes=2000,
-                     generator=torch.Generator().manual_seed(1))
+    est = hutchinson(_matrix_sampler(H, [12, 18], 1), tol=0.0, max_probes=2000, per_call=64)
     exact = [float(H[:12, :12].trace()), float(H[12:, 12:].trace())]
     for m, s, e in zip(est.mean, est.se, exact):
         assert abs(m - e) < 4 * s and s < 0.05 * e
-    # the stopping rule: a loose tolerance stops early, with every relative error below it
-    quick = hutchinson(hvp, [torch.Size([12]), torch.Size([18])], tol=0.1, min_probes=4, max_probes=2000,
-                       generator=torch.Generator().manual_seed(2))
+    # the stopping rule: a loose tolerance stops early, with every relative error below it, and at the
+    # same probe whether the probes come one or several per call
+    quick = hutchinson(_matrix_sampler(H, [12, 18], 2), tol=0.1, min_probes=4, max_probes=2000)
     assert quick.probes < 2000 and quick.rel_se() <= 0.1
+    chunked = hutchinson(_matrix_sampler(H, [12, 18], 2), tol=0.1, min_probes=4, max_probes=2000, per_call=7)
+    assert chunked.probes == quick.probes and chunked.mean == quick.mean
 
 
 def test_hutchinson_tiny_model_exact_block_trace():
