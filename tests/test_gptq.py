@@ -130,6 +130,21 @@ def test_dead_inputs_get_zero_weight():
     assert torch.all(qw.dequantize()[:, 5] == 0)
 
 
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_leaves_weight_and_hessian_as_they_were(act_order):
+    """The factor works on its own copy of H (the learned-grid path solves twice against one H)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    x[:, 3] = 0
+    H, w = 2 * x.T @ x / 256, torch.randn(16, 64).to(torch.bfloat16)
+    H0, w0 = H.clone(), w.clone()
+    first = gptq_quantize(w, H, ModuleSpec(3, 32), act_order=act_order, static_groups=True)
+    assert torch.equal(H, H0) and torch.equal(w, w0)
+    again = gptq_quantize(w, H, ModuleSpec(3, 32), act_order=act_order, static_groups=True)
+    assert torch.equal(first.intweight, again.intweight) and first.intweight.dtype == torch.uint8
+    assert torch.all(first.dequantize()[:, 3] == 0)
+
 def _norm_err(w, scale, zero, bits, norm=2.4):
     return (fake_quantize(w, scale, zero, bits) - w).abs().pow(norm).sum(1)
 
