@@ -38,12 +38,21 @@ def _bool_flag(parser, name: str, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quant.config import GROUP_PARAMS, REACHED_UP_TO_BITS
-    from quant.methods import METHODS
-
     p = argparse.ArgumentParser(prog="hmq", description="Hessian-aware post-training quantization of Hugging Face causal LMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True)
+    _quantize_parser(sub)
+    _eval_parser(sub)
+    _measure_parser(sub)
+    _frontier_parser(sub)
+    _inspect_parser(sub)
+    _export_parser(sub)
+    return p
+
+
+def _quantize_parser(sub) -> None:
+    from quant.methods import METHODS
+    from quant.config import GROUP_PARAMS, REACHED_UP_TO_BITS
 
     q = sub.add_parser("quantize", help="quantize a model and write a GPTQ-layout safetensors checkpoint",
                        description="Quantize a causal LM one decoder layer at a time and export it. Flags override "
@@ -91,39 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", help="compute dtype: auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16")
     q.add_argument("--device", help="where each layer is quantized: auto (GPU if any), cpu, cuda, cuda:N")
     q.add_argument("--out", help="output folder (default out/<model>-<method>-w<bits>g<group>)")
-    mp = q.add_argument_group("mixed precision (a budget replaces --bits)")
-    mp.add_argument("--sensitivity", metavar="FILE", help="measurement from `hmq measure` (without it, a budget "
-                                                         "measures first and keeps the file as <out>.sens)")
-    mp.add_argument("--budget", type=float, metavar="BPW", help="average bits per weight of the decoder linears, "
-                                                               "scales and zeros included (e.g. 3.0)")
-    mp.add_argument("--budget-gb", type=float, metavar="GB", help="size of the whole checkpoint in 10^9 bytes "
-                                                                 "(embeddings, norms, lm_head count at 16 bits)")
-    mp.add_argument("--max-ppl-increase", metavar="PCT", help="smallest budget whose measured held-out perplexity "
-                                                             "is within PCT of the fp model's (e.g. 5%%), by bisection")
-    mp.add_argument("--latency-table", metavar="JSON", help="per-shape latency of each candidate "
-                                                           "(bench/latency_table.py writes one) for --budget-latency")
-    mp.add_argument("--budget-latency", type=float, metavar="T", help="summed latency of the decoder linears, in the "
-                                                                     "table's unit")
-    _allocation_flags(mp)
-    mp.add_argument("--search", type=int, default=0, metavar="GENERATIONS",
-                    help="refine the ILP's allocation by evolutionary search on the measured calibration loss of the "
-                         "model itself (every candidate quantized once, on the ILP model's inputs; holds one model "
-                         "copy per candidate in CPU memory); e.g. 60 (default 0: off)")
-    mp.add_argument("--search-samples", type=int, default=4, help="--search: windows of calibration text it scores "
-                                                                  "each configuration on (default 4; one screens)")
-    mp.add_argument("--search-seqlen", type=int, default=512, help="--search: tokens per window (default 512)")
-    mp.add_argument("--search-offspring", type=int, default=8, help="--search: children per generation (default 8)")
-    mp.add_argument("--search-screen", type=int, default=1, help="--search: windows each child is screened on before "
-                                                                 "the best two are scored on all (default 1)")
-    mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
-    mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
-                                                               "bisection (default 8)")
-    mp.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
+    _budget_flags(q)
     _measure_flags(q, standalone=False)
     _format_flags(q)
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity of a model or hmq checkpoint",
                        description="Perplexity by the standard protocol: the test text tokenized as one stream, "
                                    "non-overlapping windows of --seqlen tokens, exp of the mean NLL.")
@@ -136,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _measure_parser(sub) -> None:
+    from quant.methods import METHODS
+    from quant.config import GROUP_PARAMS
 
     m = sub.add_parser("measure", help="measure per-unit sensitivity once, for any mixed-precision budget",
                        description="One calibration pass: per unit (fused q/k/v, o, fused gate/up, down) and "
@@ -162,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _measure_flags(m, standalone=True)
 
+
+def _frontier_parser(sub) -> None:
     f = sub.add_parser("frontier", help="Pareto frontier of size vs predicted and measured perplexity (JSON + PNG)")
     f.add_argument("--model", help="the measured model (default: the offline SmolLM2-135M-Instruct)")
     f.add_argument("--sensitivity", required=True, metavar="FILE", help="measurement from `hmq measure`")
@@ -180,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder for frontier.json and frontier.png")
     f.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
+def _inspect_parser(sub) -> None:
     i = sub.add_parser("inspect", help="per-module bits, group size, bytes and bits per weight of a checkpoint")
     i.add_argument("path", help="checkpoint folder (GPTQ or compressed-tensors layout)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _export_parser(sub) -> None:
     x = sub.add_parser("export", help="rewrite a quantized checkpoint for a deployment engine (GPTQ or compressed-tensors)",
                        description="Convert an hmq checkpoint between the GPTQ and compressed-tensors layouts, bit "
                                    "for bit, checking that the target engine can load it.")
@@ -192,7 +187,37 @@ def build_parser() -> argparse.ArgumentParser:
     _format_flags(x)
     x.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the source shards")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return p
+
+
+def _budget_flags(q) -> None:
+    mp = q.add_argument_group("mixed precision (a budget replaces --bits)")
+    mp.add_argument("--sensitivity", metavar="FILE", help="measurement from `hmq measure` (without it, a budget "
+                                                         "measures first and keeps the file as <out>.sens)")
+    mp.add_argument("--budget", type=float, metavar="BPW", help="average bits per weight of the decoder linears, "
+                                                               "scales and zeros included (e.g. 3.0)")
+    mp.add_argument("--budget-gb", type=float, metavar="GB", help="size of the whole checkpoint in 10^9 bytes "
+                                                                 "(embeddings, norms, lm_head count at 16 bits)")
+    mp.add_argument("--max-ppl-increase", metavar="PCT", help="smallest budget whose measured held-out perplexity "
+                                                             "is within PCT of the fp model's (e.g. 5%%), by bisection")
+    mp.add_argument("--latency-table", metavar="JSON", help="per-shape latency of each candidate "
+                                                           "(bench/latency_table.py writes one) for --budget-latency")
+    mp.add_argument("--budget-latency", type=float, metavar="T", help="summed latency of the decoder linears, in the "
+                                                                     "table's unit")
+    _allocation_flags(mp)
+    mp.add_argument("--search", type=int, default=0, metavar="GENERATIONS",
+                    help="refine the ILP's allocation by evolutionary search on the measured calibration loss of the "
+                         "model itself (every candidate quantized once, on the ILP model's inputs, and kept on disk "
+                         "under ~/.cache/hmq/work until the run ends); e.g. 60 (default 0: off)")
+    mp.add_argument("--search-samples", type=int, default=4, help="--search: windows of calibration text it scores "
+                                                                  "each configuration on (default 4; one screens)")
+    mp.add_argument("--search-seqlen", type=int, default=512, help="--search: tokens per window (default 512)")
+    mp.add_argument("--search-offspring", type=int, default=8, help="--search: children per generation (default 8)")
+    mp.add_argument("--search-screen", type=int, default=1, help="--search: windows each child is screened on before "
+                                                                 "the best two are scored on all (default 1)")
+    mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
+    mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
+                                                               "bisection (default 8)")
+    mp.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
 
 
 def _format_flags(p) -> None:
@@ -292,49 +317,12 @@ def _alloc_options(args):
     return AllocOptions(args.objective, not args.no_pairs, args.gain_scale)
 
 
-def _measure(args, run, config, model, tokenizer, arch, device, model_label: str):
-    """Run `hmq measure` on an already loaded model."""
-    from calibration.runs import measure_model
-
-    return measure_model(model, tokenizer, arch, config, run, _measure_options(args), device, model_label,
-                         shared=getattr(args, "max_ppl_increase", None) is not None, progress=not args.no_progress)
-
-
-def _load_resolved(args, run, config, explicit: set[str], stream: bool = True):
-    """Load the model (``stream``: layers stay on disk until the sweep needs them) and settle the
-    group size the way `quantize` does."""
-    import dataclasses
-
-    from quant.model_io import load_model, resolve_device, resolve_dtype
-    from quant.pipeline import auto_group_size
-
-    device = resolve_device(run["device"])
-    dtype = resolve_dtype(run["dtype"], device)
-    log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
-    model, tokenizer, arch = load_model(run["model"], dtype, stream=stream)
-    if "group_size" not in explicit:
-        gs = auto_group_size(model, arch, config)
-        if gs != config.group_size:
-            log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
-                     config.group_size, gs)
-            config = dataclasses.replace(config, group_size=gs)
-    return model, tokenizer, arch, config, device, dtype
-
-
 def cmd_measure(args) -> int:
-    from quant.config import ConfigError
-    from quant.export import check_writable
+    from calibration.runs import measure_run
 
     t0 = time.perf_counter()
     run, config, explicit = resolve_settings(args)
-    if not str(args.out).strip():
-        raise ConfigError("--out must name a file, e.g. m.sens.")
-    if Path(args.out).expanduser().is_dir():
-        raise ConfigError(f"--out {args.out!r} is a folder: name a file, e.g. {Path(args.out) / 'm.sens'}.")
-    check_writable(Path(args.out))
-    model, tokenizer, arch, config, device, _ = _load_resolved(args, run, config, explicit)
-    sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or "SmolLM2-135M-Instruct")
-    path = sens.save(args.out)
+    sens, path = measure_run(run, config, explicit, _measure_options(args), args.out, progress=not args.no_progress)
     print_sensitivity(sens)
     print(f"measured in {time.perf_counter() - t0:.1f} s; wrote {path}")
     return 0
@@ -370,42 +358,6 @@ def _latency_table(args) -> dict | None:
         raise ConfigError(f"--latency-table {args.latency_table!r} is not a readable JSON file ({exc}).") from None
 
 
-def _budget_allocation(args, sens):
-    from calibration.mixed import allocate, allocate_latency, budget_to_bytes
-
-    if args.budget_latency is not None:
-        alloc = allocate_latency(sens, _latency_table(args), args.budget_latency, args.objective, not args.no_pairs,
-                                 gain_scale=args.gain_scale)
-    else:
-        alloc = allocate(sens, budget_to_bytes(sens, args.budget, args.budget_gb), args.objective, not args.no_pairs,
-                         gain_scale=args.gain_scale)
-    log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
-             alloc.bpw, alloc.predicted_dloss, alloc.solution.status, alloc.solution.gap, alloc.solution.seconds)
-    return alloc
-
-
-def _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, device, calib):
-    """--search: evolutionary refinement of the ILP's allocation on the model's measured loss."""
-    from calibration.data import calibration_windows, own_text_split
-    from quant.config import ConfigError
-    from calibration.mixed import make_problem, search_allocation
-
-    if min(args.search, args.search_samples, args.search_seqlen, args.search_screen) < 1 or args.search_offspring < 2:
-        raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
-                          "--search-screen ≥ 1 and --search-offspring ≥ 2.")
-    latency = _latency_table(args)
-    loss_windows = calibration_windows(tokenizer, calib, args.search_samples, args.search_seqlen, run["seed"] + 1,
-                                       own_text_split(calib, "calib"))
-    log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", args.search,
-             args.search_offspring, args.search_samples, args.search_seqlen, calib)
-    problem = make_problem(sens, args.objective, not args.no_pairs, latency, args.gain_scale)
-    new, record = search_allocation(sens, alloc, model, arch, windows, loss_windows, config, device, args.search,
-                                    args.search_offspring, screen=args.search_screen, seed=run["seed"],
-                                    progress=not args.no_progress, latency=latency, problem=problem)
-    log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
-    return new, record
-
-
 def _parse_percent(text: str) -> float:
     from quant.config import ConfigError
 
@@ -419,112 +371,50 @@ def _parse_percent(text: str) -> float:
     return value
 
 
-def cmd_quantize(args) -> int:
-    import torch
-
-    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
+def _budget_options(args):
+    """The one budget the flags give (they are checked against each other here, before any work)."""
+    from calibration.quantize_run import BudgetOptions
     from quant.config import ConfigError
-    from quant.export import check_output_dir, save_quantized
-    from quant.pipeline import quantize_model
 
-    t0 = time.perf_counter()
-    run, config, explicit = resolve_settings(args)
     budgets = [x for x in (args.budget, args.budget_gb, args.max_ppl_increase, args.budget_latency) if x is not None]
     if len(budgets) > 1:
         raise ConfigError("give one of --budget, --budget-gb, --budget-latency and --max-ppl-increase, not several.")
     if (args.budget_latency is None) != (args.latency_table is None):
         raise ConfigError("--budget-latency and --latency-table go together: give both.")
-    mixed = bool(budgets)
-    if args.search and (not mixed or args.max_ppl_increase is not None):
+    if args.search and (not budgets or args.max_ppl_increase is not None):
         raise ConfigError("--search refines the allocation of one budget: give it with --budget, --budget-gb or "
                           "--budget-latency (not alone, and not with --max-ppl-increase).")
-    if args.sensitivity and not mixed:
+    if args.sensitivity and not budgets:
         raise ConfigError("--sensitivity needs a budget: add --budget BPW, --budget-gb GB or --max-ppl-increase PCT.")
-    model_name = Path(run["model"]).name.removesuffix(".gguf") if run["model"] else "SmolLM2-135M-Instruct"
-    if args.out:  # before any loading: a bad --out is found in a second, not after the work
-        check_output_dir(args.out, args.overwrite)
-    if mixed and not args.sensitivity:  # measure only what the target engine runs
-        from calibration.runs import engine_candidates
+    limit = _parse_percent(args.max_ppl_increase) if args.max_ppl_increase is not None else None
+    return BudgetOptions(args.budget, args.budget_gb, args.budget_latency, _latency_table(args), limit,
+                         args.bisect_steps, args.eval_windows, args.eval_seqlen)
 
-        args.candidates, args.pair_bits = engine_candidates(args.engine, args.fmt, args.candidates, args.units,
-                                                            args.pair_bits, args.candidates == DEFAULT_CANDIDATES)
-    # the model's layers stay on disk until the sweep needs them (measurement and search included)
-    model, tokenizer, arch, config, device, dtype = _load_resolved(args, run, config, explicit)
-    tag = "mixed" if mixed else f"w{config.bits}g{config.group_size}"
-    out = check_output_dir(args.out or f"out/{model_name}-{config.method}-{tag}", args.overwrite)
-    calib = run["calib"] or DEFAULT_SOURCE
-    allocation = None
-    if mixed:
-        from calibration.mixed import as_measured, base_config
-        from calibration.runs import check_measurement_for_engine
-        from calibration.sensitivity import Sensitivity
 
-        if args.sensitivity:
-            sens = Sensitivity.load(args.sensitivity)
-            sens.check_model(model, arch)
-        else:
-            sens = _measure(args, run, config, model, tokenizer, arch, device, run["model"] or model_name)
-            log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
-        if sens.settings.get("method") != config.method:
-            log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
-                        "predicted damage may not match (re-run `hmq measure --method %s`)",
-                        sens.settings.get("method"), config.method, config.method)
-        config = as_measured(config, sens.solver, explicit)
-        config = base_config(sens, config)
-        check_measurement_for_engine(sens, args.engine, args.fmt)
-    # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
-    part = own_text_split(calib, "calib", shared=args.max_ppl_increase is not None)
-    log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
-             "the whole of " if part == "all" else "the calibration part of ", calib, run["seed"])
-    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
-    torch.manual_seed(run["seed"])
-    if mixed and args.max_ppl_increase is not None:
-        model, report, allocation, config = _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib)
-    else:
-        if mixed:
-            from calibration.mixed import config_for
+def cmd_quantize(args) -> int:
+    from calibration.quantize_run import SearchOptions, quantize_run
 
-            alloc = _budget_allocation(args, sens)
-            search = None
-            if args.search:
-                alloc, search = _search(args, run, sens, alloc, model, tokenizer, arch, windows, config, device, calib)
-            config = config_for(sens, alloc, config)
-            allocation = alloc.to_dict()
-            if search is not None:
-                allocation["search"] = search
-        _check_engine_early(model, arch, config, args)
-        report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=not args.no_progress)
-    extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
-             "quantize_seconds": report.seconds}
-    if allocation is not None:
-        extra["allocation"] = {**allocation, "objective": args.objective}
-    save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra, fmt=args.fmt, engine=args.engine)
-    print_summary(report, out, time.perf_counter() - t0, config)
-    if allocation is not None:
-        a = extra["allocation"]
-        print(f"mixed precision ({args.objective}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
+    t0 = time.perf_counter()
+    run, config, explicit = resolve_settings(args)
+    budget = _budget_options(args)
+    search = (SearchOptions(args.search, args.search_samples, args.search_seqlen, args.search_offspring,
+                            args.search_screen) if args.search else None)
+    res = quantize_run(run, config, explicit, out=args.out, overwrite=args.overwrite, fmt=args.fmt, engine=args.engine,
+                       budget=budget, measure=_measure_options(args), alloc=_alloc_options(args),
+                       sensitivity=args.sensitivity, search=search,
+                       default_candidates=args.candidates == DEFAULT_CANDIDATES, progress=not args.no_progress)
+    print_summary(res.report, res.out, time.perf_counter() - t0, res.config)
+    a = res.allocation
+    if a is not None:
+        print(f"mixed precision ({a['objective']}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
               f"solver {a['status']} (gap ≤ {a['gap']:.2g}, {a['solve_seconds']:.2f} s)")
         if "search" in a:
             r = a["search"]
             print(f"  search: calibration loss {r['start_score']:.4f} (ILP) -> {r['score']:.4f} in "
                   f"{r['evaluations']['full']} full + {r['evaluations']['screen']} screening passes, {r['seconds']:.0f} s")
-        if "bisection" in a:
-            for step in a["bisection"]:
-                print(f"  bisection: budget {step['budget']:.3f} bpw -> ppl {step['ppl']:.3f}")
+        for step in a.get("bisection", []):
+            print(f"  bisection: budget {step['budget']:.3f} bpw -> ppl {step['ppl']:.3f}")
     return 0
-
-
-def _bisect(args, run, config, sens, model, tokenizer, windows, device, dtype, calib):
-    """Smallest budget whose measured held-out perplexity is within --max-ppl-increase of fp."""
-    from calibration.data import eval_tokens
-    from calibration.runs import bisect_run
-    from quant.model_io import load_model
-
-    _, ids = eval_tokens(tokenizer, calib)
-    res = bisect_run(sens, config, _alloc_options(args), lambda: load_model(run["model"], dtype, stream=True), windows,
-                     ids, model, device, _parse_percent(args.max_ppl_increase), args.bisect_steps, args.eval_seqlen,
-                     args.eval_windows, run["batch_size"])
-    return res.model, res.report, res.allocation, res.config
 
 
 def solver_line(config) -> str:
@@ -600,43 +490,11 @@ def cmd_frontier(args) -> int:
     return 0
 
 
-def _check_engine_early(model, arch, config, args) -> None:
-    """The export's engine rules, checked on the planned schemes before any quantization runs."""
-    from quant.export import check_engine
-    from quant.pipeline import module_specs
-
-    specs = {n: (None if s.keep else s) for n, s in module_specs(model, arch, config).items()}
-    check_engine(specs, arch, args.fmt, args.engine)
-
-
 def cmd_export(args) -> int:
-    from quant.config import QuantConfig
-    from quant.export import load_quantized, read_quantization_config, save_quantized, check_output_dir
+    from quant.convert import convert_checkpoint
 
-    src = Path(args.path).expanduser()
-    out = check_output_dir(args.out, args.overwrite)
-    qc = read_quantization_config(src)
-    meta_file = src / "hmq.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if "quant_config" in meta:
-        config = QuantConfig.from_dict(meta["quant_config"])
-    else:  # a checkpoint another tool wrote: its top-level scheme
-        weights = next(iter((qc.get("config_groups") or {}).values()), {}).get("weights", {})
-        config = QuantConfig(bits=int(qc.get("bits", weights.get("num_bits", 4))),
-                             group_size=int(qc.get("group_size", weights.get("group_size") or -1)),
-                             sym=bool(qc.get("sym", weights.get("symmetric", True))),
-                             act_order=bool(qc.get("desc_act", False)), static_groups=False)
-    model = load_quantized(src, verify=not args.no_verify)
-    tokenizer = None
-    if (src / "tokenizer_config.json").is_file():
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    extra = {k: v for k, v in meta.items() if k not in ("hmq_version", "format", "engine", "quant_config",
-                                                        "shard_sha256", "modules")}
-    extra["exported_from"] = str(src)
-    save_quantized(model, tokenizer, out, config, overwrite=args.overwrite, extra=extra, fmt=args.fmt, engine=args.engine)
-    n = sum(1 for v in json.loads((out / "hmq.json").read_text())["modules"].values() if v)
+    out, n = convert_checkpoint(args.path, args.out, args.fmt, args.engine, verify=not args.no_verify,
+                                overwrite=args.overwrite)
     print(f"wrote {out} ({args.fmt}, checked for {args.engine}): {n} quantized linears")
     return 0
 
@@ -644,44 +502,11 @@ def cmd_export(args) -> int:
 # ---- eval / inspect -----------------------------------------------------------------------------
 
 
-def _load_for_eval(spec: str | None, dtype):
-    import transformers
-
-    from quant.export import is_quantized_checkpoint, load_quantized
-    from quant.model_io import load_model
-
-    if spec and is_quantized_checkpoint(spec):
-        model = load_quantized(spec, dtype=dtype)
-        return model, transformers.AutoTokenizer.from_pretrained(spec)
-    model, tokenizer, _ = load_model(spec, dtype, stream=True)
-    return model, tokenizer
-
-
 def cmd_eval(args) -> int:
-    from calibration.data import DEFAULT_SOURCE, eval_tokens, own_text_split
-    from quant.evaluate import perplexity
-    from quant.export import CheckpointError, is_quantized_checkpoint
-    from quant.model_io import resolve_device, resolve_dtype
+    from calibration.runs import eval_run
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    targets = [args.model]
-    if args.baseline:
-        if not (args.model and is_quantized_checkpoint(args.model)):
-            raise CheckpointError("--baseline needs --model to be an hmq checkpoint (its source model is the baseline).")
-        meta_file = Path(args.model).expanduser() / "hmq.json"
-        source = json.loads(meta_file.read_text()).get("source_model") if meta_file.is_file() else None
-        targets.append(source)
-    results = []
-    for spec in targets:
-        model, tokenizer = _load_for_eval(spec, dtype)
-        part = own_text_split(args.data, "eval")  # a user's own file is evaluated whole
-        name, ids = eval_tokens(tokenizer, args.data or DEFAULT_SOURCE, part)
-        log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)
-        res = perplexity(model, ids, args.seqlen, args.max_windows, device, progress=not args.no_progress)
-        res.update({"model": spec or "offline default (SmolLM2-135M-Instruct)", "data": name})
-        results.append(res)
-        del model
+    results = eval_run(args.model, args.data, args.seqlen, args.max_windows, args.baseline, args.dtype, args.device,
+                       progress=not args.no_progress)
     print()
     print(f"{'model':<48} {'data':<10} {'windows':>7} {'tokens':>8} {'ppl':>9}")
     for r in results:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +87,70 @@ def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: 
                                context_exact_bits=tuple(parse_bits_list(opts.context_exact_bits, "--context-exact-bits")),
                                batch_size=run["batch_size"], seed=run["seed"], progress=progress, settings=settings)
 
+
+
+def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: MeasureOptions, out: str,
+                progress: bool = True) -> tuple[Sensitivity, Path]:
+    """`hmq measure`: check ``out`` before any work, load the model streamed, measure, save."""
+
+    from quant.export import check_writable
+    from quant.pipeline import load_resolved
+
+    if not str(out).strip():
+        raise ConfigError("--out must name a file, e.g. m.sens.")
+    if Path(out).expanduser().is_dir():
+        raise ConfigError(f"--out {out!r} is a folder: name a file, e.g. {Path(out) / 'm.sens'}.")
+    check_writable(Path(out))
+    model, tokenizer, arch, config, device, _ = load_resolved(run, config, explicit)
+    label = run["model"] or "SmolLM2-135M-Instruct"
+    sens = measure_model(model, tokenizer, arch, config, run, opts, device, label, progress=progress)
+    return sens, sens.save(out)
+
+
+def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int | None, baseline: bool,
+             dtype: str = "auto", device: str = "auto", progress: bool = True) -> list[dict]:
+    """`hmq eval`: perplexity of ``spec`` (an hmq checkpoint, or anything `quantize --model` takes),
+    and with ``baseline`` also of the fp model the checkpoint came from. A user's own file is
+    evaluated whole; a built-in source on its reporting part."""
+    import json
+
+    from quant.evaluate import perplexity
+    from quant.export import CheckpointError, is_quantized_checkpoint
+    from quant.model_io import resolve_device, resolve_dtype
+
+    from .data import DEFAULT_SOURCE, eval_tokens, own_text_split
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    targets = [spec]
+    if baseline:
+        if not (spec and is_quantized_checkpoint(spec)):
+            raise CheckpointError("--baseline needs --model to be an hmq checkpoint (its source model is the baseline).")
+        meta_file = Path(spec).expanduser() / "hmq.json"
+        targets.append(json.loads(meta_file.read_text()).get("source_model") if meta_file.is_file() else None)
+    results = []
+    for target in targets:
+        model, tokenizer = _load_for_eval(target, dtype)
+        part = own_text_split(data, "eval")
+        name, ids = eval_tokens(tokenizer, data or DEFAULT_SOURCE, part)
+        log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)
+        res = perplexity(model, ids, seqlen, max_windows, device, progress=progress)
+        res.update({"model": target or "offline default (SmolLM2-135M-Instruct)", "data": name})
+        results.append(res)
+        del model
+    return results
+
+
+def _load_for_eval(spec: str | None, dtype):
+    import transformers
+
+    from quant.export import is_quantized_checkpoint, load_quantized
+    from quant.model_io import load_model
+
+    if spec and is_quantized_checkpoint(spec):
+        return load_quantized(spec, dtype=dtype), transformers.AutoTokenizer.from_pretrained(spec)
+    model, tokenizer, _ = load_model(spec, dtype, stream=True)
+    return model, tokenizer
 
 @dataclass
 class AllocOptions:

@@ -225,3 +225,24 @@ def auto_group_size(model: nn.Module, arch: Arch, config: QuantConfig) -> int:
         if gs == -1 or all(i % gs == 0 for i in specs_in):
             return gs
     return config.group_size
+
+
+def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bool = True):
+    """Load ``run["model"]`` (``stream``: layers stay on disk until the sweep needs them) on the
+    run's device and dtype, and settle the group size as `quantize` does when it was not given.
+    Returns (model, tokenizer, arch, config, device, dtype)."""
+    import dataclasses
+
+    from .model_io import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(run["device"])
+    dtype = resolve_dtype(run["dtype"], device)
+    log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
+    model, tokenizer, arch = load_model(run["model"], dtype, stream=stream)
+    if "group_size" not in explicit:
+        gs = auto_group_size(model, arch, config)
+        if gs != config.group_size:
+            log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
+                     config.group_size, gs)
+            config = dataclasses.replace(config, group_size=gs)
+    return model, tokenizer, arch, config, device, dtype

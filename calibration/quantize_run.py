@@ -1,0 +1,203 @@
+"""The whole `hmq quantize` run: load, measure (or read a measurement), allocate under a budget,
+refine or bisect, quantize, export. Plain options in, a typed result out; the CLI parses flags into
+these options and prints the result.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quant.config import ConfigError, QuantConfig
+
+from .runs import AllocOptions, MeasureOptions, measure_model
+
+log = logging.getLogger("hmq")
+
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class SearchOptions:
+    """The evolutionary refinement of one budget's allocation (``--search``)."""
+
+    generations: int
+    samples: int = 4
+    seqlen: int = 512
+    offspring: int = 8
+    screen: int = 1
+
+    def check(self) -> None:
+        if min(self.generations, self.samples, self.seqlen, self.screen) < 1 or self.offspring < 2:
+            raise ConfigError("--search takes a number of generations ≥ 1, with --search-samples, --search-seqlen and "
+                              "--search-screen ≥ 1 and --search-offspring ≥ 2.")
+
+
+@dataclass
+class BudgetOptions:
+    """One budget: bits per weight, bytes, summed latency (with its table) or a perplexity limit."""
+
+    bpw: float | None = None
+    gb: float | None = None
+    latency: float | None = None
+    latency_table: dict | None = None
+    max_ppl_increase: float | None = None  # a fraction: 0.05 for 5%
+    bisect_steps: int = 5
+    eval_windows: int = 8
+    eval_seqlen: int = 512
+
+    @property
+    def mixed(self) -> bool:
+        return any(x is not None for x in (self.bpw, self.gb, self.latency, self.max_ppl_increase))
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    report: object  # quant.pipeline.QuantizeReport
+    config: QuantConfig
+    allocation: dict | None
+
+
+def model_label(model: str | None) -> str:
+    return Path(model).name.removesuffix(".gguf") if model else DEFAULT_MODEL_LABEL
+
+
+def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str | None, overwrite: bool, fmt: str,
+                 engine: str, budget: BudgetOptions, measure: MeasureOptions, alloc: AllocOptions,
+                 sensitivity: str | None = None, search: SearchOptions | None = None,
+                 default_candidates: bool = True, progress: bool = True) -> QuantizeResult:
+    """Quantize ``run["model"]`` uniformly (no budget) or mixed, and write the checkpoint to ``out``
+    (default ``out/<model>-<method>-<w..g..|mixed>``). ``default_candidates``: the measurement's
+    candidates were not chosen by the user, so the engine's may narrow them silently."""
+    from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
+    from quant.export import check_output_dir, save_quantized
+    from quant.pipeline import load_resolved, quantize_model
+
+    if search is not None:
+        search.check()
+    if out:  # before any loading: a bad --out is found in a second, not after the work
+        check_output_dir(out, overwrite)
+    if budget.mixed and not sensitivity:  # measure only what the target engine runs
+        from .runs import engine_candidates
+
+        measure.candidates, measure.pair_bits = engine_candidates(engine, fmt, measure.candidates, measure.units,
+                                                                  measure.pair_bits, default_candidates)
+    # the model's layers stay on disk until the sweep needs them (measurement and search included)
+    model, tokenizer, arch, config, device, dtype = load_resolved(run, config, explicit)
+    name = model_label(run["model"])
+    tag = "mixed" if budget.mixed else f"w{config.bits}g{config.group_size}"
+    out = check_output_dir(out or f"out/{name}-{config.method}-{tag}", overwrite)
+    calib = run["calib"] or DEFAULT_SOURCE
+    shared = budget.max_ppl_increase is not None  # the bisection evaluates on the calibration source too
+    sens = None
+    if budget.mixed:
+        sens, config = _sensitivity(sensitivity, run, config, explicit, measure, model, tokenizer, arch, device,
+                                    out, shared, progress)
+        from .runs import check_measurement_for_engine
+
+        check_measurement_for_engine(sens, engine, fmt)
+    # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
+    part = own_text_split(calib, "calib", shared=shared)
+    log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
+             "the whole of " if part == "all" else "the calibration part of ", calib, run["seed"])
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], part)
+    torch.manual_seed(run["seed"])
+    allocation = None
+    if budget.max_ppl_increase is not None:
+        from calibration.data import eval_tokens
+
+        from .runs import bisect_run
+
+        _, ids = eval_tokens(tokenizer, calib)
+        res = bisect_run(sens, config, alloc, lambda: load_quantizable(run, dtype), windows, ids, model, device,
+                         budget.max_ppl_increase, budget.bisect_steps, budget.eval_seqlen, budget.eval_windows,
+                         run["batch_size"])
+        model, report, allocation, config = res.model, res.report, res.allocation, res.config
+    else:
+        if budget.mixed:
+            from .mixed import config_for
+
+            chosen, record = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config,
+                                         device, calib, progress)
+            config = config_for(sens, chosen, config)
+            allocation = chosen.to_dict() | ({"search": record} if record is not None else {})
+        check_engine_early(model, arch, config, fmt, engine)
+        report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=progress)
+    extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
+             "quantize_seconds": report.seconds}
+    if allocation is not None:
+        allocation = extra["allocation"] = {**allocation, "objective": alloc.objective}
+    save_quantized(model, tokenizer, out, config, overwrite=overwrite, extra=extra, fmt=fmt, engine=engine)
+    return QuantizeResult(out, report, config, allocation)
+
+
+def load_quantizable(run: dict, dtype):
+    from quant.model_io import load_model
+
+    return load_model(run["model"], dtype, stream=True)
+
+
+def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, device, out: Path, shared: bool,
+                 progress: bool):
+    """The measurement from ``path``, or measured now and kept beside ``out``; and the run's config
+    settled to what it was measured with."""
+    from .mixed import as_measured, base_config
+    from .sensitivity import Sensitivity
+
+    if path:
+        sens = Sensitivity.load(path)
+        sens.check_model(model, arch)
+    else:
+        sens = measure_model(model, tokenizer, arch, config, run, measure, device, model_label(run["model"]),
+                             shared=shared, progress=progress)
+        log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
+    if sens.settings.get("method") != config.method:
+        log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
+                    "predicted damage may not match (re-run `hmq measure --method %s`)",
+                    sens.settings.get("method"), config.method, config.method)
+    config = as_measured(config, sens.solver, explicit)
+    return sens, base_config(sens, config)
+
+
+def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: SearchOptions | None, run, model, tokenizer,
+                arch, windows, config, device, calib, progress):
+    """The ILP's allocation under ``budget``, refined by ``search`` when given; returns it and the
+    search's record (or None)."""
+    from .mixed import allocate, allocate_latency, budget_to_bytes
+
+    if budget.latency is not None:
+        chosen = allocate_latency(sens, budget.latency_table, budget.latency, alloc.objective, alloc.pairs,
+                                  gain_scale=alloc.gain_scale)
+    else:
+        chosen = allocate(sens, budget_to_bytes(sens, budget.bpw, budget.gb), alloc.objective, alloc.pairs,
+                          gain_scale=alloc.gain_scale)
+    log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
+             chosen.bpw, chosen.predicted_dloss, chosen.solution.status, chosen.solution.gap, chosen.solution.seconds)
+    if search is None:
+        return chosen, None
+    from calibration.data import calibration_windows, own_text_split
+
+    from .mixed import make_problem, search_allocation
+
+    loss_windows = calibration_windows(tokenizer, calib, search.samples, search.seqlen, run["seed"] + 1,
+                                       own_text_split(calib, "calib"))
+    log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", search.generations,
+             search.offspring, search.samples, search.seqlen, calib)
+    problem = make_problem(sens, alloc.objective, alloc.pairs, budget.latency_table, alloc.gain_scale)
+    new, record = search_allocation(sens, chosen, model, arch, windows, loss_windows, config, device,
+                                    search.generations, search.offspring, screen=search.screen, seed=run["seed"],
+                                    progress=progress, latency=budget.latency_table, problem=problem)
+    log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
+    return new, record
+
+
+def check_engine_early(model, arch, config: QuantConfig, fmt: str, engine: str) -> None:
+    """The export's engine rules, checked on the planned schemes before any quantization runs."""
+    from quant.export import check_engine
+    from quant.pipeline import module_specs
+
+    specs = {n: (None if s.keep else s) for n, s in module_specs(model, arch, config).items()}
+    check_engine(specs, arch, fmt, engine)
