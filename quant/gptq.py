@@ -101,19 +101,8 @@ def gptq_quantize(
     W = weight.detach()[:, perm].to(torch.float32)  # (out, in) in permuted order, one working copy
     W[:, dead[perm]] = 0.0
 
-    static_params = None
-    lazy = gs != -1 and static_groups and act_order and group_params == "reached" and grid is None
-    if gs != -1 and static_groups and not lazy:  # from the original columns, in their original order
-        static_params = [search_qparams(W[:, invperm[g : g + gs]], bits, spec.sym, clip) for g in range(0, in_f, gs)]
-    elif lazy:
-        static_params = [None] * -(-in_f // gs)  # filled as the solve reaches each group
-    if grid is not None:
-        if len(grid) != (1 if gs == -1 else -(-in_f // gs)):
-            raise ValueError(f"{name}: a grid of {len(grid)} groups does not fit in_features={in_f} at group size {gs}.")
-        static_params = [(s.to(W.device, torch.float32), z.to(W.device, torch.float32)) for s, z in grid]
-        gs_eff = in_f if gs == -1 else gs
-    else:
-        gs_eff = gs
+    static_params, gs_eff = _fixed_group_params(W, invperm, spec, clip, grid, static_groups and act_order
+                                                and group_params == "reached", static_groups, name)
 
     U = _damped_factor(H, damp_percent, perm, name)
     if U is None:
@@ -139,14 +128,8 @@ def gptq_quantize(
             col = i1 + i
             if static_params is not None:
                 g = int(perm[col]) // gs_eff
-                if static_params[g] is None:  # lazy: the group's current values, all at or after col
-                    pos = invperm[g * gs : (g + 1) * gs]  # permuted positions of the group's columns
-                    now = pos < i2
-                    cur = torch.empty(out_f, pos.numel(), device=W.device)  # (out, gs)
-                    cur[:, now] = W1[:, pos[now] - i1]
-                    later = pos[~now]
-                    cur[:, ~now] = W[:, later] - Err1[:, :i] @ U[i1 : i1 + i, later]  # pending block updates
-                    static_params[g] = search_qparams(cur, bits, spec.sym, clip)
+                if static_params[g] is None:  # reached: the group's current values, all at or after col
+                    static_params[g] = _reached_params(W, W1, Err1, U, invperm[g * gs : (g + 1) * gs], i1, i, spec, clip)
                 scale, zero = static_params[g]
                 g_of_col[col] = g
             elif gs != -1:
@@ -175,3 +158,34 @@ def gptq_quantize(
         group_size=gs,
         sym=spec.sym,
     )
+
+
+def _fixed_group_params(W: torch.Tensor, invperm: torch.Tensor, spec: ModuleSpec, clip: ClipSearch | None,
+                        grid: list | None, reached: bool, static_groups: bool, name: str) -> tuple[list | None, int]:
+    """Each group's (scale, zero) fixed before the solve, or None per group for those set when the
+    solve reaches them, or None for groups in solve order; and the group size that maps a column to
+    its entry. ``W`` (out, in) is in solve order; groups are taken in the original column order."""
+    out_f, in_f = W.shape
+    gs = spec.group_size
+    if grid is not None:
+        if len(grid) != (1 if gs == -1 else -(-in_f // gs)):
+            raise ValueError(f"{name}: a grid of {len(grid)} groups does not fit in_features={in_f} at group size {gs}.")
+        return [(s.to(W.device, torch.float32), z.to(W.device, torch.float32)) for s, z in grid], (in_f if gs == -1 else gs)
+    if gs == -1 or not static_groups:
+        return None, gs
+    if reached:
+        return [None] * -(-in_f // gs), gs  # filled as the solve reaches each group
+    return [search_qparams(W[:, invperm[g : g + gs]], spec.bits, spec.sym, clip) for g in range(0, in_f, gs)], gs
+
+
+def _reached_params(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, pos: torch.Tensor,
+                    i1: int, i: int, spec: ModuleSpec, clip: ClipSearch | None):
+    """A group's (scale, zero) from its error-updated values when the solve, at column ``i1 + i``
+    of the block that starts at ``i1``, first reaches it; ``pos``: its columns' solve positions."""
+    i2 = i1 + W1.shape[1]
+    now = pos < i2
+    cur = torch.empty(W.shape[0], pos.numel(), device=W.device)  # (out, gs)
+    cur[:, now] = W1[:, pos[now] - i1]
+    later = pos[~now]
+    cur[:, ~now] = W[:, later] - Err1[:, :i] @ U[i1 : i1 + i, later]  # the block's pending updates
+    return search_qparams(cur, spec.bits, spec.sym, clip)
