@@ -51,6 +51,45 @@ class _Levels:
             ok.sort(key=lambda c: (float(cost[g, c].sum()), c))
             self.cands.append(ok)
             self.costs.append(np.array([float(cost[g, c].sum()) for c in ok]))
+        self.groups, self.units = groups, cost.shape[0]
+
+    def choice(self, lev: list[int]) -> list[int]:
+        """Candidate index per unit of the levels ``lev`` (one per tie group)."""
+        out = [0] * self.units
+        for gi, g in enumerate(self.groups):
+            for u in g:
+                out[u] = self.cands[gi][lev[gi]]
+        return out
+
+    def total(self, lev: list[int]) -> float:
+        return float(sum(self.costs[gi][lev[gi]] for gi in range(len(self.groups))))
+
+    def mutate(self, lev: list[int], most: int, budget: float, rng: np.random.Generator) -> list[int]:
+        """1..``most`` level switches of ``lev`` that end within ``budget`` (see :func:`evolve`)."""
+        lev, n = list(lev), len(self.groups)
+        for _ in range(int(rng.integers(1, most + 1))):
+            a = int(rng.integers(n))
+            up = bool(rng.integers(2))
+            if up and lev[a] + 1 < len(self.cands[a]):
+                lev[a] += 1
+            elif lev[a] > 0:
+                lev[a] -= 1
+            spent = self.total(lev)
+            while spent > budget:  # step random other groups down until the budget holds
+                down = [g for g in range(n) if g != a and lev[g] > 0]
+                if not down:
+                    lev[a] -= 1  # nothing else can give: undo (the start was feasible, so this ends)
+                else:
+                    lev[down[int(rng.integers(len(down)))]] -= 1
+                spent = self.total(lev)
+            for g in rng.permutation(n):  # spend the slack, one level per group at most
+                g = int(g)
+                if g != a and lev[g] + 1 < len(self.cands[g]):
+                    step = self.costs[g][lev[g] + 1] - self.costs[g][lev[g]]
+                    if spent + step <= budget:
+                        lev[g] += 1
+                        spent += step
+        return lev
 
 
 def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[[list[int], bool], float], *,
@@ -87,49 +126,12 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
         raise ValueError("need generations ≥ 1 and 1 ≤ survivors ≤ offspring.")
     rng = np.random.default_rng(seed)
 
-    def to_choice(lev) -> list[int]:
-        out = [0] * U
-        for gi, g in enumerate(groups):
-            for u in g:
-                out[u] = lv.cands[gi][lev[gi]]
-        return out
-
-    def total(lev) -> float:
-        return float(sum(lv.costs[gi][lev[gi]] for gi in range(len(groups))))
-
-    def mutate(lev: list[int], most: int) -> list[int]:
-        lev = list(lev)
-        for _ in range(int(rng.integers(1, most + 1))):
-            a = int(rng.integers(len(groups)))
-            up = bool(rng.integers(2))
-            if up and lev[a] + 1 < len(lv.cands[a]):
-                lev[a] += 1
-            elif lev[a] > 0:
-                lev[a] -= 1
-            spent = total(lev)
-            while spent > budget:  # step random other groups down until the budget holds
-                down = [g for g in range(len(groups)) if g != a and lev[g] > 0]
-                if not down:
-                    lev[a] -= 1  # nothing else can give: undo (the start was feasible, so this ends)
-                else:
-                    g = down[int(rng.integers(len(down)))]
-                    lev[g] -= 1
-                spent = total(lev)
-            for g in rng.permutation(len(groups)):  # spend the slack, one level per group at most
-                g = int(g)
-                if g != a and lev[g] + 1 < len(lv.cands[g]):
-                    step = lv.costs[g][lev[g] + 1] - lv.costs[g][lev[g]]
-                    if spent + step <= budget:
-                        lev[g] += 1
-                        spent += step
-        return lev
-
     best = level
-    best_score = fitness(to_choice(best), True)
+    best_score = fitness(lv.choice(best), True)
     start_score = best_score
     seen = {tuple(best)}
     calls = {"screen": 0, "full": 1}
-    history = [{"generation": 0, "score": best_score, "cost": total(best)}]
+    history = [{"generation": 0, "score": best_score, "cost": lv.total(best)}]
     last = 0  # generation of the last improvement
     bar = tqdm(range(1, generations + 1), desc="search", disable=not progress, unit="gen")
     for gen in bar:
@@ -137,7 +139,7 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
         most = max_mutations + (gen - 1 - last) // 10
         kids = []
         for _ in range(offspring * 8):
-            k = mutate(best, most)
+            k = lv.mutate(best, most, budget, rng)
             if tuple(k) not in seen:
                 seen.add(tuple(k))
                 kids.append(k)
@@ -147,14 +149,14 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
             continue
         screened = []
         for k in kids:
-            screened.append((fitness(to_choice(k), False), k))
+            screened.append((fitness(lv.choice(k), False), k))
             calls["screen"] += 1
         screened.sort(key=lambda t: t[0])
         for _, k in screened[:survivors]:
-            s = fitness(to_choice(k), True)
+            s = fitness(lv.choice(k), True)
             calls["full"] += 1
             if s < best_score:
                 best, best_score, last = k, s, gen
-                history.append({"generation": gen, "score": s, "cost": total(k)})
+                history.append({"generation": gen, "score": s, "cost": lv.total(k)})
         bar.set_postfix(loss=f"{best_score:.4f}")
-    return SearchResult(to_choice(best), total(best), best_score, start_score, calls, time.perf_counter() - t0, history)
+    return SearchResult(lv.choice(best), lv.total(best), best_score, start_score, calls, time.perf_counter() - t0, history)
