@@ -176,28 +176,15 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
     Quantized candidate weights live in a cache folder on disk for the run, never in RAM as model copies."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
-    if get_method(config.method).affine:
-        raise ConfigError(f"measure with --method gptq or rtn, not {config.method}: affine transforms are learned per "
-                          "block at quantize time, after the allocation (quantize with --method "
-                          f"{config.method} and a --sensitivity measured with gptq).")
+    _check_options(config, candidates, context_method, trace_method, context_bits, pair_bits)
     units = build_units(model, arch, granularity)
     widths = sorted({c.bits for c in candidates if c.bits != 16})  # quantized candidate widths
-    if context_method not in ("exact", "taylor"):
-        raise ConfigError(f"context method {context_method!r} is unknown: use exact or taylor.")
-    if trace_method not in ("hutchinson", "fisher"):
-        raise ConfigError(f"trace method {trace_method!r} is unknown: use hutchinson or fisher.")
-    if context_bits is not None and context_bits not in widths:
-        raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     anchor = _context_anchor(units, candidates, context_bits, context_anchor)
     if sequential and anchor is None:
         raise ConfigError("sequential measurement quantizes each layer on the anchor model's inputs: give "
                           "context_bits or an anchor allocation with it.")
-    if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
-        raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
-    unit_params = {m for u in units for m in u.members}
-    overhead = sum(p.numel() * 2 for n, p in model.named_parameters() if n.removesuffix(".weight") not in unit_params)
-    overhead += sum(model.get_submodule(m).bias.numel() * 2 for m in unit_params if model.get_submodule(m).bias is not None)
+    overhead = _overhead_bytes(model, units)
     single_set = set(single_bits if single_bits is not None else widths) | ({pair_bits} if pair_bits is not None else set())
     keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are cached
 
@@ -247,3 +234,28 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
                        m_trace, m_trace_se, stats.m_sqnorm, stats.m_out_err, single_all, context, context_single,
                        context_dloss, context_exact, list(context_anchor) if context_anchor is not None else None)
 
+
+def _check_options(config: QuantConfig, candidates: list[Candidate], context_method: str, trace_method: str,
+                   context_bits: int | None, pair_bits: int | None) -> None:
+    """Refuse a measurement that cannot run, before any work."""
+    if get_method(config.method).affine:
+        raise ConfigError(f"measure with --method gptq or rtn, not {config.method}: affine transforms are learned per "
+                          "block at quantize time, after the allocation (quantize with --method "
+                          f"{config.method} and a --sensitivity measured with gptq).")
+    widths = sorted({c.bits for c in candidates if c.bits != 16})
+    if context_method not in ("exact", "taylor"):
+        raise ConfigError(f"context method {context_method!r} is unknown: use exact or taylor.")
+    if trace_method not in ("hutchinson", "fisher"):
+        raise ConfigError(f"trace method {trace_method!r} is unknown: use hutchinson or fisher.")
+    if context_bits is not None and context_bits not in widths:
+        raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
+    if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
+        raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
+
+
+def _overhead_bytes(model, units) -> int:
+    """fp16 bytes of everything the allocation does not choose: embeddings, norms, head, biases."""
+    unit_params = {m for u in units for m in u.members}
+    overhead = sum(p.numel() * 2 for n, p in model.named_parameters() if n.removesuffix(".weight") not in unit_params)
+    return overhead + sum(model.get_submodule(m).bias.numel() * 2 for m in unit_params
+                          if model.get_submodule(m).bias is not None)

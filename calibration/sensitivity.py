@@ -228,20 +228,28 @@ class Sensitivity:
         if objective == "measured" and self.single_all is not None:
             D = np.where(np.isfinite(M), np.maximum(M, 0.0), D)
         D = np.where(np.isfinite(a["cost"]), np.maximum(D, 0.0), np.inf)
+        use_pairs = objective in ("hessian", "measured") and pairs
+        P = self._pair_terms(shape) if use_pairs else {}
+        return D, P
+
+    def _pair_terms(self, shape: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+        """Each measured pair's interaction at ``pair_bits``, scaled to every (a, b) like a bilinear
+        second-order cross term of the units' predicted damages ``shape`` (see :meth:`tables`)."""
         P: dict[tuple[int, int], np.ndarray] = {}
         c = self.pair_column()
-        if objective in ("hessian", "measured") and pairs and c is not None:
-            single = np.asarray(self.single)
-            for i, j, lij in self.pairs:
-                inter = lij - single[i] - single[j]
-                denom = math.sqrt(max(shape[i, c] * shape[j, c], 1e-30))
-                # Only super-additive (positive) interactions are credited. Measured on a few hundred
-                # tokens, a negative interaction is mostly noise, and the ILP would exploit it: with
-                # signed terms the SmolLM2 benchmark predicted a *negative* ΔNLL at 4.25 bpw and
-                # measured 95 ppl.
-                inter = max(inter, 0.0)
-                P[(i, j)] = inter * np.sqrt(np.outer(shape[i], shape[j])) / denom
-        return D, P
+        if c is None:
+            return P
+        single = np.asarray(self.single)
+        for i, j, lij in self.pairs:
+            inter = lij - single[i] - single[j]
+            denom = math.sqrt(max(shape[i, c] * shape[j, c], 1e-30))
+            # Only super-additive (positive) interactions are credited. Measured on a few hundred
+            # tokens, a negative interaction is mostly noise, and the ILP would exploit it: with
+            # signed terms the SmolLM2 benchmark predicted a *negative* ΔNLL at 4.25 bpw and
+            # measured 95 ppl.
+            inter = max(inter, 0.0)
+            P[(i, j)] = inter * np.sqrt(np.outer(shape[i], shape[j])) / denom
+        return P
 
     def _context_table(self, gain_scale: float = CONTEXT_GAIN_SCALE) -> np.ndarray:
         """``context`` objective: the measured loss change of moving each unit alone from the
