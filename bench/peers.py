@@ -11,6 +11,8 @@ Peers (each optional, each in its own environment since they pin their own trans
 - ``--autoround PYTHON``: AutoRound with ``--autoround-iters`` iterations (``bench/peer_autoround.py``).
 - ``--ref DIR``: the reference GPTQ (an IST-DASLab/gptq checkout; ``bench/peer_gptq.py``), asymmetric
   min/max in natural column order, run in this process.
+``--hmq-cli`` adds hmq run as a user runs it: the ``hmq quantize`` command (layers streamed from
+disk, the checkpoint exported and loaded back), same windows, its peak RSS recorded.
 ``--hmq-variants`` adds hmq runs with other solver settings (bench/defaults.py's names) beside the
 default. Writes a table and JSON (default docs/results/peers.json).
 """
@@ -63,6 +65,26 @@ def run_peer(python: str, script: str, folder: Path, wfile: Path, spec, extra: l
     return out
 
 
+def run_cli(folder: Path | None, spec, seed: int, nsamples: int, seqlen: int, tmp: Path) -> tuple[Path, float, float]:
+    """``hmq quantize`` in its own process, as a user runs it; returns (checkpoint, seconds, peak RSS GB)."""
+    import os
+    import sys
+
+    out = tmp / f"cli-{common.scheme_label(spec)}-{seed}"
+    cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "quantize", "--bits", str(spec.bits),
+           "--group-size", str(spec.group_size), "--seed", str(seed), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+           "--partial-groups", "--no-progress", "--out", str(out), "--overwrite", *(["--sym"] if spec.sym else []),
+           *(["--model", str(folder)] if folder else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return out, time.perf_counter() - t0, usage.ru_maxrss / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: the offline SmolLM2-135M-Instruct)")
@@ -74,6 +96,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--hmq-variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="hmq solver variants to run beside the default")
+    ap.add_argument("--hmq-cli", action="store_true", help="also run the hmq quantize command (streamed, exported)")
     ap.add_argument("--llmcompressor", metavar="PYTHON", help="python of an environment with llmcompressor")
     ap.add_argument("--autoround", metavar="PYTHON", help="python of an environment with auto-round")
     ap.add_argument("--autoround-iters", type=int, default=20)
@@ -88,9 +111,9 @@ def main() -> None:
     print(f"fp on reporting text: ppl {rep.fp['ppl']:.3f}", flush=True)
     rows = []
 
-    def record(tool, label, seed, model, seconds, bpw=None):
+    def record(tool, label, seed, model, seconds, bpw=None, **more):
         res = common.evaluate(model, rep, device)
-        rows.append({"tool": tool, "scheme": label, "seed": seed, "seconds": seconds, "bpw": bpw, **res})
+        rows.append({"tool": tool, "scheme": label, "seed": seed, "seconds": seconds, "bpw": bpw, **res, **more})
         print(f"{label} seed {seed} {tool}: ppl {res['ppl']:.3f} kl {res['kl']:.4f} ({seconds:.0f} s)", flush=True)
         common.write_json(args.json, args, rep.fp, rows, quiet=True)  # a killed run keeps what it finished
 
@@ -112,6 +135,13 @@ def main() -> None:
                                                     **({} if variant is None else VARIANTS[variant]))
                 record("hmq" if variant is None else f"hmq {variant}", label, seed, model, report.seconds, report.bpw)
                 del model
+            if args.hmq_cli:
+                from quant.export import load_quantized
+
+                out, seconds, rss = run_cli(Path(args.model) if args.model else None, spec, seed, args.nsamples,
+                                            args.seqlen, tmp)
+                record("hmq CLI (streamed)", label, seed, load_quantized(out), seconds, rss_gb=rss)
+                shutil.rmtree(out)
             for tool, python, script, extra in peers:
                 t0 = time.perf_counter()
                 out = run_peer(python, script, folder, wfile, spec, extra, tmp)
