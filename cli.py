@@ -104,6 +104,9 @@ def _quantize_parser(sub) -> None:
     _measure_flags(q, standalone=False)
     _format_flags(q)
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--restart", action="store_true", help="discard what a killed run of this command saved "
+                                                          "(<out>.partial, <out>.sens) and start afresh; without it "
+                                                          "the same command goes on from there")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -402,7 +405,8 @@ def cmd_quantize(args) -> int:
     res = quantize_run(run, config, explicit, out=args.out, overwrite=args.overwrite, fmt=args.fmt, engine=args.engine,
                        budget=budget, measure=_measure_options(args), alloc=_alloc_options(args),
                        sensitivity=args.sensitivity, search=search,
-                       default_candidates=args.candidates == DEFAULT_CANDIDATES, progress=not args.no_progress)
+                       default_candidates=args.candidates == DEFAULT_CANDIDATES, restart=args.restart,
+                       progress=not args.no_progress)
     print_summary(res.report, res.out, time.perf_counter() - t0, res.config)
     a = res.allocation
     if a is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from quant.config import ConfigError, QuantConfig
+from quant.resume import LayerState
 
 from .runs import AllocOptions, MeasureOptions, measure_model
 
@@ -68,10 +69,14 @@ def model_label(model: str | None) -> str:
 def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str | None, overwrite: bool, fmt: str,
                  engine: str, budget: BudgetOptions, measure: MeasureOptions, alloc: AllocOptions,
                  sensitivity: str | None = None, search: SearchOptions | None = None,
-                 default_candidates: bool = True, progress: bool = True) -> QuantizeResult:
+                 default_candidates: bool = True, restart: bool = False, progress: bool = True) -> QuantizeResult:
     """Quantize ``run["model"]`` uniformly (no budget) or mixed, and write the checkpoint to ``out``
     (default ``out/<model>-<method>-<w..g..|mixed>``). ``default_candidates``: the measurement's
-    candidates were not chosen by the user, so the engine's may narrow them silently."""
+    candidates were not chosen by the user, so the engine's may narrow them silently.
+
+    Resumable: each quantized layer is saved in ``<out>.partial`` as it is done, and a measurement
+    in ``<out>.sens``; the same run started again after a kill goes on from there (``restart``:
+    discard them and start afresh)."""
     from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
     from quant.export import check_output_dir, save_quantized
     from quant.pipeline import load_resolved, quantize_model
@@ -95,7 +100,7 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
     sens = None
     if budget.mixed:
         sens, config = _sensitivity(sensitivity, run, config, explicit, measure, model, tokenizer, arch, device,
-                                    out, shared, progress)
+                                    out, shared, restart, progress)
         from .runs import check_measurement_for_engine
 
         check_measurement_for_engine(sens, engine, fmt)
@@ -125,13 +130,26 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
             config = config_for(sens, chosen, config)
             allocation = chosen.to_dict() | ({"search": record} if record is not None else {})
         check_engine_early(model, arch, config, fmt, engine)
-        report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=progress)
+        state = LayerState(f"{out}.partial", _state_settings(run, config, model, arch), restart, "quantize run")
+        report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=progress,
+                                state=state)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
              "quantize_seconds": report.seconds}
     if allocation is not None:
         allocation = extra["allocation"] = {**allocation, "objective": alloc.objective}
     save_quantized(model, tokenizer, out, config, overwrite=overwrite, extra=extra, fmt=fmt, engine=engine)
+    if budget.max_ppl_increase is None:
+        state.finish()
     return QuantizeResult(out, report, config, allocation)
+
+
+def _state_settings(run: dict, config: QuantConfig, model, arch) -> dict:
+    """What identifies a quantize run's saved layers: the model's weights, the calibration and every
+    quantization setting (a mixed run's allocation is in the config's overrides)."""
+    from .units import build_units, fingerprint
+
+    return {"model": fingerprint(model, build_units(model, arch, "linear")), "config": config.to_dict(),
+            "calibration": {k: run[k] for k in ("calib", "nsamples", "seqlen", "seed", "batch_size", "dtype")}}
 
 
 def load_quantizable(run: dict, dtype):
@@ -141,12 +159,23 @@ def load_quantizable(run: dict, dtype):
 
 
 def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, device, out: Path, shared: bool,
-                 progress: bool):
-    """The measurement from ``path``, or measured now and kept beside ``out``; and the run's config
-    settled to what it was measured with."""
+                 restart: bool, progress: bool):
+    """The measurement from ``path``, or the one an earlier start of this same run kept beside
+    ``out``, or measured now and kept there; and the run's config settled to what it was measured with."""
     from .mixed import as_measured, base_config
+    from .runs import measure_request
     from .sensitivity import Sensitivity
 
+    kept = Path(f"{out}.sens")
+    request = measure_request(run, config, measure, shared)
+    if not path and not restart and kept.is_file():
+        earlier = Sensitivity.load(kept)
+        if earlier.settings.get("request") == request:
+            log.info("using %s, which an earlier start of this run measured with the same settings (pass --restart "
+                     "to measure again)", kept)
+            path = kept
+        else:
+            log.info("%s was measured with other settings: measuring again (it will be replaced)", kept)
     if path:
         sens = Sensitivity.load(path)
         sens.check_model(model, arch)

@@ -59,6 +59,17 @@ class MeasureOptions:
         return None if text == "all" else tuple(parse_bits_list(text, "--single-bits"))
 
 
+def measure_request(run: dict, config: QuantConfig, opts: MeasureOptions, shared: bool = False) -> dict:
+    """What a measurement was asked for (kept in its settings): a run started again reuses a
+    measurement only when this is equal."""
+    import dataclasses
+    import json
+
+    request = {"run": {k: run[k] for k in ("model", "calib", "nsamples", "seqlen", "seed", "batch_size", "dtype")},
+               "config": config.to_dict(), "options": dataclasses.asdict(opts), "shared": shared}
+    return json.loads(json.dumps(request))  # as it reads back from the file
+
+
 def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: MeasureOptions, device,
                   model_label: str, shared: bool = False, progress: bool = True) -> Sensitivity:
     """The measurement of a loaded model on the calibration source of ``run`` (``shared``: this run
@@ -78,7 +89,8 @@ def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: 
     loss_windows = calibration_windows(tokenizer, calib, opts.loss_samples, opts.loss_seqlen, run["seed"] + 1, part)
     torch.manual_seed(run["seed"])
     settings = {"calib": calib, "nsamples": run["nsamples"], "seqlen": run["seqlen"], "seed": run["seed"],
-                "group_size": config.group_size, "candidates": [c.label for c in candidates]}
+                "group_size": config.group_size, "candidates": [c.label for c in candidates],
+                "request": measure_request(run, config, opts, shared)}
     return measure_sensitivity(model, arch, windows, loss_windows, candidates, config, device, model_name=model_label,
                                granularity=opts.units, trace_method=opts.trace, trace_tol=opts.trace_tol,
                                max_probes=opts.probes, pair_bits=opts.pair_bits or None, pair_window=opts.pair_window,

@@ -102,18 +102,24 @@ def visit(model: nn.Module, arch: Arch, indices, device: torch.device, *, keep: 
 
 
 def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,
-          batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers") -> list[LayerInput] | None:
+          batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers", start: int = 0,
+          resume: Callable[[list[LayerInput] | None], list[LayerInput] | None] | None = None) -> list[LayerInput] | None:
     """Run ``step`` on every decoder layer in order; returns the last layer's outputs.
 
     ``windows`` (n, seq) token ids are pushed to the first layer's inputs (``None``: stages that use
     no activations, like round-to-nearest). ``keep``: a streamed model keeps what the stage left in
-    each layer (quantize) instead of dropping it again (evaluate)."""
+    each layer (quantize) instead of dropping it again (evaluate). ``start``: begin at that layer,
+    with the inputs ``resume(first layer's inputs)`` returns (a run resumed from saved layers: the
+    first layer's inputs still give the per-batch arguments, masks and positions, that every layer
+    shares)."""
     check_vocab(model, windows, desc)
     layers = decoder_layers(model, arch)
     at = [-1]
     with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
         inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
-        for i, layer in visit(model, arch, range(len(layers)), device, keep=keep, progress=progress, desc=desc):
+        if start:
+            inputs = resume(inputs)
+        for i, layer in visit(model, arch, range(start, len(layers)), device, keep=keep, progress=progress, desc=desc):
             at[0] = i
             inputs = step(i, layer, inputs)
     return inputs

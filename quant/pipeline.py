@@ -3,9 +3,11 @@ time on the working device and feed its *quantized* outputs to the next layer (G
 "Implementation details"), so peak memory is about one layer plus the calibration activations."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,11 +16,14 @@ from .capture import LayerInput, Replay, collect_hessians, run_layer
 
 from .arch import Arch, decoder_layers, set_submodule
 from .config import ConfigError, ModuleSpec, QuantConfig
-from .engine import sweep
+from .engine import sweep, visit
 from .stream import detach_store
 from .methods import get_method
 from .qlinear import QuantLinear
 from .quantizer import best_rows
+
+if TYPE_CHECKING:
+    from .resume import LayerState
 
 log = logging.getLogger("hmq")
 
@@ -69,8 +74,10 @@ def fp16_bytes(linear: nn.Linear) -> int:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: QuantConfig,
-                   device: torch.device, batch_size: int = 8, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`."""
+                   device: torch.device, batch_size: int = 8, progress: bool = True,
+                   state: "LayerState | None" = None) -> QuantReport:
+    """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`. ``state``: save
+    each finished layer there, and begin after the layers it already holds (a resumed run)."""
     method = get_method(config.method)
     specs = module_specs(model, arch, config)
     for name, spec in specs.items():  # fail before any work on shapes that cannot be grouped or packed
@@ -111,24 +118,58 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         kept, solved = results.pop("__grid_rows__")
         if solved:
             report.learned_grid_rows.append(kept / solved)
+        rows = []
         for n in arch.linears:
             linear = layer.get_submodule(n)
             if n in results:
                 qw, secs = results[n]
                 qlinear = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
                 set_submodule(layer, n, qlinear)
-                report.modules.append(ModuleResult(prefix + n, qw.bits, qw.group_size, linear.weight.numel(),
-                                                   qlinear.storage_bytes, secs))
+                rows.append(ModuleResult(prefix + n, qw.bits, qw.group_size, linear.weight.numel(),
+                                         qlinear.storage_bytes, secs))
             else:
-                report.modules.append(ModuleResult(prefix + n, 16, -1, linear.weight.numel(), fp16_bytes(linear), 0.0))
+                rows.append(ModuleResult(prefix + n, 16, -1, linear.weight.numel(), fp16_bytes(linear), 0.0))
+        report.modules.extend(rows)
+        if state is not None:
+            meta = {"modules": [dataclasses.asdict(r) for r in rows], "affine_loss": report.affine_loss[-1:] if method.affine else [],
+                    "grid_rows": report.learned_grid_rows[-1:] if solved else []}
+            streams = {"hidden": [o.hidden for o in outputs]} if outputs is not None else {}
+            if "inputs" in fp_stream:
+                streams["fp"] = [o.hidden for o in fp_stream["inputs"]]
+            state.save(i, layer, meta, streams)
         return outputs
+
+    start = _restore(model, arch, state, report, progress) if state is not None else 0
+
+    def resume(inputs):
+        streams = state.streams()
+        if inputs is None:
+            return None
+        if "fp" in streams:
+            fp_stream["inputs"] = [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(streams["fp"], inputs)]
+        return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(streams["hidden"], inputs)]
 
     # methods that use no activations (RTN) need no calibration forward passes at all
     sweep(model, arch, windows if method.needs_inputs else None, device, step, batch_size=batch_size, keep=True,
-          progress=progress, desc=f"{config.method} layers")
+          progress=progress, desc=f"{config.method} layers", start=start, resume=resume)
     detach_store(model)  # every layer is quantized and in memory now: nothing to read from the shards again
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _restore(model: nn.Module, arch: Arch, state, report: QuantReport, progress: bool) -> int:
+    """Put the layers ``state`` holds back into ``model`` and their rows into ``report``; returns
+    the first layer still to quantize."""
+    if state.done:
+        log.info("resuming from %s: %d of %d decoder layers were already quantized", state.folder, state.done,
+                 len(decoder_layers(model, arch)))
+    for i, layer in visit(model, arch, range(state.done), torch.device("cpu"), keep=True, progress=progress,
+                          desc="saved layers"):
+        meta = state.restore(i, layer)
+        report.modules.extend(ModuleResult(**m) for m in meta["modules"])
+        report.affine_loss.extend(meta["affine_loss"])
+        report.learned_grid_rows.extend(meta["grid_rows"])
+    return state.done
 
 
 def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput] | None,
@@ -231,8 +272,6 @@ def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bo
     """Load ``run["model"]`` (``stream``: layers stay on disk until the sweep needs them) on the
     run's device and dtype, and settle the group size as `quantize` does when it was not given.
     Returns (model, tokenizer, arch, config, device, dtype)."""
-    import dataclasses
-
     from .model_io import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(run["device"])

@@ -1,0 +1,121 @@
+"""Resume after a kill: a sweep's finished layers, saved one at a time in a folder beside the output.
+
+After each decoder layer the stage saves that layer's whole state (its quantized modules, and the
+fp tensors it changed or kept) and the activations the next layer needs, each file written to a
+temporary name and then renamed, and only then records the layer as done in ``state.json``. A
+kill at any point leaves a folder from which the same command goes on with the first layer not
+recorded, and ends with the same tensors as a run that was never stopped: the next layer's inputs
+and the random-number state are restored exactly.
+
+The folder belongs to one set of settings. A rerun with other settings is refused, naming what
+differs and how to discard the folder, so a stale state never leaks into a new run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import set_submodule
+from .config import ConfigError
+from .qlinear import QuantLinear
+
+STATE = "state.json"
+VERSION = 1
+
+
+class StaleState(ConfigError):
+    """The saved state was written by a run with other settings."""
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"hmq": json.dumps(meta)} if meta is not None else None)
+    os.replace(tmp, path)
+
+
+def _atomic_json(payload: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+class LayerState:
+    """Saved layers of one run in ``folder``; ``done``: how many layers, from the first, are saved.
+
+    ``settings`` (plain JSON data) identify the run: a folder written with other settings raises
+    :class:`StaleState` unless ``restart``, which discards it."""
+
+    def __init__(self, folder: str | Path, settings: dict, restart: bool = False, what: str = "run"):
+        self.folder = Path(folder).expanduser()
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        self.done = 0
+        state = self.folder / STATE
+        if restart and self.folder.exists():
+            shutil.rmtree(self.folder)
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("version") != VERSION or saved.get("settings") != self.settings:
+                old = saved.get("settings") or {}
+                keys = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+                raise StaleState(
+                    f"{self.folder} holds the saved layers of an unfinished {what} with other settings (differs in: "
+                    f"{', '.join(keys) or 'the state version'}). Rerun with the same settings to resume it, or "
+                    f"discard it: pass --restart, or delete the folder (rm -r {self.folder}).")
+            self.done = int(saved["done"])
+        elif self.folder.exists() and any(self.folder.iterdir()):
+            raise StaleState(f"{self.folder} exists but holds no {STATE}: it is not an hmq resume folder. Move or "
+                             "delete it, or choose another --out.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _layer_file(self, i: int) -> Path:
+        return self.folder / f"layer-{i:05d}.safetensors"
+
+    def _stream_file(self, i: int) -> Path:
+        return self.folder / f"inputs-{i:05d}.safetensors"
+
+    def save(self, i: int, layer: nn.Module, meta: dict, streams: dict[str, list[torch.Tensor]]) -> None:
+        """Layer ``i`` is finished: its state, ``meta`` (plain data), and ``streams`` (named lists of
+        per-batch activations entering layer ``i + 1``), then ``done = i + 1``."""
+        if i != self.done:
+            raise RuntimeError(f"layer {i} saved after {self.done} layers: layers are saved in order")
+        quantized = {n: [m.in_features, m.out_features, m.bits, m.group_size, m.sym, m.bias is not None,
+                         str(m.bias.dtype if m.bias is not None else torch.float16).removeprefix("torch.")]
+                     for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        _atomic_save(layer.state_dict(), self._layer_file(i), {"meta": meta, "quantized": quantized})
+        tensors = {f"{name}.{b}": t for name, batches in streams.items() for b, t in enumerate(batches)}
+        tensors["rng"] = torch.get_rng_state()
+        _atomic_save(tensors, self._stream_file(i + 1), {"streams": {k: len(v) for k, v in streams.items()}})
+        _atomic_json({"version": VERSION, "settings": self.settings, "done": i + 1}, self.folder / STATE)
+        self.done = i + 1
+        old = self._stream_file(i)
+        if old.exists():
+            old.unlink()
+
+    def restore(self, i: int, layer: nn.Module) -> dict:
+        """Put saved layer ``i`` (< ``done``) into ``layer`` (its fp skeleton, materialized); returns its meta."""
+        with safe_open(str(self._layer_file(i)), "pt") as f:
+            info = json.loads(f.metadata()["hmq"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        for name, (in_f, out_f, bits, gs, sym, bias, dtype) in info["quantized"].items():
+            set_submodule(layer, name, QuantLinear(in_f, out_f, bits, gs, sym, bias, getattr(torch, dtype)))
+        layer.load_state_dict(state, strict=True)
+        return info["meta"]
+
+    def streams(self) -> dict[str, list[torch.Tensor]]:
+        """The activations entering layer ``done``, and the random-number state restored as it was."""
+        with safe_open(str(self._stream_file(self.done)), "pt") as f:
+            counts = json.loads(f.metadata()["hmq"])["streams"]
+            torch.set_rng_state(f.get_tensor("rng"))
+            return {name: [f.get_tensor(f"{name}.{b}") for b in range(n)] for name, n in counts.items()}
+
+    def finish(self) -> None:
+        """The run's output is written: the saved layers are not needed any more."""
+        shutil.rmtree(self.folder, ignore_errors=True)
