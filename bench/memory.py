@@ -78,7 +78,11 @@ def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
         # keeps random models' runs short: memory, not the measurement's cost, is what this compares
         "measure": ["measure", "--model", str(model), *calib, *args.measure_flags.split(), "--out", str(work / "m.sens")],
         "budget": ["quantize", "--model", str(model), "--budget", "3.0", *calib, *args.measure_flags.split(),
-                   "--out", str(work / "b"), "--overwrite"],
+                   "--out", str(work / "b"), "--overwrite", "--restart"],
+        # a few generations of the search on top: its candidate database and stitched-model losses
+        "search": ["quantize", "--model", str(model), "--budget", "3.0", "--search", "2", "--search-samples", "2",
+                   "--search-seqlen", "256", "--search-offspring", "2", *calib, *args.measure_flags.split(),
+                   "--out", str(work / "s"), "--overwrite", "--restart"],
     }
 
 
@@ -90,7 +94,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4, help="evaluation windows")
     p.add_argument("--method", default="gptq", help="hmq's --method for quantize")
     p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
-    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget"])
+    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget", "search"])
     p.add_argument("--quantize-flags", default="", help="extra flags of the quantize command (e.g. --no-clip)")
     p.add_argument("--measure-flags", default="--candidates 2,4 --probes 2 --single-bits 2 --pair-bits 2 --loss-samples 2",
                    help="flags of the measure and budget commands (default: a light measurement)")
@@ -132,7 +136,7 @@ def main() -> None:
         print(f"{r['model']:<10} {r['params'] / 1e6:>7.0f}M {r['fp16_gb']:>8.2f} {r['code']:<7} {r['command']:<9} "
               f"{r['rss_gb']:>11.2f} {r['seconds']:>7.1f}")
     for label in sources:
-        for cmd in ("quantize", "eval", "measure", "budget"):
+        for cmd in ("quantize", "eval", "measure", "budget", "search"):
             peak = {r["model"]: r["rss_gb"] for r in rows if r["code"] == label and r["command"] == cmd}
             if "d4-h1024" in peak and "d32-h1024" in peak:
                 ratio = peak["d32-h1024"] / peak["d4-h1024"]
