@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -550,12 +551,21 @@ class _StderrHandler(logging.StreamHandler):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from quant import dist
+
+    if dist.launched() and args.command != "quantize":
+        print(f"hmq: error: only `hmq quantize` runs under torchrun so far: run `hmq {args.command}` in one process.",
+              file=sys.stderr)
+        return 2
+    if dist.launched() and os.environ.get("RANK", "0") != "0":  # one process reports
+        args.no_progress, args.verbose = True, False
+        sys.stdout = open(os.devnull, "w")
     if not log.handlers:  # our messages only; other libraries keep their own logging
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("hmq: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     from calibration.data import DataError
     from quant.hessian import CalibrationError
     from quant.config import ConfigError
@@ -568,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "measure": cmd_measure,
                     "frontier": cmd_frontier, "export": cmd_export}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        dist.finish()
+        return code
     except (ConfigError, DataError, CalibrationError, CheckpointError, ModelLoadError, BudgetError, EvalError,
             OutOfMemory, TokenizerMismatch) as exc:
         print(f"hmq: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from quant import dist
 from quant.config import ConfigError, QuantConfig
 from quant.resume import LayerState
 
@@ -83,6 +84,9 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
 
     if search is not None:
         search.check()
+    if dist.launched():
+        _check_distributed(budget, sensitivity, search)
+        run = {**run, "device": dist.init(run["device"])}
     if out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(out, overwrite)
     if budget.mixed and not sensitivity:  # measure only what the target engine runs
@@ -137,9 +141,10 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
              "quantize_seconds": report.seconds}
     if allocation is not None:
         allocation = extra["allocation"] = {**allocation, "objective": alloc.objective}
-    save_quantized(model, tokenizer, out, config, overwrite=overwrite, extra=extra, fmt=fmt, engine=engine)
+    if dist.is_main():
+        save_quantized(model, tokenizer, out, config, overwrite=overwrite, extra=extra, fmt=fmt, engine=engine)
     if budget.max_ppl_increase is None:
-        state.finish()
+        state.finish()  # waits for the checkpoint
     return QuantizeResult(out, report, config, allocation)
 
 
@@ -150,6 +155,16 @@ def _state_settings(run: dict, config: QuantConfig, model, arch) -> dict:
 
     return {"model": fingerprint(model, build_units(model, arch, "linear")), "config": config.to_dict(),
             "calibration": {k: run[k] for k in ("calib", "nsamples", "seqlen", "seed", "batch_size", "dtype")}}
+
+
+def _check_distributed(budget: BudgetOptions, sensitivity: str | None, search: SearchOptions | None) -> None:
+    """What runs across processes so far: uniform quantization, and a budget from a measurement."""
+    if budget.mixed and not sensitivity:
+        raise ConfigError("under torchrun a budget needs --sensitivity: the measurement does not run across processes "
+                          "yet (run `hmq measure` in one process first).")
+    if search is not None or budget.max_ppl_increase is not None:
+        raise ConfigError("--search and --max-ppl-increase do not run across processes yet: run them in one process "
+                          "(without torchrun).")
 
 
 def load_quantizable(run: dict, dtype):

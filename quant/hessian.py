@@ -1,5 +1,7 @@
 """The layer-wise proxy Hessian ``H = 2 X Xᵀ / n`` of a linear layer's inputs (GPTQ, eq. 1-2),
-kept as an fp32 sum plus a row count so batches can arrive one at a time."""
+kept as a sum plus a row count so batches can arrive one at a time. Each batch's ``XᵀX`` is an fp32
+product; the sum is kept in fp64, so it does not depend (to fp32 precision) on the order batches
+arrive in, or on how they are split over processes, whose sums are all-reduced (:mod:`quant.dist`)."""
 from __future__ import annotations
 
 import torch
@@ -18,8 +20,8 @@ def accumulate_hessian(H_sum: torch.Tensor | None, x: torch.Tensor, name: str = 
             "(try --dtype float32 or bfloat16 instead of float16) or its weights are already broken."
         )
     if H_sum is None:
-        H_sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-    H_sum.addmm_(x.T, x)  # (in, in)
+        H_sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    H_sum.add_(x.T @ x)  # (in, in): the fp32 product added in fp64, without an fp64 copy of it
     return H_sum, x.shape[0]
 
 
@@ -28,12 +30,22 @@ class HessianAccumulator:
 
     def __init__(self, name: str):
         self.name, self.sum, self.count = name, None, 0
+        self._H: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         self.sum, rows = accumulate_hessian(self.sum, x, self.name)
         self.count += rows
 
     def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise CalibrationError(f"{self.name} received no calibration inputs: is it used in the forward pass?")
-        return self.sum * (2.0 / self.count)  # (in, in)
+        """``H`` (in, in) in fp32 over every process's inputs; the sum is consumed (scaled in place)."""
+        if self._H is None:
+            from . import dist
+
+            count = float(dist.all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64))[0])
+            if count == 0:
+                raise CalibrationError(f"{self.name} received no calibration inputs: is it used in the forward pass?")
+            if self.sum is None:  # this process saw no rows (cannot happen with whole batches per rank)
+                raise CalibrationError(f"{self.name}: no calibration inputs reached this process.")
+            self._H = dist.all_reduce_sum(self.sum).mul_(2.0 / count).to(torch.float32)
+            self.sum = None
+        return self._H

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import dist
 from .capture import LayerInput, Replay, collect_hessians, run_layer
 
 from .arch import Arch, decoder_layers, set_submodule
@@ -20,7 +21,7 @@ from .engine import sweep, visit
 from .stream import detach_store
 from .methods import get_method
 from .qlinear import QuantLinear
-from .quantizer import best_rows
+from .quantizer import QuantizedWeight, best_rows
 
 if TYPE_CHECKING:
     from .resume import LayerState
@@ -94,6 +95,9 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
                               f"this architecture lacks {missing}.")
         heads = affine.Heads.of(model.config)
         settings = affine.AffineSettings(epochs=config.affine_epochs, lr=config.affine_lr, clip_lr=2 * config.affine_lr)
+    if dist.world() > 1 and method.affine:
+        raise ConfigError(f"--method {config.method} learns its transforms by gradient descent on the calibration "
+                          "windows, which does not run across processes yet: run it in one process (without torchrun).")
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     fp_stream: dict = {}  # affine methods: the full-precision stream they learn to match
 
@@ -150,7 +154,8 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(streams["hidden"], inputs)]
 
     # methods that use no activations (RTN) need no calibration forward passes at all
-    sweep(model, arch, windows if method.needs_inputs else None, device, step, batch_size=batch_size, keep=True,
+    windows = dist.shard_batches(windows, batch_size) if method.needs_inputs else None  # this process's batches
+    sweep(model, arch, windows, device, step, batch_size=batch_size, keep=True,
           progress=progress, desc=f"{config.method} layers", start=start, resume=resume)
     detach_store(model)  # every layer is quantized and in memory now: nothing to read from the shards again
     report.seconds = time.perf_counter() - t_start
@@ -194,7 +199,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
             weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
             label = prefix + ("{" + ",".join(members) + "}" if len(members) > 1 else members[0])
             if grids is None:
-                qw = method.fn(weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
+                qw = _solve(method, weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
             else:  # one fixed grid per group, the members' rows stacked like their weights
                 grid = [(torch.cat([grids[n][g][0] for n in members]), torch.cat([grids[n][g][1] for n in members]))
                         for g in range(len(grids[members[0]]))]
@@ -224,6 +229,18 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
     results["__outputs__"] = run_layer(layer, inputs, replay) if inputs is not None else None
     results["__grid_rows__"] = tuple(grid_rows)
     return results
+
+
+def _solve(method, weight: torch.Tensor, H: torch.Tensor | None, spec: ModuleSpec, config: QuantConfig, label: str):
+    """``method`` on ``weight`` (out, in). With several processes each solves a share of the output
+    rows (GPTQ and RTN treat every row on its own, given ``H``) and all receive the whole."""
+    if dist.world() == 1 or not method.row_independent or weight.shape[0] < dist.world():
+        return method.fn(weight, H, spec, config, label)
+    rows = torch.arange(weight.shape[0]).tensor_split(dist.world())[dist.rank()]
+    part = method.fn(weight[rows[0]: rows[-1] + 1], H, spec, config, label)
+    parts = [p.to(weight.device) for p in dist.gather_all(part.to("cpu"))]
+    return QuantizedWeight(torch.cat([p.intweight for p in parts]), torch.cat([p.scales for p in parts], 1),
+                           torch.cat([p.zeros for p in parts], 1), parts[0].g_idx, part.bits, part.group_size, part.sym)
 
 
 def _stacks(names: list[str], hessians: dict, specs: dict, prefix: str, row_independent: bool) -> list[list[str]]:

@@ -41,6 +41,10 @@ class QuantizedWeight:
         return QuantizedWeight(self.intweight[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
                                self.g_idx, self.bits, self.group_size, self.sym)
 
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.intweight.to(device), self.scales.to(device), self.zeros.to(device),
+                               self.g_idx.to(device), self.bits, self.group_size, self.sym)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
         w = (self.intweight.to(torch.float32) - self.zeros[g].T.to(torch.float32)) * self.scales[g].T  # (out, in)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import dist
 from .arch import set_submodule
 from .config import ConfigError
 from .qlinear import QuantLinear
@@ -55,11 +56,13 @@ class LayerState:
 
     def __init__(self, folder: str | Path, settings: dict, restart: bool = False, what: str = "run"):
         self.folder = Path(folder).expanduser()
-        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        # as it reads back from JSON; each process saves its own activations, so their number counts too
+        self.settings = json.loads(json.dumps({**settings, "processes": dist.world()}))
         self.done = 0
         state = self.folder / STATE
-        if restart and self.folder.exists():
+        if restart and self.folder.exists() and dist.is_main():
             shutil.rmtree(self.folder)
+        dist.barrier()
         if state.is_file():
             saved = json.loads(state.read_text())
             if saved.get("version") != VERSION or saved.get("settings") != self.settings:
@@ -73,13 +76,16 @@ class LayerState:
         elif self.folder.exists() and any(self.folder.iterdir()):
             raise StaleState(f"{self.folder} exists but holds no {STATE}: it is not an hmq resume folder. Move or "
                              "delete it, or choose another --out.")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
 
     def _layer_file(self, i: int) -> Path:
         return self.folder / f"layer-{i:05d}.safetensors"
 
     def _stream_file(self, i: int) -> Path:
-        return self.folder / f"inputs-{i:05d}.safetensors"
+        part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process has its own batches
+        return self.folder / f"inputs-{i:05d}{part}.safetensors"
 
     def save(self, i: int, layer: nn.Module, meta: dict, streams: dict[str, list[torch.Tensor]]) -> None:
         """Layer ``i`` is finished: its state, ``meta`` (plain data), and ``streams`` (named lists of
@@ -89,11 +95,15 @@ class LayerState:
         quantized = {n: [m.in_features, m.out_features, m.bits, m.group_size, m.sym, m.bias is not None,
                          str(m.bias.dtype if m.bias is not None else torch.float16).removeprefix("torch.")]
                      for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-        _atomic_save(layer.state_dict(), self._layer_file(i), {"meta": meta, "quantized": quantized})
+        if dist.is_main():  # every process holds the same layer
+            _atomic_save(layer.state_dict(), self._layer_file(i), {"meta": meta, "quantized": quantized})
         tensors = {f"{name}.{b}": t for name, batches in streams.items() for b, t in enumerate(batches)}
         tensors["rng"] = torch.get_rng_state()
         _atomic_save(tensors, self._stream_file(i + 1), {"streams": {k: len(v) for k, v in streams.items()}})
-        _atomic_json({"version": VERSION, "settings": self.settings, "done": i + 1}, self.folder / STATE)
+        dist.barrier()  # every process's files are in place before the layer counts as done
+        if dist.is_main():
+            _atomic_json({"version": VERSION, "settings": self.settings, "done": i + 1}, self.folder / STATE)
+        dist.barrier()
         self.done = i + 1
         old = self._stream_file(i)
         if old.exists():
@@ -118,4 +128,6 @@ class LayerState:
 
     def finish(self) -> None:
         """The run's output is written: the saved layers are not needed any more."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        dist.barrier()
+        if dist.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)

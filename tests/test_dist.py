@@ -1,0 +1,85 @@
+"""Several processes: ``torchrun`` with 2 gloo processes on the CPU writes the same checkpoint as one
+process, and a rank that fails ends the run with its message instead of leaving the others waiting."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant.export import read_tensors
+
+HERE = Path(__file__).resolve().parent
+COMMON = ["--nsamples", 8, "--seqlen", 32, "--batch-size", 2, "--group-size", 32, "--no-progress"]
+
+
+def hmq(args, processes: int, env_extra: dict | None = None, timeout: int = 300):
+    """The hmq command in ``processes`` processes (1: plain python, no torchrun), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    worker = [str(HERE / "dist_worker.py"), *map(str, args)]
+    if processes == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *worker]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from .conftest import build_tiny
+
+    path = tmp_path_factory.mktemp("tiny-llama-dist")
+    build_tiny("llama", num_hidden_layers=3).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_two_processes_write_the_checkpoint_one_writes(model_dir, text_file, tmp_path, method):
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, "--method", method, *COMMON]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert two.stdout.count("wrote") == 1  # one process reports and writes
+
+
+def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_dir, text_file, tmp_path):
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, *COMMON]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    killed = hmq([*args, "--out", tmp_path / "two"], 2, {"HMQ_TEST_KILL_AFTER": "2"})
+    assert killed.returncode != 0 and (tmp_path / "two.partial" / "inputs-00002-rank1.safetensors").is_file()
+    one_proc = hmq([*args, "--out", tmp_path / "two"], 1)  # each process saved its own batches' activations
+    assert one_proc.returncode == 2 and "differs in: processes" in one_proc.stderr
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 of 3 decoder layers were already quantized" in two.stderr
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_file, tmp_path):
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, *COMMON, "--out", tmp_path / "q"]
+    t0 = time.perf_counter()
+    done = hmq(args, 2, {"HMQ_TEST_FAIL_RANK": "1"}, timeout=240)
+    assert done.returncode != 0
+    assert "injected failure on rank 1" in done.stderr
+    assert time.perf_counter() - t0 < 200  # ended, not left waiting for the dead rank
+    assert not (tmp_path / "q").exists()
+
+
+def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
+    done = hmq(["measure", "--model", model_dir, "--calib", text_file, "--out", tmp_path / "m.sens"], 2)
+    assert done.returncode != 0 and "only `hmq quantize` runs under torchrun" in done.stderr
+    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--budget", 3.0,
+                "--out", tmp_path / "b"], 2)
+    assert done.returncode != 0 and "needs --sensitivity" in done.stderr
