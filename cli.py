@@ -557,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hmq: error: only `hmq quantize` runs under torchrun so far: run `hmq {args.command}` in one process.",
               file=sys.stderr)
         return 2
-    if dist.launched() and os.environ.get("RANK", "0") != "0":  # one process reports
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if dist.launched() and not main_rank:  # one process reports
         args.no_progress, args.verbose = True, False
         sys.stdout = open(os.devnull, "w")
     if not log.handlers:  # our messages only; other libraries keep their own logging
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("hmq: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if dist.launched() and not main_rank else logging.INFO)
     from calibration.data import DataError
     from quant.hessian import CalibrationError
     from quant.config import ConfigError

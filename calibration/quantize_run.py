@@ -126,15 +126,12 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
                          run["batch_size"])
         model, report, allocation, config = res.model, res.report, res.allocation, res.config
     else:
+        identity = _state_settings(run, config, model, arch, dtype, device, budget, alloc, sens)
+        state = LayerState(f"{out}.partial", identity, restart, "quantize run")
         if budget.mixed:
-            from .mixed import config_for
-
-            chosen, record = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config,
-                                         device, calib, progress)
-            config = config_for(sens, chosen, config)
-            allocation = chosen.to_dict() | ({"search": record} if record is not None else {})
+            config, allocation = _chosen(state, sens, budget, alloc, search, run, model, tokenizer, arch, windows,
+                                         config, device, calib, progress)
         check_engine_early(model, arch, config, fmt, engine)
-        state = LayerState(f"{out}.partial", _state_settings(run, config, model, arch), restart, "quantize run")
         report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=progress,
                                 state=state)
     extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")} | {"source": calib},
@@ -148,13 +145,48 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
     return QuantizeResult(out, report, config, allocation)
 
 
-def _state_settings(run: dict, config: QuantConfig, model, arch) -> dict:
-    """What identifies a quantize run's saved layers: the model's weights, the calibration and every
-    quantization setting (a mixed run's allocation is in the config's overrides)."""
+def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, budget: BudgetOptions,
+                    alloc: AllocOptions, sens) -> dict:
+    """What identifies a quantize run's saved layers: the model's weights, the calibration, the
+    dtype and kind of device the layers were computed in, every quantization setting and, for a
+    mixed run, what its allocation is made from (the measurement, the budget and the objective)."""
+    import dataclasses
+    import hashlib
+    import json
+
     from .units import build_units, fingerprint
 
-    return {"model": fingerprint(model, build_units(model, arch, "linear")), "config": config.to_dict(),
-            "calibration": {k: run[k] for k in ("calib", "nsamples", "seqlen", "seed", "batch_size", "dtype")}}
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    settings = {"model": fingerprint(model, build_units(model, arch, "linear")), "config": config.to_dict(),
+                "calibration": {k: run[k] for k in ("calib", "nsamples", "seqlen", "seed", "batch_size")},
+                "compute": {"dtype": str(dtype), "device": torch.device(device).type}}
+    if budget.mixed:
+        settings["allocation"] = {"measurement": digest([sens.fingerprint, sens.settings]),
+                                  "budget": digest(dataclasses.asdict(budget)), "objective": dataclasses.asdict(alloc)}
+    return settings
+
+
+def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenizer, arch, windows, config, device,
+            calib, progress) -> tuple[QuantConfig, dict]:
+    """A mixed run's config and allocation: the one its first start chose (kept in ``state``: an
+    ILP under a time limit need not choose the same twice), else chosen now, by the first process
+    for all of them."""
+    from .mixed import config_for
+
+    if state.extra.get("config"):
+        log.info("using the allocation the first start of this run chose (kept in %s)", state.folder)
+        return QuantConfig.from_dict(state.extra["config"]), state.extra["allocation"]
+    shared = None
+    if dist.is_main():
+        chosen, record = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config, device,
+                                     calib, progress)
+        shared = {"config": config_for(sens, chosen, config).to_dict(),
+                  "allocation": chosen.to_dict() | ({"search": record} if record is not None else {})}
+    shared = dist.gather_all(shared)[0]
+    state.extra = shared
+    return QuantConfig.from_dict(shared["config"]), shared["allocation"]
 
 
 def _check_distributed(budget: BudgetOptions, sensitivity: str | None, search: SearchOptions | None) -> None:

@@ -41,11 +41,11 @@ class HessianAccumulator:
         if self._H is None:
             from . import dist
 
-            count = float(dist.all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64))[0])
-            if count == 0:
+            if self.sum is None:  # every process gets whole batches, so none sees no rows
                 raise CalibrationError(f"{self.name} received no calibration inputs: is it used in the forward pass?")
-            if self.sum is None:  # this process saw no rows (cannot happen with whole batches per rank)
-                raise CalibrationError(f"{self.name}: no calibration inputs reached this process.")
+            # on the sum's device: NCCL reduces GPU tensors only
+            count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+            count = float(dist.all_reduce_sum(count)[0])
             self._H = dist.all_reduce_sum(self.sum).mul_(2.0 / count).to(torch.float32)
             self.sum = None
         return self._H

@@ -59,12 +59,18 @@ class LayerState:
         # as it reads back from JSON; each process saves its own activations, so their number counts too
         self.settings = json.loads(json.dumps({**settings, "processes": dist.world()}))
         self.done = 0
+        self.extra: dict = {}  # what the run decided before its first layer (a mixed run's allocation)
         state = self.folder / STATE
         if restart and self.folder.exists() and dist.is_main():
             shutil.rmtree(self.folder)
         dist.barrier()
-        if state.is_file():
-            saved = json.loads(state.read_text())
+        saved = json.loads(state.read_text()) if state.is_file() else None
+        if saved is not None and saved.get("done") == 0 and saved.get("settings") != self.settings:
+            saved = None  # nothing was saved under those settings: nothing to lose
+            if dist.is_main():
+                shutil.rmtree(self.folder)
+            dist.barrier()
+        if saved is not None:
             if saved.get("version") != VERSION or saved.get("settings") != self.settings:
                 old = saved.get("settings") or {}
                 keys = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
@@ -73,12 +79,19 @@ class LayerState:
                     f"{', '.join(keys) or 'the state version'}). Rerun with the same settings to resume it, or "
                     f"discard it: pass --restart, or delete the folder (rm -r {self.folder}).")
             self.done = int(saved["done"])
+            self.extra = saved.get("extra") or {}
         elif self.folder.exists() and any(self.folder.iterdir()):
             raise StaleState(f"{self.folder} exists but holds no {STATE}: it is not an hmq resume folder. Move or "
                              "delete it, or choose another --out.")
-        if dist.is_main():
-            self.folder.mkdir(parents=True, exist_ok=True)
+        else:  # recorded before any layer, so a kill while layer 0 is saved leaves a folder a rerun reads
+            if dist.is_main():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._write_state()
         dist.barrier()
+
+    def _write_state(self) -> None:
+        _atomic_json({"version": VERSION, "settings": self.settings, "done": self.done, "extra": self.extra},
+                     self.folder / STATE)
 
     def _layer_file(self, i: int) -> Path:
         return self.folder / f"layer-{i:05d}.safetensors"
@@ -101,10 +114,10 @@ class LayerState:
         tensors["rng"] = torch.get_rng_state()
         _atomic_save(tensors, self._stream_file(i + 1), {"streams": {k: len(v) for k, v in streams.items()}})
         dist.barrier()  # every process's files are in place before the layer counts as done
-        if dist.is_main():
-            _atomic_json({"version": VERSION, "settings": self.settings, "done": i + 1}, self.folder / STATE)
-        dist.barrier()
         self.done = i + 1
+        if dist.is_main():
+            self._write_state()
+        dist.barrier()
         old = self._stream_file(i)
         if old.exists():
             old.unlink()

@@ -62,30 +62,31 @@ def same_tensors(a, b):
     assert not different, different[:5]
 
 
-@pytest.mark.parametrize("method,where", [("gptq", "after"), ("gptq", "before-state"), ("rtn", "after"),
-                                          ("affine+gptq", "after")])
+@pytest.mark.parametrize("method,where,layers", [("gptq", "after", 2), ("gptq", "before-state", 2),
+                                                 ("gptq", "before-state", 0), ("rtn", "after", 2),
+                                                 ("affine+gptq", "after", 2)])
 def test_killed_quantize_resumes_to_the_same_tensors(deep_model_dir, text_file, tmp_path, monkeypatch, caplog,
-                                                     method, where):
+                                                     method, where, layers):
     """affine+gptq also carries the fp model's activations from layer to layer, and draws random numbers."""
     args = ["quantize", "--model", deep_model_dir, "--calib", text_file, "--bits", 3, "--method", method, *COMMON,
             *(["--affine-epochs", 1] if method.startswith("affine") else [])]
     assert run(*args, "--out", tmp_path / "whole") == 0
     assert not (tmp_path / "whole.partial").exists()  # removed once the checkpoint is written
 
-    heal = kill_after(monkeypatch, 2, where)
+    heal = kill_after(monkeypatch, layers, where)
     with pytest.raises(Killed):
         run(*args, "--out", tmp_path / "resumed")
     heal()
     partial = tmp_path / "resumed.partial"
     state = json.loads((partial / "state.json").read_text())
-    assert state["done"] == 2 and not (tmp_path / "resumed").exists()
+    assert state["done"] == layers and not (tmp_path / "resumed").exists()
     with caplog.at_level(logging.INFO, logger="hmq"):
         logging.getLogger("hmq").addHandler(caplog.handler)
         try:
             assert run(*args, "--out", tmp_path / "resumed") == 0
         finally:
             logging.getLogger("hmq").removeHandler(caplog.handler)
-    assert "2 of 4 decoder layers were already quantized" in caplog.text
+    assert layers == 0 or f"{layers} of 4 decoder layers were already quantized" in caplog.text
     same_tensors(tmp_path / "whole", tmp_path / "resumed")
     assert not partial.exists()
 
@@ -112,6 +113,14 @@ def test_a_folder_that_is_not_a_state_is_not_touched(tmp_path):
     with pytest.raises(resume.StaleState, match="not an hmq resume folder"):
         resume.LayerState(folder, {"a": 1})
     assert (folder / "mine.txt").read_text() == "keep me"
+
+
+def test_a_state_with_no_layer_saved_gives_way_to_new_settings(tmp_path):
+    first = resume.LayerState(tmp_path / "s", {"a": 1})
+    assert first.done == 0 and (tmp_path / "s" / "state.json").is_file()  # recorded before any layer
+    second = resume.LayerState(tmp_path / "s", {"a": 2})  # nothing to lose: no refusal
+    assert second.done == 0
+    assert json.loads((tmp_path / "s" / "state.json").read_text())["settings"]["a"] == 2
 
 
 def test_state_round_trip_restores_layer_inputs_and_rng(tmp_path):
@@ -156,5 +165,6 @@ def test_a_killed_budget_run_keeps_its_measurement(deep_model_dir, text_file, tm
     finally:
         logging.getLogger("hmq").removeHandler(caplog.handler)
     assert "measured with the same settings" in caplog.text and "3 of 4 decoder layers" in caplog.text
+    assert "using the allocation the first start of this run chose" in caplog.text
     assert "measuring sensitivity" not in caplog.text
     same_tensors(tmp_path / "whole", tmp_path / "resumed")
