@@ -227,7 +227,7 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
         sens = Sensitivity.load(path)
         sens.check_model(model, arch)
     else:
-        sens = measure_model(model, tokenizer, arch, config, run, measure, device, model_label(run["model"]),
+        sens = measure_model(model, tokenizer, arch, config, run, measure, device, run["model"] or DEFAULT_MODEL_LABEL,
                              shared=shared, progress=progress)
         log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
     if sens.settings.get("method") != config.method:
