@@ -65,11 +65,12 @@ class LayerState:
             shutil.rmtree(self.folder)
         dist.barrier()
         saved = json.loads(state.read_text()) if state.is_file() else None
+        foreign = saved is None and self.folder.exists() and any(self.folder.iterdir())
+        dist.barrier()  # every process has looked at the folder before the first one writes to it
         if saved is not None and saved.get("done") == 0 and saved.get("settings") != self.settings:
             saved = None  # nothing was saved under those settings: nothing to lose
             if dist.is_main():
                 shutil.rmtree(self.folder)
-            dist.barrier()
         if saved is not None:
             if saved.get("version") != VERSION or saved.get("settings") != self.settings:
                 old = saved.get("settings") or {}
@@ -80,7 +81,7 @@ class LayerState:
                     f"discard it: pass --restart, or delete the folder (rm -r {self.folder}).")
             self.done = int(saved["done"])
             self.extra = saved.get("extra") or {}
-        elif self.folder.exists() and any(self.folder.iterdir()):
+        elif foreign:
             raise StaleState(f"{self.folder} exists but holds no {STATE}: it is not an hmq resume folder. Move or "
                              "delete it, or choose another --out.")
         else:  # recorded before any layer, so a kill while layer 0 is saved leaves a folder a rerun reads

@@ -1,6 +1,8 @@
 """What ``torchrun`` starts in the distributed tests: the hmq command, with a failure injected on
-one rank when ``HMQ_TEST_FAIL_RANK`` names it (to check that it takes the others down), or every
-process killed once ``HMQ_TEST_KILL_AFTER`` layers are saved (to check resuming)."""
+one rank when ``HMQ_TEST_FAIL_RANK`` names it (to check that it takes the others down), the rank
+``HMQ_TEST_SLOW_RANK`` names slowed just after it looks for a resume state (to check that the
+others wait for it before writing one), or every process killed once ``HMQ_TEST_KILL_AFTER`` layers
+are saved (to check resuming)."""
 import os
 import sys
 
@@ -15,6 +17,20 @@ if os.environ.get("HMQ_TEST_FAIL_RANK") not in (None, "") and os.environ.get("HM
         raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
 
     quant.methods.gptq_quantize = broken
+
+if os.environ.get("HMQ_TEST_SLOW_RANK") not in (None, "") and os.environ.get("HMQ_TEST_SLOW_RANK") == os.environ.get("RANK"):
+    import pathlib
+    import time
+
+    is_file = pathlib.Path.is_file
+
+    def slow_is_file(self, *args, **kwargs):
+        found = is_file(self, *args, **kwargs)
+        if self.name == "state.json":
+            time.sleep(2)  # long enough for a process that does not wait to write the state meanwhile
+        return found
+
+    pathlib.Path.is_file = slow_is_file
 
 if os.environ.get("HMQ_TEST_KILL_AFTER"):
     import quant.resume

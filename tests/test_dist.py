@@ -67,6 +67,16 @@ def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_di
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def test_a_slow_rank_finds_the_resume_folder_the_first_one_starts(model_dir, text_file, tmp_path):
+    # the first process creates the resume folder; one that looks for it later must not take it
+    # for someone else's folder (as CI once saw under load)
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, "--method", "rtn", *COMMON,
+            "--out", tmp_path / "q"]
+    done = hmq(args, 2, {"HMQ_TEST_SLOW_RANK": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "q").is_dir() and not (tmp_path / "q.partial").exists()
+
+
 def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_file, tmp_path):
     args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, *COMMON, "--out", tmp_path / "q"]
     t0 = time.perf_counter()
