@@ -149,9 +149,12 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         streams = state.streams()
         if inputs is None:
             return None
+        def placed(hidden):  # the saved activations, with the kwargs the sweep made for these batches
+            return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(hidden, inputs)]
+
         if "fp" in streams:
-            fp_stream["inputs"] = [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(streams["fp"], inputs)]
-        return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(streams["hidden"], inputs)]
+            fp_stream["inputs"] = placed(streams["fp"])
+        return placed(streams["hidden"])
 
     # methods that use no activations (RTN) need no calibration forward passes at all
     windows = dist.shard_batches(windows, batch_size) if method.needs_inputs else None  # this process's batches
@@ -238,9 +241,7 @@ def _solve(method, weight: torch.Tensor, H: torch.Tensor | None, spec: ModuleSpe
         return method.fn(weight, H, spec, config, label)
     rows = torch.arange(weight.shape[0]).tensor_split(dist.world())[dist.rank()]
     part = method.fn(weight[rows[0]: rows[-1] + 1], H, spec, config, label)
-    parts = [p.to(weight.device) for p in dist.gather_all(part.to("cpu"))]
-    return QuantizedWeight(torch.cat([p.intweight for p in parts]), torch.cat([p.scales for p in parts], 1),
-                           torch.cat([p.zeros for p in parts], 1), parts[0].g_idx, part.bits, part.group_size, part.sym)
+    return QuantizedWeight.cat_rows([p.to(weight.device) for p in dist.gather_all(part.to("cpu"))])
 
 
 def _stacks(names: list[str], hessians: dict, specs: dict, prefix: str, row_independent: bool) -> list[list[str]]:

@@ -41,6 +41,13 @@ class QuantizedWeight:
         return QuantizedWeight(self.intweight[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
                                self.g_idx, self.bits, self.group_size, self.sym)
 
+    @staticmethod
+    def cat_rows(parts: "list[QuantizedWeight]") -> "QuantizedWeight":
+        """The inverse of :meth:`rows`: ``parts`` (same columns, groups and width) stacked by output row."""
+        first = parts[0]
+        return QuantizedWeight(torch.cat([p.intweight for p in parts]), torch.cat([p.scales for p in parts], 1),
+                               torch.cat([p.zeros for p in parts], 1), first.g_idx, first.bits, first.group_size, first.sym)
+
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(self.intweight.to(device), self.scales.to(device), self.zeros.to(device),
                                self.g_idx.to(device), self.bits, self.group_size, self.sym)

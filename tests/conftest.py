@@ -72,15 +72,20 @@ def tiny_model():
     return build_tiny("llama")
 
 
+def save_tiny(path, tokenizer_dir, max_shard_size: str | None = None, **config):
+    """A tiny Llama (``config`` overrides) saved with save_pretrained in ``path``, with its tokenizer,
+    as a user's local folder; returns ``path``."""
+    from transformers import AutoTokenizer
+
+    build_tiny("llama", **config).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A tiny Llama saved with save_pretrained, with its tokenizer, as a user's local folder."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

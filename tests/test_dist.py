@@ -28,14 +28,9 @@ def hmq(args, processes: int, env_extra: dict | None = None, timeout: int = 300)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer
+    from .conftest import save_tiny
 
-    from .conftest import build_tiny
-
-    path = tmp_path_factory.mktemp("tiny-llama-dist")
-    build_tiny("llama", num_hidden_layers=3).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-dist"), tokenizer_dir, num_hidden_layers=3)
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])

@@ -10,7 +10,7 @@ import cli
 from quant import resume
 from quant.export import read_tensors
 
-from .conftest import build_tiny
+from .conftest import build_tiny, save_tiny
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
 
@@ -25,12 +25,7 @@ def run(*argv):
 
 @pytest.fixture(scope="module")
 def deep_model_dir(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-llama-4")
-    build_tiny("llama", num_hidden_layers=4).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-4"), tokenizer_dir, num_hidden_layers=4)
 
 
 def kill_after(monkeypatch, layers: int, where: str = "after"):

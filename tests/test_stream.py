@@ -14,7 +14,7 @@ from quant.pipeline import quantize_model
 from quant.qlinear import QuantLinear
 from quant.stream import ShardStore, StreamError, is_streamed
 
-from .conftest import build_tiny, windows
+from .conftest import save_tiny, windows
 
 CPU = torch.device("cpu")
 
@@ -22,11 +22,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory, tokenizer_dir):
     """A 4-layer tiny Llama saved in many small shards, untied head, as big models are."""
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("sharded")
-    build_tiny("llama", num_hidden_layers=4, tie_word_embeddings=False).save_pretrained(path, max_shard_size="100KB")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    path = save_tiny(tmp_path_factory.mktemp("sharded"), tokenizer_dir, "100KB", num_hidden_layers=4,
+                     tie_word_embeddings=False)
     assert len(list(path.glob("model-*.safetensors"))) > 3
     return path
 
