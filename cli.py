@@ -152,6 +152,9 @@ def _measure_parser(sub) -> None:
                       ("--device", "auto, cpu, cuda, cuda:N")):
         m.add_argument(flag, type=int if flag in ("--nsamples", "--seqlen", "--seed", "--batch-size") else str, help=hlp)
     m.add_argument("--out", required=True, help="where to write the measurement (e.g. m.sens)")
+    m.add_argument("--restart", action="store_true", help="discard what a killed run of this command saved "
+                                                          "(<out>.partial) and start afresh; without it the same "
+                                                          "command goes on from there")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _measure_flags(m, standalone=True)
 
@@ -326,7 +329,8 @@ def cmd_measure(args) -> int:
 
     t0 = time.perf_counter()
     run, config, explicit = resolve_settings(args)
-    sens, path = measure_run(run, config, explicit, _measure_options(args), args.out, progress=not args.no_progress)
+    sens, path = measure_run(run, config, explicit, _measure_options(args), args.out, restart=args.restart,
+                             progress=not args.no_progress)
     print_sensitivity(sens)
     print(f"measured in {time.perf_counter() - t0:.1f} s; wrote {path}")
     return 0

@@ -40,9 +40,9 @@ def _taylor_todo(k, anchor, candidates, exact_bits, weights_of) -> list:
 @torch.no_grad()
 def measure_in_context(model, arch, units: list[Unit], candidates: list[Candidate], weights: WeightCache,
                        anchor: list[int], loss_windows, device, fp_loss: float, progress: bool,
-                       method: str = "exact", exact_bits=(16,)):
+                       method: str = "exact", exact_bits=(16,), memo: dict | None = None):
     """Returns (changes (U, C), loss increase of the anchor model over fp, exactly measured (U, C) or
-    None): see the module docstring."""
+    None): see the module docstring. ``memo``: ``variant_nlls``'s ``known`` and ``on_batch``."""
     U, C = len(units), len(candidates)
     by_layer = units_by_layer(units)
 
@@ -92,7 +92,7 @@ def measure_in_context(model, arch, units: list[Unit], candidates: list[Candidat
         return at
 
     nll = variant_nlls(ref, [(units[k].layer, swap_of(k, c)) for k, c in todo], progress=progress,
-                       desc="in-context deltas")
+                       desc="in-context deltas", **(memo or {}))
     fp_dl: list[float | None] = [None] * U
     for (k, c), v in zip(todo, nll):
         if c is None:

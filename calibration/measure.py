@@ -12,8 +12,10 @@ layer-sweep engine, so a model streamed from disk is measured in the memory of o
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -22,12 +24,18 @@ from quant.capture import collect_hessians, run_layer
 from quant.config import ConfigError, QuantConfig
 from quant.engine import sweep
 from quant.methods import get_method
+from quant.resume import placed
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .curvature import fisher_traces, hutchinson_traces
 from .sensitivity import Sensitivity
 from .units import (Candidate, Unit, build_units, candidate_cost, fingerprint, member_weights, quantized_candidates,
                     unit_weight, units_by_layer)
+
+if TYPE_CHECKING:
+    from quant.resume import LayerState
+
+log = logging.getLogger("hmq")
 
 
 def _context_anchor(units: list[Unit], candidates: list[Candidate], context_bits: int | None,
@@ -58,8 +66,9 @@ class _LayerErrors:
     """Stage 1 as a sweep step: per-unit ``H_x`` trace and per-candidate errors, weights cached."""
 
     def __init__(self, model, arch, units, candidates, cost, config, weights: WeightCache, ref: Reference,
-                 keep_bits: set[int], anchor: list[int] | None, sequential: bool):
+                 keep_bits: set[int], anchor: list[int] | None, sequential: bool, state: "LayerState | None"):
         self.model, self.arch, self.units, self.candidates, self.cost = model, arch, units, candidates, cost
+        self.state = state  # saves each finished layer, for a rerun to go on from
         self.config, self.method, self.weights, self.ref = config, get_method(config.method), weights, ref
         self.keep_bits, self.anchor, self.sequential = keep_bits, anchor, sequential
         self.by_layer = units_by_layer(units)
@@ -76,11 +85,31 @@ class _LayerErrors:
         for k in self.by_layer.get(i, []):
             self._unit(k, prefix, hessians)
         del hessians
-        self.weights.flush()
+        self.weights.flush(f"layer-{i:05d}")
         self.ref.extend(i, layer)  # the fp model's boundary on the loss windows
         ctx = anchor_swap(self.weights, self.anchor, self.by_layer.get(i, [])) if self.sequential else {}
         with swapped(layer, prefix, ctx):  # ``sequential``: the next layer's inputs come from the anchor model
-            return run_layer(layer, inputs)
+            outputs = run_layer(layer, inputs)
+        if self.state is not None:
+            self.state.save(i, {"ref": self.ref.inputs[i + 1]}, self._row(i), {"hidden": [o.hidden for o in outputs]})
+        return outputs
+
+    _FIELDS = ("sqnorm", "out_err", "m_sqnorm", "m_out_err", "hx_trace")
+
+    def _row(self, i: int) -> dict:
+        """Layer ``i``'s units' numbers, as plain data."""
+        return {str(k): [getattr(self, f)[k] for f in self._FIELDS] for k in self.by_layer.get(i, [])}
+
+    def restore(self) -> int:
+        """Take back the layers an earlier start of this measurement saved; returns the first to measure."""
+        for i in range(self.state.done):
+            tensors, row = self.state.saved(i)
+            for k, values in row.items():
+                for f, v in zip(self._FIELDS, values):
+                    getattr(self, f)[int(k)] = v
+            self.weights.adopt(f"layer-{i:05d}")
+            self.ref.inputs.append(tensors["ref"])
+        return self.state.done
 
     def _unit(self, k, prefix, hessians):
         u = self.units[k]
@@ -106,6 +135,30 @@ class _LayerErrors:
                 self.weights.put(k, c, member_weights(self.model, u, W + dW))
 
 
+def _memo(state: "LayerState | None", key: str) -> dict:
+    """``variant_nlls``'s ``known`` and ``on_batch`` for the passes kept under ``key`` in ``state``:
+    a rerun measures only those an earlier start had not finished."""
+    if state is None:
+        return {}
+    kept = {int(v): x for v, x in state.extra.get(key, {}).items()}
+
+    def on_batch(results: dict[int, float]) -> None:
+        kept.update(results)
+        state.record(key, {str(v): x for v, x in kept.items()})
+
+    return {"known": dict(kept), "on_batch": on_batch}
+
+
+def _kept(state: "LayerState | None", key: str, compute: Callable[[], tuple]) -> tuple:
+    """``compute()``, or what an earlier start of this measurement kept under ``key`` in ``state``."""
+    if state is not None and key in state.extra:
+        return tuple(state.extra[key])
+    value = compute()
+    if state is not None:
+        state.record(key, list(value))
+    return value
+
+
 def _traces(model, arch, units, loss_windows, device, trace_method, trace_tol, max_probes, seed, progress):
     names = [f"{m}.weight" for u in units for m in u.members]
     if trace_method == "fisher":
@@ -124,7 +177,7 @@ def _traces(model, arch, units, loss_windows, device, trace_method, trace_tol, m
 
 
 def _fp_frame_deltas(ref: Reference, units, candidates, weights: WeightCache, single_set, pair_bits, pair_window,
-                     base, progress):
+                     base, progress, memo: dict):
     """Measured loss increase of each unit alone at each width in ``single_set``, and of pairs at most
     ``pair_window`` layers apart at ``pair_bits``, in the fp model."""
     U, C = len(units), len(candidates)
@@ -139,7 +192,7 @@ def _fp_frame_deltas(ref: Reference, units, candidates, weights: WeightCache, si
         return lambda i: {m: w for kc in t if units[kc[0]].layer == i for m, w in weights[kc].items()}
 
     nll = variant_nlls(ref, [(min(units[k].layer for k, _ in t), swap_of(t)) for t in todo], progress=progress,
-                       desc="loss deltas")
+                       desc="loss deltas", **memo)
     single_all: list[list[float | None]] = [[None] * C for _ in range(U)]
     pairs = []
     for t, v in zip(todo, nll):
@@ -160,7 +213,8 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
                         settings: dict | None = None, single_bits: tuple[int, ...] | None = None,
                         context_bits: int | None = None, context_method: str = "exact",
                         context_exact_bits: tuple[int, ...] = (16,),
-                        context_anchor: list[str] | None = None, sequential: bool = False) -> Sensitivity:
+                        context_anchor: list[str] | None = None, sequential: bool = False,
+                        state: "LayerState | None" = None) -> Sensitivity:
     """Measure everything :meth:`Sensitivity.tables` needs. ``windows`` (n, seq) feed ``H_x`` and
     the candidate quantizations; ``loss_windows`` (m, seq), a smaller set run as one batch, feed
     the Hessian traces and the measured single/pair loss increases. ``single_bits`` (default: every
@@ -173,7 +227,10 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
     ``context_anchor`` (a candidate label per unit) replaces the uniform ``context_bits`` model as the
     point the in-context changes are measured around. ``sequential`` (with an anchor): each decoder
     layer's candidates are quantized on the inputs of the anchor model, as `hmq quantize` builds it.
-    Quantized candidate weights live in a cache folder on disk for the run, never in RAM as model copies."""
+    Quantized candidate weights live in a cache folder on disk for the run, never in RAM as model copies.
+    ``state`` (a :class:`quant.resume.LayerState` for these settings): each finished layer, the traces
+    and each group of loss passes are saved there, and what an earlier start saved is taken back,
+    so a rerun after a kill goes on from there and returns the same measurement."""
     t_all = time.perf_counter()
     secs: dict[str, float] = {}
     _check_options(config, candidates, context_method, trace_method, context_bits, pair_bits)
@@ -188,24 +245,29 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
     single_set = set(single_bits if single_bits is not None else widths) | ({pair_bits} if pair_bits is not None else set())
     keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are cached
 
-    weights = WeightCache()
+    weights = WeightCache(state.folder / "weights" if state is not None else None)
     try:
         t0 = time.perf_counter()
         ref = Reference(model, arch, loss_windows, device)
-        stats = _LayerErrors(model, arch, units, candidates, cost, config, weights, ref, keep_bits, anchor, sequential)
+        stats = _LayerErrors(model, arch, units, candidates, cost, config, weights, ref, keep_bits, anchor, sequential,
+                             state)
+        start = stats.restore() if state is not None else 0
+        if start:
+            log.info("resuming from %s: %d of %d decoder layers were already measured", state.folder, start, ref.layers)
         sweep(model, arch, windows, device, stats, batch_size=batch_size, keep=False, progress=progress,
-              desc="measure layers")
+              desc="measure layers", start=start, resume=lambda inputs: placed(state.streams()["hidden"], inputs))
         secs["layers"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        probes, trace, trace_se, m_trace, m_trace_se = _traces(model, arch, units, loss_windows, device, trace_method,
-                                                               trace_tol, max_probes, seed, progress)
+        probes, trace, trace_se, m_trace, m_trace_se = _kept(
+            state, "traces", lambda: _traces(model, arch, units, loss_windows, device, trace_method, trace_tol,
+                                             max_probes, seed, progress))
         secs["trace"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         base = ref.nll()
         single, pairs, single_all = _fp_frame_deltas(ref, units, candidates, weights, single_set, pair_bits,
-                                                     pair_window, base, progress)
+                                                     pair_window, base, progress, _memo(state, "loss passes"))
         context = context_single = context_dloss = context_exact = None
         if anchor is not None:
             from .context import measure_in_context
@@ -213,7 +275,7 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
             context = candidates[anchor[0]].label if context_anchor is None else "mixed"
             context_single, context_dloss, context_exact = measure_in_context(
                 model, arch, units, candidates, weights, anchor, loss_windows, device, base, progress, context_method,
-                context_exact_bits)
+                context_exact_bits, _memo(state, "in-context passes"))
         secs["loss_deltas"] = time.perf_counter() - t0
     finally:
         weights.close()

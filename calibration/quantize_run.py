@@ -210,7 +210,7 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
     """The measurement from ``path``, or the one an earlier start of this same run kept beside
     ``out``, or measured now and kept there; and the run's config settled to what it was measured with."""
     from .mixed import as_measured, base_config
-    from .runs import measure_request
+    from .runs import measure_request, measure_state
     from .sensitivity import Sensitivity
 
     kept = Path(f"{out}.sens")
@@ -227,9 +227,11 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
         sens = Sensitivity.load(path)
         sens.check_model(model, arch)
     else:
+        state = measure_state(f"{kept}.partial", run, config, measure, shared, model, arch, device, restart)
         sens = measure_model(model, tokenizer, arch, config, run, measure, device, run["model"] or DEFAULT_MODEL_LABEL,
-                             shared=shared, progress=progress)
-        log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(f"{out}.sens"))
+                             shared=shared, progress=progress, state=state)
+        log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(kept))
+        state.finish()
     if sens.settings.get("method") != config.method:
         log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "
                     "predicted damage may not match (re-run `hmq measure --method %s`)",

@@ -70,10 +70,24 @@ def measure_request(run: dict, config: QuantConfig, opts: MeasureOptions, shared
     return json.loads(json.dumps(request))  # as it reads back from the file
 
 
+def measure_state(folder: str | Path, run: dict, config: QuantConfig, opts: MeasureOptions, shared: bool, model,
+                  arch, device, restart: bool):
+    """The resume state of a measurement (:class:`quant.resume.LayerState` in ``folder``), belonging
+    to what it was asked for, the model's weights and the kind of device it runs on."""
+    from quant.resume import LayerState
+
+    from .units import build_units, fingerprint
+
+    identity = {"request": measure_request(run, config, opts, shared),
+                "model": fingerprint(model, build_units(model, arch, "linear")), "device": torch.device(device).type}
+    return LayerState(folder, identity, restart, "measurement")
+
+
 def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: MeasureOptions, device,
-                  model_label: str, shared: bool = False, progress: bool = True) -> Sensitivity:
+                  model_label: str, shared: bool = False, progress: bool = True, state=None) -> Sensitivity:
     """The measurement of a loaded model on the calibration source of ``run`` (``shared``: this run
-    also evaluates on a user's own file, so it calibrates on its calibration part only)."""
+    also evaluates on a user's own file, so it calibrates on its calibration part only; ``state``:
+    where it saves its progress, see :func:`measure_state`)."""
     from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
 
     from .measure import measure_sensitivity
@@ -97,13 +111,16 @@ def measure_model(model, tokenizer, arch, config: QuantConfig, run: dict, opts: 
                                single_bits=opts.single_widths(), context_bits=opts.context_bits or None,
                                context_method=opts.context_method,
                                context_exact_bits=tuple(parse_bits_list(opts.context_exact_bits, "--context-exact-bits")),
-                               batch_size=run["batch_size"], seed=run["seed"], progress=progress, settings=settings)
+                               batch_size=run["batch_size"], seed=run["seed"], progress=progress, settings=settings,
+                               state=state)
 
 
 
 def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: MeasureOptions, out: str,
-                progress: bool = True) -> tuple[Sensitivity, Path]:
-    """`hmq measure`: check ``out`` before any work, load the model streamed, measure, save."""
+                restart: bool = False, progress: bool = True) -> tuple[Sensitivity, Path]:
+    """`hmq measure`: check ``out`` before any work, load the model streamed, measure, save. Its
+    progress is saved in ``<out>.partial``: the same command after a kill goes on from there
+    (``restart``: discard it and start afresh)."""
 
     from quant.export import check_writable
     from quant.pipeline import load_resolved
@@ -115,8 +132,11 @@ def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: Measur
     check_writable(Path(out))
     model, tokenizer, arch, config, device, _ = load_resolved(run, config, explicit)
     label = run["model"] or "SmolLM2-135M-Instruct"
-    sens = measure_model(model, tokenizer, arch, config, run, opts, device, label, progress=progress)
-    return sens, sens.save(out)
+    state = measure_state(f"{out}.partial", run, config, opts, False, model, arch, device, restart)
+    sens = measure_model(model, tokenizer, arch, config, run, opts, device, label, progress=progress, state=state)
+    path = sens.save(out)
+    state.finish()
+    return sens, path
 
 
 def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int | None, baseline: bool,

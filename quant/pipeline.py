@@ -22,6 +22,7 @@ from .stream import detach_store
 from .methods import get_method
 from .qlinear import QuantLinear
 from .quantizer import QuantizedWeight, best_rows
+from .resume import placed
 
 if TYPE_CHECKING:
     from .resume import LayerState
@@ -149,12 +150,9 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         streams = state.streams()
         if inputs is None:
             return None
-        def placed(hidden):  # the saved activations, with the kwargs the sweep made for these batches
-            return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(hidden, inputs)]
-
         if "fp" in streams:
-            fp_stream["inputs"] = placed(streams["fp"])
-        return placed(streams["hidden"])
+            fp_stream["inputs"] = placed(streams["fp"], inputs)
+        return placed(streams["hidden"], inputs)
 
     # methods that use no activations (RTN) need no calibration forward passes at all
     windows = dist.shard_batches(windows, batch_size) if method.needs_inputs else None  # this process's batches

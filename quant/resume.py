@@ -24,11 +24,18 @@ from torch import nn
 
 from . import dist
 from .arch import set_submodule
+from .capture import LayerInput
 from .config import ConfigError
 from .qlinear import QuantLinear
 
 STATE = "state.json"
 VERSION = 1
+
+
+def placed(hidden: list[torch.Tensor], inputs: list[LayerInput]) -> list[LayerInput]:
+    """Saved per-batch activations as layer inputs, with the per-batch arguments (masks, positions)
+    the sweep made again for ``inputs``, on their device."""
+    return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(hidden, inputs)]
 
 
 class StaleState(ConfigError):
@@ -101,16 +108,22 @@ class LayerState:
         part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process has its own batches
         return self.folder / f"inputs-{i:05d}{part}.safetensors"
 
-    def save(self, i: int, layer: nn.Module, meta: dict, streams: dict[str, list[torch.Tensor]]) -> None:
-        """Layer ``i`` is finished: its state, ``meta`` (plain data), and ``streams`` (named lists of
-        per-batch activations entering layer ``i + 1``), then ``done = i + 1``."""
+    def save(self, i: int, layer: nn.Module | dict[str, torch.Tensor], meta: dict,
+             streams: dict[str, list[torch.Tensor]]) -> None:
+        """Layer ``i`` is finished: its state (the layer, or the tensors a stage keeps of it), ``meta``
+        (plain data), and ``streams`` (named lists of per-batch activations entering layer ``i + 1``),
+        then ``done = i + 1``."""
         if i != self.done:
             raise RuntimeError(f"layer {i} saved after {self.done} layers: layers are saved in order")
-        quantized = {n: [m.in_features, m.out_features, m.bits, m.group_size, m.sym, m.bias is not None,
-                         str(m.bias.dtype if m.bias is not None else torch.float16).removeprefix("torch.")]
-                     for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        if isinstance(layer, nn.Module):
+            quantized = {n: [m.in_features, m.out_features, m.bits, m.group_size, m.sym, m.bias is not None,
+                             str(m.bias.dtype if m.bias is not None else torch.float16).removeprefix("torch.")]
+                         for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+            tensors = layer.state_dict()
+        else:
+            quantized, tensors = {}, layer
         if dist.is_main():  # every process holds the same layer
-            _atomic_save(layer.state_dict(), self._layer_file(i), {"meta": meta, "quantized": quantized})
+            _atomic_save(tensors, self._layer_file(i), {"meta": meta, "quantized": quantized})
         tensors = {f"{name}.{b}": t for name, batches in streams.items() for b, t in enumerate(batches)}
         tensors["rng"] = torch.get_rng_state()
         _atomic_save(tensors, self._stream_file(i + 1), {"streams": {k: len(v) for k, v in streams.items()}})
@@ -123,11 +136,24 @@ class LayerState:
         if old.exists():
             old.unlink()
 
+    def saved(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """What :meth:`save` kept of layer ``i`` (< ``done``): its tensors and its meta."""
+        tensors, info = self._read(i)
+        return tensors, info["meta"]
+
+    def _read(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        with safe_open(str(self._layer_file(i)), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["hmq"])
+
+    def record(self, key: str, value) -> None:
+        """Keep ``value`` (plain data: what a stage after the layers has finished) under ``key``."""
+        self.extra[key] = json.loads(json.dumps(value))  # as a rerun reads it back
+        if dist.is_main():
+            self._write_state()
+
     def restore(self, i: int, layer: nn.Module) -> dict:
         """Put saved layer ``i`` (< ``done``) into ``layer`` (its fp skeleton, materialized); returns its meta."""
-        with safe_open(str(self._layer_file(i)), "pt") as f:
-            info = json.loads(f.metadata()["hmq"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        state, info = self._read(i)
         for name, (in_f, out_f, bits, gs, sym, bias, dtype) in info["quantized"].items():
             set_submodule(layer, name, QuantLinear(in_f, out_f, bits, gs, sym, bias, getattr(torch, dtype)))
         layer.load_state_dict(state, strict=True)

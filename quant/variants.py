@@ -13,7 +13,9 @@ a cache folder on disk, read back one layer's worth at a time, never a model cop
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -40,12 +42,18 @@ def cache_root() -> Path:
 class WeightCache:
     """``(unit, candidate) -> {member name: weight}`` kept on disk: :meth:`put` buffers, :meth:`flush`
     writes the buffer as one safetensors file (call it once per decoder layer), :meth:`get` reads one
-    entry back. The folder (under ``~/.cache/hmq/work`` unless given) is removed by :meth:`close`."""
+    entry back. Without ``folder``, a new folder under ``~/.cache/hmq/work``, removed by :meth:`close`
+    (and, should the process die first, by the next cache made on this host). A given ``folder`` (a
+    resume state's) is kept: :meth:`adopt` takes back the files an earlier start wrote there."""
 
     def __init__(self, folder: str | Path | None = None):
-        root = cache_root()
-        root.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="weights-", dir=root))
+        self.owned = folder is None
+        if self.owned:
+            root = cache_root()
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_orphans(root)
+            folder = tempfile.mkdtemp(prefix=f"{_ORPHAN_PREFIX}{os.getpid()}-", dir=root)
+        self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._buffer: dict[str, torch.Tensor] = {}
         self._where: dict[tuple[int, int], tuple[Path | None, tuple[str, ...]]] = {}
@@ -60,16 +68,34 @@ class WeightCache:
             self._buffer[self._key(k, c, m)] = w.detach().to("cpu").contiguous()
         self._where[(k, c)] = (None, tuple(weights))
 
-    def flush(self) -> None:
+    def flush(self, name: str | None = None) -> None:
+        """Write the buffered entries to one file (``name``.safetensors; default: numbered), by a
+        temporary name and a rename, so a file there is always whole."""
         if not self._buffer:
             return
-        path = self.folder / f"{self._files:05d}.safetensors"
-        save_file(self._buffer, str(path))
+        path = self.folder / f"{name or f'{self._files:05d}'}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self._buffer, str(tmp))
+        os.replace(tmp, path)
         self._files += 1
         for kc, (where, members) in self._where.items():
             if where is None:
                 self._where[kc] = (path, members)
         self._buffer = {}
+
+    def adopt(self, name: str) -> None:
+        """Index the entries of file ``name``.safetensors in the folder, if an earlier start wrote it."""
+        path = self.folder / f"{name}.safetensors"
+        if not path.is_file():
+            return  # that layer cached nothing
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        members: dict[tuple[int, int], list[str]] = {}
+        for key in keys:
+            k, c, m = key.split("/", 2)
+            members.setdefault((int(k), int(c)), []).append(m)
+        for kc, ms in members.items():
+            self._where[kc] = (path, tuple(ms))
 
     def __contains__(self, kc) -> bool:
         return tuple(kc) in self._where
@@ -95,7 +121,29 @@ class WeightCache:
 
     def close(self) -> None:
         self._buffer, self._where = {}, {}
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.owned:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_ORPHAN_PREFIX = f"weights-{socket.gethostname()}-"  # then the pid of the process that made it
+
+
+def _remove_orphans(root: Path) -> None:
+    """Remove the cache folders of processes on this host that died before closing them."""
+    for folder in root.glob(f"{_ORPHAN_PREFIX}*"):
+        pid = folder.name.removeprefix(_ORPHAN_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 @contextlib.contextmanager
@@ -183,21 +231,28 @@ def _first(v, n: int, total: int):
 
 @torch.no_grad()
 def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int], Swap]]]", windows: int | None = None, group: int = 64,
-                 progress: bool = False, desc: str = "variants") -> list[float]:
+                 progress: bool = False, desc: str = "variants", known: dict[int, float] | None = None,
+                 on_batch: Callable[[dict[int, float]], None] | None = None) -> list[float]:
     """Mean NLL of each variant ``(start, swap)`` on the reference's first ``windows`` windows: layers
     ``< start`` replayed from ``ref``, ``swap``'s weights in the layers from ``start`` on (``swap(i)``:
     a function giving layer ``i``'s, asked for when the layer runs, so a variant's weights are read
     from the cache one layer at a time). Variants
-    with the same start run together, ``group`` at a time, over one visit of each later layer."""
+    with the same start run together, ``group`` at a time, over one visit of each later layer.
+    ``known``: variants (by index) an earlier start measured, not run again; ``on_batch`` receives
+    each group's results as they finish (each variant runs on its own: the values do not depend on
+    the grouping)."""
     n = windows or len(ref.ids)
     ids = ref.ids[:n]
     count = n * (ids.shape[1] - 1)
     kwargs = {k: _first(v, n, len(ref.ids)) for k, v in ref.kwargs.items()}
-    out = [0.0] * len(variants)
+    known = known or {}
+    out = [known.get(v, 0.0) for v in range(len(variants))]
     by_start: dict[int, list[int]] = {}
     for v, (start, _) in enumerate(variants):
-        by_start.setdefault(min(start, ref.layers), []).append(v)
-    bar = tqdm(total=len(variants), desc=desc, disable=not progress, unit="pass")
+        if v not in known:
+            by_start.setdefault(min(start, ref.layers), []).append(v)
+    bar = tqdm(total=len(variants), initial=len(variants) - sum(map(len, by_start.values())), desc=desc,
+               disable=not progress, unit="pass")
     for start in sorted(by_start):
         todo = by_start[start]
         for g in range(0, len(todo), group):
@@ -213,5 +268,7 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
                 for s, v in enumerate(batch):
                     out[v] = head_nll(ref.model, ref.arch, states[s], ids) / count
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch({v: out[v] for v in batch})
     bar.close()
     return out

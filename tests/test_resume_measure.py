@@ -1,0 +1,121 @@
+"""Resume of a measurement: `hmq measure` stopped in its layer sweep, after its traces, or part way
+through its loss passes, and started again, writes the same measurement as one never stopped, and
+runs only what the first start had not finished."""
+import json
+import logging
+
+import pytest
+
+import cli
+from calibration import measure
+from quant import resume, variants
+
+from .conftest import save_tiny
+
+COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in hmq catches it."""
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory, tokenizer_dir):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-4m"), tokenizer_dir, num_hidden_layers=4)
+
+
+def measured(path) -> dict:
+    data = json.loads(path.read_text())
+    data.pop("seconds")  # how long each stage took: the only part that may differ
+    return data
+
+
+def kill_at(monkeypatch, where: str, after: int = 1) -> None:
+    """Raise :class:`Killed` once ``after`` layers are saved (``where == "layers"``) or once the
+    stage ``where`` has recorded ``after`` times."""
+    save, record = resume.LayerState.save, resume.LayerState.record
+    count = {"n": 0}
+
+    def dying_save(self, i, *a, **k):
+        save(self, i, *a, **k)
+        if where == "layers" and self.done == after:
+            raise Killed()
+
+    def dying_record(self, key, value):
+        record(self, key, value)
+        if key == where:
+            count["n"] += 1
+            if count["n"] == after:
+                raise Killed()
+
+    monkeypatch.setattr(resume.LayerState, "save", dying_save)
+    monkeypatch.setattr(resume.LayerState, "record", dying_record)
+
+
+def counted_passes(monkeypatch) -> dict:
+    """Counts the loss passes (one head NLL each) from now on."""
+    count = {"n": 0}
+    head_nll = variants.head_nll
+
+    def counting(*a, **k):
+        count["n"] += 1
+        return head_nll(*a, **k)
+
+    monkeypatch.setattr(variants, "head_nll", counting)
+    return count
+
+
+@pytest.mark.parametrize("where,after,extra", [("layers", 2, []), ("traces", 1, []), ("loss passes", 1, []),
+                                               ("in-context passes", 1, ["--context-bits", 3])])
+def test_killed_measure_resumes_to_the_same_measurement(deep_model_dir, text_file, tmp_path, monkeypatch, caplog,
+                                                        where, after, extra):
+    args = ["measure", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, *extra]
+    with monkeypatch.context() as m:
+        whole_passes = counted_passes(m)
+        assert run(*args, "--out", tmp_path / "whole.sens") == 0
+    assert not (tmp_path / "whole.sens.partial").exists()  # removed once the measurement is written
+
+    with monkeypatch.context() as m:
+        kill_at(m, where, after)
+        with pytest.raises(Killed):
+            run(*args, "--out", tmp_path / "resumed.sens")
+    partial = tmp_path / "resumed.sens.partial"
+    take_traces = measure._traces
+    state = json.loads((partial / "state.json").read_text())
+    assert state["done"] == (after if where == "layers" else 4) and not (tmp_path / "resumed.sens").exists()
+    assert where == "layers" or where in state["extra"]
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="hmq"):
+        passes, traces = counted_passes(m), {"n": 0}
+        m.setattr(measure, "_traces", lambda *a: (traces.update(n=traces["n"] + 1), take_traces(*a))[1])
+        logging.getLogger("hmq").addHandler(caplog.handler)
+        try:
+            assert run(*args, "--out", tmp_path / "resumed.sens") == 0
+        finally:
+            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert f"{state['done']} of 4 decoder layers were already measured" in caplog.text
+    assert traces["n"] == (where == "layers")  # the traces an earlier start finished are not taken again
+    if where.endswith("passes"):  # only the passes the first start had not finished ran again
+        assert passes["n"] < whole_passes["n"]
+    assert measured(tmp_path / "resumed.sens") == measured(tmp_path / "whole.sens")
+    assert not partial.exists()
+
+
+def test_a_measure_state_from_other_settings_is_refused_then_restarted(deep_model_dir, text_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    args = ["measure", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--out", tmp_path / "m.sens"]
+    with monkeypatch.context() as m:
+        kill_at(m, "layers", 1)
+        with pytest.raises(Killed):
+            run(*args)
+    assert run(*args, "--seed", 1) == 2
+    err = capsys.readouterr().err
+    assert "unfinished measurement with other settings (differs in: request)" in err and "--restart" in err
+    assert run(*args, "--seed", 1, "--restart") == 0
+    assert not (tmp_path / "m.sens.partial").exists()
+    assert json.loads((tmp_path / "m.sens").read_text())["settings"]["seed"] == 1
