@@ -557,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quant import dist
 
-    if dist.launched() and args.command != "quantize":
-        print(f"hmq: error: only `hmq quantize` runs under torchrun so far: run `hmq {args.command}` in one process.",
-              file=sys.stderr)
+    if dist.launched() and args.command not in ("quantize", "measure"):
+        print(f"hmq: error: only `hmq quantize` and `hmq measure` run under torchrun so far: run `hmq {args.command}` "
+              "in one process.", file=sys.stderr)
         return 2
     main_rank = os.environ.get("RANK", "0") == "0"
     if dist.launched() and not main_rank:  # one process reports

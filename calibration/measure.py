@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from quant import dist
 from quant.arch import Arch
 from quant.capture import collect_hessians, run_layer
 from quant.config import ConfigError, QuantConfig
@@ -245,7 +246,9 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
     single_set = set(single_bits if single_bits is not None else widths) | ({pair_bits} if pair_bits is not None else set())
     keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are cached
 
-    weights = WeightCache(state.folder / "weights" if state is not None else None)
+    # each process keeps every candidate (all of them receive every solve's rows) in its own folder
+    part = f"-rank{dist.rank()}" if dist.world() > 1 else ""
+    weights = WeightCache(state.folder / f"weights{part}" if state is not None else None)
     try:
         t0 = time.perf_counter()
         ref = Reference(model, arch, loss_windows, device)
@@ -254,8 +257,10 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
         start = stats.restore() if state is not None else 0
         if start:
             log.info("resuming from %s: %d of %d decoder layers were already measured", state.folder, start, ref.layers)
-        sweep(model, arch, windows, device, stats, batch_size=batch_size, keep=False, progress=progress,
-              desc="measure layers", start=start, resume=lambda inputs: placed(state.streams()["hidden"], inputs))
+        # with several processes each pushes its share of the windows; H_x is summed over all of them
+        sweep(model, arch, dist.shard_batches(windows, batch_size), device, stats, batch_size=batch_size, keep=False,
+              progress=progress, desc="measure layers", start=start,
+              resume=lambda inputs: placed(state.streams()["hidden"], inputs))
         secs["layers"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -190,10 +190,7 @@ def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenize
 
 
 def _check_distributed(budget: BudgetOptions, sensitivity: str | None, search: SearchOptions | None) -> None:
-    """What runs across processes so far: uniform quantization, and a budget from a measurement."""
-    if budget.mixed and not sensitivity:
-        raise ConfigError("under torchrun a budget needs --sensitivity: the measurement does not run across processes "
-                          "yet (run `hmq measure` in one process first).")
+    """What runs across processes so far: uniform quantization, and a budget (measured, or from a measurement)."""
     if search is not None or budget.max_ppl_increase is not None:
         raise ConfigError("--search and --max-ppl-increase do not run across processes yet: run them in one process "
                           "(without torchrun).")
@@ -230,7 +227,8 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
         state = measure_state(f"{kept}.partial", run, config, measure, shared, model, arch, device, restart)
         sens = measure_model(model, tokenizer, arch, config, run, measure, device, run["model"] or DEFAULT_MODEL_LABEL,
                              shared=shared, progress=progress, state=state)
-        log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(kept))
+        if dist.is_main():
+            log.info("kept the measurement as %s (pass it as --sensitivity next time)", sens.save(kept))
         state.finish()
     if sens.settings.get("method") != config.method:
         log.warning("the sensitivity was measured with %s perturbations but this run quantizes with %s: the "

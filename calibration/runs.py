@@ -122,6 +122,7 @@ def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: Measur
     progress is saved in ``<out>.partial``: the same command after a kill goes on from there
     (``restart``: discard it and start afresh)."""
 
+    from quant import dist
     from quant.export import check_writable
     from quant.pipeline import load_resolved
 
@@ -130,11 +131,13 @@ def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: Measur
     if Path(out).expanduser().is_dir():
         raise ConfigError(f"--out {out!r} is a folder: name a file, e.g. {Path(out) / 'm.sens'}.")
     check_writable(Path(out))
+    if dist.launched():
+        run = {**run, "device": dist.init(run["device"])}
     model, tokenizer, arch, config, device, _ = load_resolved(run, config, explicit)
     label = run["model"] or "SmolLM2-135M-Instruct"
     state = measure_state(f"{out}.partial", run, config, opts, False, model, arch, device, restart)
     sens = measure_model(model, tokenizer, arch, config, run, opts, device, label, progress=progress, state=state)
-    path = sens.save(out)
+    path = sens.save(out) if dist.is_main() else Path(out)  # one process writes
     state.finish()
     return sens, path
 

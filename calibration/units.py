@@ -13,6 +13,7 @@ from torch import nn
 
 from quant.arch import Arch, decoder_layers
 from quant.config import ConfigError, ModuleSpec, QuantConfig, check_bits, check_group_size
+from quant.methods import solve
 from quant.packing import check_packable
 from quant.quantizer import check_groupable, storage_bytes
 from quant.stream import stored_sample
@@ -136,7 +137,7 @@ def quantized_candidates(W: torch.Tensor, H: torch.Tensor, unit: Unit, candidate
         if cand.bits == 16 or not math.isfinite(costs[c]):
             continue
         spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
-        qw = method.fn(W, H if method.needs_hessian else None, spec, config, unit.name)
+        qw = solve(method, W, H if method.needs_hessian else None, spec, config, unit.name)  # rows split over processes
         yield c, qw.dequantize(torch.float32)
 
 

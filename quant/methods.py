@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import dist
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .gptq import gptq_quantize
 from .quantizer import ClipSearch, QuantizedWeight, rtn_quantize
@@ -38,6 +39,17 @@ def get_method(name: str) -> MethodInfo:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}.")
     return METHODS[name]
+
+
+def solve(method: MethodInfo, weight: torch.Tensor, H: torch.Tensor | None, spec: ModuleSpec, config: QuantConfig,
+          label: str) -> QuantizedWeight:
+    """``method`` on ``weight`` (out, in). With several processes each solves a share of the output
+    rows (row-independent methods treat every row on its own, given ``H``) and all receive the whole."""
+    if dist.world() == 1 or not method.row_independent or weight.shape[0] < dist.world():
+        return method.fn(weight, H, spec, config, label)
+    rows = torch.arange(weight.shape[0]).tensor_split(dist.world())[dist.rank()]
+    part = method.fn(weight[rows[0]: rows[-1] + 1], H, spec, config, label)
+    return QuantizedWeight.cat_rows([p.to(weight.device) for p in dist.gather_all(part.to("cpu"))])
 
 
 def clip_search(config) -> ClipSearch | None:

@@ -19,9 +19,9 @@ from .arch import Arch, decoder_layers, set_submodule
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .engine import sweep, visit
 from .stream import detach_store
-from .methods import get_method
+from .methods import get_method, solve
 from .qlinear import QuantLinear
-from .quantizer import QuantizedWeight, best_rows
+from .quantizer import best_rows
 from .resume import placed
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
             weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
             label = prefix + ("{" + ",".join(members) + "}" if len(members) > 1 else members[0])
             if grids is None:
-                qw = _solve(method, weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
+                qw = solve(method, weight, hessians.get(members[0]), specs[prefix + members[0]], config, label)
             else:  # one fixed grid per group, the members' rows stacked like their weights
                 grid = [(torch.cat([grids[n][g][0] for n in members]), torch.cat([grids[n][g][1] for n in members]))
                         for g in range(len(grids[members[0]]))]
@@ -230,16 +230,6 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
     results["__outputs__"] = run_layer(layer, inputs, replay) if inputs is not None else None
     results["__grid_rows__"] = tuple(grid_rows)
     return results
-
-
-def _solve(method, weight: torch.Tensor, H: torch.Tensor | None, spec: ModuleSpec, config: QuantConfig, label: str):
-    """``method`` on ``weight`` (out, in). With several processes each solves a share of the output
-    rows (GPTQ and RTN treat every row on its own, given ``H``) and all receive the whole."""
-    if dist.world() == 1 or not method.row_independent or weight.shape[0] < dist.world():
-        return method.fn(weight, H, spec, config, label)
-    rows = torch.arange(weight.shape[0]).tensor_split(dist.world())[dist.rank()]
-    part = method.fn(weight[rows[0]: rows[-1] + 1], H, spec, config, label)
-    return QuantizedWeight.cat_rows([p.to(weight.device) for p in dist.gather_all(part.to("cpu"))])
 
 
 def _stacks(names: list[str], hessians: dict, specs: dict, prefix: str, row_independent: bool) -> list[list[str]]:

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .arch import Arch, decoder_layers
 from .capture import LayerInput, capture_layer_inputs, run_layer
 from .engine import head_logits, head_on, visit
@@ -237,38 +238,43 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
     ``< start`` replayed from ``ref``, ``swap``'s weights in the layers from ``start`` on (``swap(i)``:
     a function giving layer ``i``'s, asked for when the layer runs, so a variant's weights are read
     from the cache one layer at a time). Variants
-    with the same start run together, ``group`` at a time, over one visit of each later layer.
-    ``known``: variants (by index) an earlier start measured, not run again; ``on_batch`` receives
-    each group's results as they finish (each variant runs on its own: the values do not depend on
-    the grouping)."""
+    with the same start run together, ``group`` at a time, over one visit of each later layer; with
+    several processes each runs a share of every round of ``group`` per process, and all receive
+    every result. ``known``: variants (by index) an earlier start measured, not run again;
+    ``on_batch`` receives each round's results as they finish (each variant runs on its own: the
+    values do not depend on the grouping)."""
     n = windows or len(ref.ids)
     ids = ref.ids[:n]
     count = n * (ids.shape[1] - 1)
     kwargs = {k: _first(v, n, len(ref.ids)) for k, v in ref.kwargs.items()}
     known = known or {}
     out = [known.get(v, 0.0) for v in range(len(variants))]
-    by_start: dict[int, list[int]] = {}
-    for v, (start, _) in enumerate(variants):
-        if v not in known:
-            by_start.setdefault(min(start, ref.layers), []).append(v)
-    bar = tqdm(total=len(variants), initial=len(variants) - sum(map(len, by_start.values())), desc=desc,
-               disable=not progress, unit="pass")
-    for start in sorted(by_start):
-        todo = by_start[start]
-        for g in range(0, len(todo), group):
-            batch = todo[g : g + group]
-            states = [ref.inputs[start][:n].to(ref.device) for _ in batch]
+    start_of = [min(start, ref.layers) for start, _ in variants]
+    pending = sorted((v for v in range(len(variants)) if v not in known), key=lambda v: start_of[v])
+    bar = tqdm(total=len(variants), initial=len(variants) - len(pending), desc=desc, disable=not progress, unit="pass")
+    step = group * dist.world()  # each round: a group's worth of variants per process
+    for r in range(0, len(pending), step):
+        batch = pending[r : r + step]
+        mine = batch[dist.rank() :: dist.world()]
+        results: dict[int, float] = {}
+        for start in sorted({start_of[v] for v in mine}):  # those with the same start share the visit
+            todo = [v for v in mine if start_of[v] == start]
+            states = [ref.inputs[start][:n].to(ref.device) for _ in todo]
             for i, layer in visit(ref.model, ref.arch, range(start, ref.layers), ref.device, keep=False, progress=False):
                 prefix = f"{ref.arch.layers}.{i}."
-                for s, v in enumerate(batch):
+                for s, v in enumerate(todo):
                     sw = variants[v][1]
                     with swapped(layer, prefix, sw(i) if callable(sw) else sw):
                         states[s] = run_layer(layer, [LayerInput(states[s], kwargs)])[0].hidden
             with head_on(ref.model, ref.arch, ref.device):
-                for s, v in enumerate(batch):
-                    out[v] = head_nll(ref.model, ref.arch, states[s], ids) / count
-            bar.update(len(batch))
-            if on_batch is not None:
-                on_batch({v: out[v] for v in batch})
+                for s, v in enumerate(todo):
+                    results[v] = head_nll(ref.model, ref.arch, states[s], ids) / count
+        for part in dist.gather_all(results):
+            results.update(part)
+        for v, x in results.items():
+            out[v] = x
+        bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(results)
     bar.close()
     return out

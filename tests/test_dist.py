@@ -47,6 +47,51 @@ def test_two_processes_write_the_checkpoint_one_writes(model_dir, text_file, tmp
     assert two.stdout.count("wrote") == 1  # one process reports and writes
 
 
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,4", "--pair-bits", 2]
+
+
+def measured(path) -> dict:
+    import json
+
+    data = json.loads(Path(path).read_text())
+    data.pop("seconds")  # how long each stage took
+    return data
+
+
+def test_two_processes_write_the_measurement_one_writes(model_dir, text_file, tmp_path):
+    args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE]
+    one = hmq([*args, "--out", tmp_path / "one.sens"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two.sens"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = measured(tmp_path / "one.sens"), measured(tmp_path / "two.sens")
+    assert a == b, [k for k in a if a[k] != b[k]]
+    assert len(a["pairs"]) > 0 and two.stdout.count("wrote") == 1
+
+
+def test_two_processes_killed_and_rerun_write_the_measurement_one_writes(model_dir, text_file, tmp_path):
+    args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE]
+    one = hmq([*args, "--out", tmp_path / "one.sens"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    killed = hmq([*args, "--out", tmp_path / "two.sens"], 2, {"HMQ_TEST_KILL_AFTER": "2"})
+    assert killed.returncode != 0 and (tmp_path / "two.sens.partial" / "weights-rank1").is_dir()
+    two = hmq([*args, "--out", tmp_path / "two.sens"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 of 3 decoder layers were already measured" in two.stderr
+    assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
+
+
+def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path):
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_dir, text_file, tmp_path):
     args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, *COMMON]
     one = hmq([*args, "--out", tmp_path / "one"], 1)
@@ -83,8 +128,8 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_f
 
 
 def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
-    done = hmq(["measure", "--model", model_dir, "--calib", text_file, "--out", tmp_path / "m.sens"], 2)
-    assert done.returncode != 0 and "only `hmq quantize` runs under torchrun" in done.stderr
-    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--budget", 3.0,
+    done = hmq(["eval", "--model", model_dir, "--data", text_file], 2)
+    assert done.returncode != 0 and "only `hmq quantize` and `hmq measure` run under torchrun" in done.stderr
+    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--budget", 3.0, "--search", 2,
                 "--out", tmp_path / "b"], 2)
-    assert done.returncode != 0 and "needs --sensitivity" in done.stderr
+    assert done.returncode != 0 and "--search and --max-ppl-increase do not run across processes" in done.stderr

@@ -5,10 +5,12 @@ import json
 import logging
 
 import pytest
+import torch
 
 import cli
 from calibration import measure
 from quant import resume, variants
+from quant.export import read_tensors
 
 from .conftest import save_tiny
 
@@ -119,3 +121,26 @@ def test_a_measure_state_from_other_settings_is_refused_then_restarted(deep_mode
     assert run(*args, "--seed", 1, "--restart") == 0
     assert not (tmp_path / "m.sens.partial").exists()
     assert json.loads((tmp_path / "m.sens").read_text())["settings"]["seed"] == 1
+
+
+def test_a_budget_run_killed_while_measuring_goes_on_with_the_measurement(deep_model_dir, text_file, tmp_path,
+                                                                          monkeypatch, caplog):
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--budget", 3.0,
+            "--pair-bits", 0]
+    assert run(*args, "--out", tmp_path / "whole") == 0
+    with monkeypatch.context() as m:
+        kill_at(m, "layers", 2)
+        with pytest.raises(Killed):
+            run(*args, "--out", tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed.sens.partial" / "state.json").read_text())["done"] == 2
+    with caplog.at_level(logging.INFO, logger="hmq"):
+        logging.getLogger("hmq").addHandler(caplog.handler)
+        try:
+            assert run(*args, "--out", tmp_path / "resumed") == 0
+        finally:
+            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert "2 of 4 decoder layers were already measured" in caplog.text
+    assert measured(tmp_path / "resumed.sens") == measured(tmp_path / "whole.sens")
+    a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.sens.partial").exists() and not (tmp_path / "resumed.partial").exists()
