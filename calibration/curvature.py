@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from quant import dist
 from quant.arch import Arch, decoder_layers
 from quant.capture import LayerInput, capture_layer_inputs
 from quant.engine import check_vocab, head_logits, head_on, oom_guard, visit
@@ -144,12 +145,21 @@ def hutchinson_traces(model: nn.Module, arch: Arch, names: list[str], windows: t
     """Hutchinson estimate of the trace of the loss Hessian's diagonal block of each named decoder
     weight (mean NLL on ``windows`` (n, seq)). Probes run ``probes_per_sweep`` per pair of sweeps;
     the estimate stops after the first probe at which every block's standard error is below
-    ``tol`` × the mean |trace| (after ``min_probes``), exactly as if the probes ran one by one."""
+    ``tol`` × the mean |trace| (after ``min_probes``), exactly as if the probes ran one by one.
+    With several processes each runs the next ``probes_per_sweep`` probes in turn (process ``r``
+    the ``r``-th such block of a round) and all receive every probe's row, so each probe runs with
+    the same companions as in one process."""
     per = max(1, max_batch_tokens // max(1, windows.shape[1]))
+
+    def sample(probes: list[int]) -> list[list[float]]:
+        mine = probes[dist.rank() * probes_per_sweep: (dist.rank() + 1) * probes_per_sweep]
+        rows = _hutchinson_chunk(run, names, mine, seed, chunk_tokens) if mine else []
+        return [row for part in dist.gather_all(rows) for row in part]
+
     with eager_attention(model), torch.enable_grad(), oom_guard("hutchinson", device, lambda: "a layer's jvp"):
         run = _Sweeps(model, arch, names, windows, device, per, overrides)
-        return hutchinson(lambda probes: _hutchinson_chunk(run, names, probes, seed, chunk_tokens), tol=tol,
-                          min_probes=min_probes, max_probes=max_probes, per_call=probes_per_sweep, progress=progress)
+        return hutchinson(sample, tol=tol, min_probes=min_probes, max_probes=max_probes,
+                          per_call=probes_per_sweep * dist.world(), progress=progress)
 
 
 def _hutchinson_chunk(run: _Sweeps, names: list[str], probes: list[int], seed: int, chunk_tokens: int

@@ -59,14 +59,16 @@ def measured(path) -> dict:
 
 
 def test_two_processes_write_the_measurement_one_writes(model_dir, text_file, tmp_path):
-    args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE]
+    # 10 probes, all kept: the second process runs probes 4-7 of the first round
+    args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--probes", 10,
+            "--trace-tol", 0]
     one = hmq([*args, "--out", tmp_path / "one.sens"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = hmq([*args, "--out", tmp_path / "two.sens"], 2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = measured(tmp_path / "one.sens"), measured(tmp_path / "two.sens")
     assert a == b, [k for k in a if a[k] != b[k]]
-    assert len(a["pairs"]) > 0 and two.stdout.count("wrote") == 1
+    assert len(a["pairs"]) > 0 and a["settings"]["trace_probes"] == 10 and two.stdout.count("wrote") == 1
 
 
 def test_two_processes_killed_and_rerun_write_the_measurement_one_writes(model_dir, text_file, tmp_path):
