@@ -226,12 +226,14 @@ def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seql
 def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows, loss_windows, config: QuantConfig,
                       device, generations: int, offspring: int = 8, survivors: int = 2, screen: int = 1,
                       seed: int = 0, progress: bool = True, latency: dict | None = None,
-                      problem: Problem | None = None) -> tuple[Allocation, dict]:
+                      problem: Problem | None = None, state=None) -> tuple[Allocation, dict]:
     """Refine the ILP's ``alloc`` by evolutionary search (:func:`quant.search.evolve`) on the measured
     loss of ``loss_windows`` (n, seq), with every candidate quantized once on the inputs of the ILP's
     model (:func:`calibration.search.candidate_database`). Same budget and cost as ``alloc``; keeping
     16 bits stays out unless the ILP chose it; ``problem`` (the ILP's) gives the new allocation's
-    predicted ΔNLL. Returns the new allocation and the search's record (losses, evaluations, time)."""
+    predicted ΔNLL. Returns the new allocation and the search's record (losses, evaluations, time).
+    ``state`` (a :class:`quant.resume.LayerState`): the database's layers and each generation are
+    saved there, and a rerun goes on from what an earlier start saved."""
     from .search import StitchedLoss, candidate_database
 
     from quant.search import evolve
@@ -241,11 +243,16 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     allowed = np.array([[cand.bits != 16 or start[k] == c for c, cand in enumerate(sens.candidates)]
                         for k in range(len(sens.units))])
     db = candidate_database(model, arch, sens.units, sens.candidates, sens.cost, windows, config, device, start,
-                            progress=progress)
+                            progress=progress, state=state)
     try:
         fitness = StitchedLoss(model, arch, sens.units, db, loss_windows, device, screen)
+        saved = state.extra.get("search") if state is not None else None
+        if saved is not None:
+            log.info("resuming the search from %s: %d of %d generations were done", state.folder,
+                     saved["generation"], generations)
         res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
-                     survivors=survivors, seed=seed, progress=progress, allowed=allowed)
+                     survivors=survivors, seed=seed, progress=progress, allowed=allowed, resume=saved,
+                     checkpoint=(lambda st: state.record("search", st)) if state is not None else None)
     finally:
         db.close()
     predicted = problem.objective(res.choice) if problem is not None else math.nan

@@ -126,11 +126,11 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
                          run["batch_size"])
         model, report, allocation, config = res.model, res.report, res.allocation, res.config
     else:
-        identity = _state_settings(run, config, model, arch, dtype, device, budget, alloc, sens)
+        identity = _state_settings(run, config, model, arch, dtype, device, budget, alloc, sens, search)
         state = LayerState(f"{out}.partial", identity, restart, "quantize run")
         if budget.mixed:
             config, allocation = _chosen(state, sens, budget, alloc, search, run, model, tokenizer, arch, windows,
-                                         config, device, calib, progress)
+                                         config, device, calib, progress, restart)
         check_engine_early(model, arch, config, fmt, engine)
         report = quantize_model(model, arch, windows, config, device, run["batch_size"], progress=progress,
                                 state=state)
@@ -146,7 +146,7 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
 
 
 def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, budget: BudgetOptions,
-                    alloc: AllocOptions, sens) -> dict:
+                    alloc: AllocOptions, sens, search: SearchOptions | None) -> dict:
     """What identifies a quantize run's saved layers: the model's weights, the calibration, the
     dtype and kind of device the layers were computed in, every quantization setting and, for a
     mixed run, what its allocation is made from (the measurement, the budget and the objective)."""
@@ -164,12 +164,13 @@ def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, 
                 "compute": {"dtype": str(dtype), "device": torch.device(device).type}}
     if budget.mixed:
         settings["allocation"] = {"measurement": digest([sens.fingerprint, sens.settings]),
-                                  "budget": digest(dataclasses.asdict(budget)), "objective": dataclasses.asdict(alloc)}
+                                  "budget": digest(dataclasses.asdict(budget)), "objective": dataclasses.asdict(alloc),
+                                  "search": dataclasses.asdict(search) if search is not None else None}
     return settings
 
 
 def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenizer, arch, windows, config, device,
-            calib, progress) -> tuple[QuantConfig, dict]:
+            calib, progress, restart: bool = False) -> tuple[QuantConfig, dict]:
     """A mixed run's config and allocation: the one its first start chose (kept in ``state``: an
     ILP under a time limit need not choose the same twice), else chosen now, by the first process
     for all of them."""
@@ -178,14 +179,17 @@ def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenize
     if state.extra.get("config"):
         log.info("using the allocation the first start of this run chose (kept in %s)", state.folder)
         return QuantConfig.from_dict(state.extra["config"]), state.extra["allocation"]
-    shared = None
-    if dist.is_main():
-        chosen, record = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config, device,
-                                     calib, progress)
+    shared, searched = None, None
+    if dist.is_main():  # (--search runs in one process only: its state's barriers would wait for the others)
+        chosen, record, searched = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows,
+                                               config, device, calib, progress, state, restart)
         shared = {"config": config_for(sens, chosen, config).to_dict(),
                   "allocation": chosen.to_dict() | ({"search": record} if record is not None else {})}
     shared = dist.gather_all(shared)[0]
-    state.extra = shared
+    state.record("allocation", shared["allocation"])
+    state.record("config", shared["config"])  # kept before the search's own state goes
+    if searched is not None:
+        searched.finish()
     return QuantConfig.from_dict(shared["config"]), shared["allocation"]
 
 
@@ -239,9 +243,12 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
 
 
 def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: SearchOptions | None, run, model, tokenizer,
-                arch, windows, config, device, calib, progress):
-    """The ILP's allocation under ``budget``, refined by ``search`` when given; returns it and the
-    search's record (or None)."""
+                arch, windows, config, device, calib, progress, state: LayerState | None = None,
+                restart: bool = False):
+    """The ILP's allocation under ``budget``, refined by ``search`` when given; returns it, the
+    search's record (or None) and the search's saved state (or None), which the caller finishes.
+    The search saves its progress beside ``state`` (the quantize run's), in ``<out>.search.partial``,
+    belonging to the run's settings and the ILP's allocation it starts from."""
     from .mixed import allocate, allocate_latency, budget_to_bytes
 
     if budget.latency is not None:
@@ -253,7 +260,7 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
              chosen.bpw, chosen.predicted_dloss, chosen.solution.status, chosen.solution.gap, chosen.solution.seconds)
     if search is None:
-        return chosen, None
+        return chosen, None, None
     from calibration.data import calibration_windows, own_text_split
 
     from .mixed import make_problem, search_allocation
@@ -263,11 +270,15 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", search.generations,
              search.offspring, search.samples, search.seqlen, calib)
     problem = make_problem(sens, alloc.objective, alloc.pairs, budget.latency_table, alloc.gain_scale)
+    saved = None
+    if state is not None:
+        folder = state.folder.with_name(state.folder.name.removesuffix(".partial") + ".search.partial")
+        saved = LayerState(folder, {**state.settings, "start": list(chosen.solution.choice)}, restart, "search")
     new, record = search_allocation(sens, chosen, model, arch, windows, loss_windows, config, device,
                                     search.generations, search.offspring, screen=search.screen, seed=run["seed"],
-                                    progress=progress, latency=budget.latency_table, problem=problem)
+                                    progress=progress, latency=budget.latency_table, problem=problem, state=saved)
     log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
-    return new, record
+    return new, record, saved
 
 
 def check_engine_early(model, arch, config: QuantConfig, fmt: str, engine: str) -> None:

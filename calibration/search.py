@@ -8,7 +8,9 @@ builds, and a configuration near it is close to what quantize would build for it
 """
 from __future__ import annotations
 
+import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,25 +20,39 @@ from quant.capture import collect_hessians, run_layer
 from quant.config import QuantConfig
 from quant.engine import sweep
 from quant.methods import get_method
+from quant.resume import placed
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .measure import anchor_swap
 from .units import Candidate, Unit, member_weights, quantized_candidates, unit_weight, units_by_layer
 
+if TYPE_CHECKING:
+    from quant.resume import LayerState
+
+log = logging.getLogger("hmq")
+
 
 @torch.no_grad()
 def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidates: list[Candidate],
                        cost: list[list[float]], windows: torch.Tensor, config: QuantConfig, device: torch.device,
-                       anchor: list[int], batch_size: int = 8, progress: bool = True) -> WeightCache:
+                       anchor: list[int], batch_size: int = 8, progress: bool = True,
+                       state: "LayerState | None" = None) -> WeightCache:
     """Every (unit, candidate)'s quantized member weights (in the model's dtype), in a
     :class:`quant.variants.WeightCache` on disk (the caller closes it), each quantized on the inputs
     of the ``anchor`` model (candidate index per unit): the layers in front, and the linears of
-    earlier sequential steps of its own layer, at their anchor candidates."""
+    earlier sequential steps of its own layer, at their anchor candidates. ``state``: each finished
+    layer is saved there (its weights in its folder), and a rerun goes on after the saved layers."""
     method = get_method(config.method)
     dtype = next(p for p in model.parameters()).dtype  # the weights quantize would run with, bit for bit
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     by_layer = units_by_layer(units)
-    db = WeightCache()
+    db = WeightCache(state.folder / "weights" if state is not None else None)
+    start = state.done if state is not None else 0
+    for i in range(start):
+        db.adopt(f"layer-{i:05d}")
+    if start:
+        log.info("resuming the candidate database from %s: %d of %d decoder layers were done", state.folder, start,
+                 len(decoder_layers(model, arch)))
 
     def step(i, layer, inputs):
         prefix = f"{arch.layers}.{i}."
@@ -55,13 +71,16 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
                     db.put(k, c, member_weights(model, u, Wq, dtype))
             done += ks
             del hessians
-        db.flush()
+        db.flush(f"layer-{i:05d}")
         with swapped(layer, prefix, anchor_swap(db, anchor, by_layer.get(i, []))):
-            return run_layer(layer, inputs)
+            outputs = run_layer(layer, inputs)
+        if state is not None:
+            state.save(i, {}, {}, {"hidden": [o.hidden for o in outputs]})
+        return outputs
 
     try:
         sweep(model, arch, windows, device, step, batch_size=batch_size, keep=False, progress=progress,
-              desc="candidate database")
+              desc="candidate database", start=start, resume=lambda inputs: placed(state.streams()["hidden"], inputs))
     except BaseException:
         db.close()
         raise

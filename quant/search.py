@@ -95,7 +95,8 @@ class _Levels:
 def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[[list[int], bool], float], *,
            generations: int = 50, offspring: int = 8, survivors: int = 2, max_mutations: int = 3,
            ties: list[tuple[int, int]] | None = None, allowed: np.ndarray | None = None, seed: int = 0,
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, checkpoint: Callable[[dict], None] | None = None,
+           resume: dict | None = None) -> SearchResult:
     """Refine ``start`` (candidate index per unit, within ``budget``) by (1 + λ) evolution.
 
     Each generation makes ``offspring`` children of the current best, each by 1..``max_mutations``
@@ -104,7 +105,10 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     where it fits. All children are screened (``fitness(child, False)``); the ``survivors`` best are
     scored on the full set (``fitness(child, True)``), and the best of those replaces the parent if
     it is lower. ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);
-    ``ties`` are units that always share one candidate."""
+    ``ties`` are units that always share one candidate. ``checkpoint`` receives the search's whole
+    state (plain data) after every generation; ``resume`` (such a state) goes on from there, with
+    one full-set call of ``fitness`` on the best so far to restore its reference, and ends as the
+    uninterrupted search would."""
     t0 = time.perf_counter()
     cost = np.asarray(cost, dtype=float)
     U, C = cost.shape
@@ -126,14 +130,28 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
         raise ValueError("need generations ≥ 1 and 1 ≤ survivors ≤ offspring.")
     rng = np.random.default_rng(seed)
 
-    best = level
-    best_score = fitness(lv.choice(best), True)
-    start_score = best_score
-    seen = {tuple(best)}
-    calls = {"screen": 0, "full": 1}
-    history = [{"generation": 0, "score": best_score, "cost": lv.total(best)}]
-    last = 0  # generation of the last improvement
-    bar = tqdm(range(1, generations + 1), desc="search", disable=not progress, unit="gen")
+    if resume is None:
+        best = level
+        best_score = fitness(lv.choice(best), True)
+        start_score = best_score
+        seen = {tuple(best)}
+        calls = {"screen": 0, "full": 1}
+        history = [{"generation": 0, "score": best_score, "cost": lv.total(best)}]
+        last = first = 0  # generation of the last improvement; generations done
+    else:
+        best, best_score, start_score = list(resume["best"]), resume["best_score"], resume["start_score"]
+        seen = {tuple(k) for k in resume["seen"]}
+        calls, history, last, first = dict(resume["calls"]), list(resume["history"]), resume["last"], resume["generation"]
+        rng.bit_generator.state = resume["rng"]
+        fitness(lv.choice(best), True)  # the fitness's reference is the best so far again
+
+    def state(gen: int) -> dict:
+        return {"generation": gen, "best": list(best), "best_score": best_score, "start_score": start_score,
+                "seen": [list(k) for k in seen], "calls": calls, "history": history, "last": last,
+                "rng": rng.bit_generator.state}
+
+    bar = tqdm(range(first + 1, generations + 1), desc="search", disable=not progress, unit="gen", initial=first,
+               total=generations)
     for gen in bar:
         # fresh children only; the longer no child has been better, the further they may jump
         most = max_mutations + (gen - 1 - last) // 10
@@ -146,6 +164,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
             if len(kids) == offspring:
                 break
         if not kids:
+            if checkpoint is not None:
+                checkpoint(state(gen))
             continue
         screened = []
         for k in kids:
@@ -159,4 +179,6 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
                 best, best_score, last = k, s, gen
                 history.append({"generation": gen, "score": s, "cost": lv.total(k)})
         bar.set_postfix(loss=f"{best_score:.4f}")
+        if checkpoint is not None:
+            checkpoint(state(gen))
     return SearchResult(lv.choice(best), lv.total(best), best_score, start_score, calls, time.perf_counter() - t0, history)

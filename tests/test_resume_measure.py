@@ -144,3 +144,43 @@ def test_a_budget_run_killed_while_measuring_goes_on_with_the_measurement(deep_m
     a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "resumed.sens.partial").exists() and not (tmp_path / "resumed.partial").exists()
+
+
+@pytest.mark.parametrize("where,after", [("layers", 2), ("search", 2)])
+def test_a_killed_search_goes_on_to_the_same_allocation(deep_model_dir, text_file, tmp_path, monkeypatch, caplog,
+                                                        where, after):
+    """--search saves its candidate database layer by layer and its state after every generation."""
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--budget", 3.0,
+            "--pair-bits", 0, "--search", 4, "--search-samples", 2, "--search-seqlen", 32, "--search-offspring", 3]
+    assert run(*args, "--out", tmp_path / "whole") == 0
+    with monkeypatch.context() as m:
+        save = resume.LayerState.save
+
+        def only_search(self, i, *a, **k):  # the measurement's layers do not count
+            if where == "layers" and not self.folder.name.endswith(".search.partial"):
+                return save(self, i, *a, **k)
+            return dying(self, i, *a, **k)
+
+        kill_at(m, where, after)
+        dying = resume.LayerState.save
+        m.setattr(resume.LayerState, "save", only_search)
+        with pytest.raises(Killed):
+            run(*args, "--out", tmp_path / "resumed")
+    partial = tmp_path / "resumed.search.partial"
+    state = json.loads((partial / "state.json").read_text())
+    assert state["done"] == (after if where == "layers" else 4)
+    with caplog.at_level(logging.INFO, logger="hmq"):
+        logging.getLogger("hmq").addHandler(caplog.handler)
+        try:
+            assert run(*args, "--out", tmp_path / "resumed") == 0
+        finally:
+            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert (f"{after} of 4 decoder layers were done" if where == "layers" else
+            f"{after} of 4 generations were done") in caplog.text
+    whole, resumed = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"] for d in ("whole", "resumed"))
+    for record in (whole, resumed):
+        record["search"].pop("seconds"), record.pop("solve_seconds")
+    assert resumed == whole
+    a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial.exists() and not (tmp_path / "resumed.partial").exists()
