@@ -520,7 +520,7 @@ def cmd_eval(args) -> int:
     print(f"{'model':<48} {'data':<10} {'windows':>7} {'tokens':>8} {'ppl':>9}")
     for r in results:
         print(f"{str(r['model'])[-48:]:<48} {r['data']:<10} {r['windows']:>7} {r['tokens']:>8} {r['ppl']:>9.3f}")
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # one process writes
         payload = results[0] if len(results) == 1 else {**results[0], "baseline": results[1]}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
@@ -557,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quant import dist
 
-    if dist.launched() and args.command not in ("quantize", "measure"):
-        print(f"hmq: error: only `hmq quantize` and `hmq measure` run under torchrun so far: run `hmq {args.command}` "
-              "in one process.", file=sys.stderr)
+    if dist.launched() and args.command not in ("quantize", "measure", "eval"):
+        print(f"hmq: error: only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun so far: run "
+              f"`hmq {args.command}` in one process.", file=sys.stderr)
         return 2
     main_rank = os.environ.get("RANK", "0") == "0"
     if dist.launched() and not main_rank:  # one process reports

@@ -149,12 +149,15 @@ def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int |
     evaluated whole; a built-in source on its reporting part."""
     import json
 
+    from quant import dist
     from quant.evaluate import perplexity
     from quant.export import CheckpointError, is_quantized_checkpoint
     from quant.model_io import resolve_device, resolve_dtype
 
     from .data import DEFAULT_SOURCE, eval_tokens, own_text_split
 
+    if dist.launched():  # each process evaluates a share of the windows
+        device = dist.init(device)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     targets = [spec]
@@ -165,7 +168,8 @@ def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int |
         targets.append(json.loads(meta_file.read_text()).get("source_model") if meta_file.is_file() else None)
     results = []
     for target in targets:
-        model, tokenizer = _load_for_eval(target, dtype)
+        with dist.main_first():
+            model, tokenizer = _load_for_eval(target, dtype)
         part = own_text_split(data, "eval")
         name, ids = eval_tokens(tokenizer, data or DEFAULT_SOURCE, part)
         log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)

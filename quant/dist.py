@@ -11,6 +11,7 @@ its message instead of leaving them waiting in a collective.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -76,6 +77,17 @@ def gather_all(obj) -> list:
     out = [None] * world()
     td.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def main_first():
+    """The first process runs the block before the others do (it downloads or converts a model
+    once; the others then read its cache)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def barrier() -> None:

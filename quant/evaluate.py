@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .capture import run_layer
-
 from .qlinear import dequantized_cache
 
 
@@ -61,43 +61,56 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         raise EvalError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    if reference is not None and len(reference) < n_windows:
+    if reference is not None and dist.world() == 1 and len(reference) < n_windows:
         raise EvalError(f"the reference holds {len(reference)} windows but {n_windows} are evaluated: build it "
                          "with the same ids, seqlen and max_windows.")
     device = torch.device(device)
     arch = get_arch(model.config.model_type)
     t0 = time.perf_counter()
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)  # (windows, seqlen)
+    # with several processes each evaluates whole batches (batch b: process b mod world), and the
+    # per-window results are summed in window order, as one process sums them
+    mine = [w for w in range(n_windows) if (w // batch_size) % dist.world() == dist.rank()]
+    if reference is not None and dist.world() > 1 and len(reference) < len(mine):
+        raise EvalError(f"the reference holds {len(reference)} windows but this process evaluates {len(mine)}: build "
+                        "it with the same ids, seqlen, max_windows and processes.")
+    if not mine:
+        raise EvalError(f"{n_windows} windows make fewer batches of {batch_size} than the {dist.world()} processes: "
+                        "evaluate more windows or run fewer processes.")
 
     def step(i, layer, inputs):
         cache = dequantized_cache(layer) if device.type == "cpu" else contextlib.nullcontext()
         with cache:
             return run_layer(layer, inputs)
 
-    hidden = sweep(model, arch, windows, device, step, batch_size=batch_size, keep=False, progress=progress,
+    hidden = sweep(model, arch, windows[mine], device, step, batch_size=batch_size, keep=False, progress=progress,
                    desc="perplexity")
-    total_nll, total_tokens = 0.0, 0
-    kls, agree = [], 0
+    per_window: dict[int, tuple] = {}  # window -> (summed NLL, per-token KL, agreeing tokens)
     with head_on(model, arch, device):
-        w = 0
+        own = iter(enumerate(mine))  # reference[j] belongs to this process's j-th window
         for batch in hidden:
             for h in batch.hidden:  # (seqlen, hidden): one window at a time keeps (seqlen, vocab) logits small
+                j, w = next(own)
                 x = windows[w].to(device)
                 logp = F.log_softmax(head_logits(model, arch, h[None])[0, :-1].float(), -1)  # (seqlen-1, vocab)
-                total_nll -= logp.gather(1, x[1:, None]).sum().item()
-                total_tokens += seqlen - 1
+                nll, kl, same = logp.gather(1, x[1:, None]).sum().item(), None, 0
                 if _collect is not None:
                     _collect.append(logp.to("cpu", torch.float16))
                 if reference is not None:
-                    kl, same = kl_terms(logp, reference[w].to(logp.device))
-                    kls.append(kl.cpu())
-                    agree += int(same.sum())
-                w += 1
+                    kl, agree = kl_terms(logp, reference[j].to(logp.device))
+                    kl, same = kl.cpu(), int(agree.sum())
+                per_window[w] = (nll, kl, same)
+    for part in dist.gather_all(per_window):
+        per_window.update(part)
+    total_nll, total_tokens = 0.0, 0
+    for w in range(n_windows):
+        total_nll -= per_window[w][0]
+        total_tokens += seqlen - 1
     mean = total_nll / total_tokens
     res = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
            "seconds": time.perf_counter() - t0}
     if reference is not None:
-        kl = torch.cat(kls)
+        kl = torch.cat([per_window[w][1] for w in range(n_windows)])
         res.update(kl=float(kl.mean()), kl_p99=float(kl.quantile(0.99)) if kl.numel() <= 1 << 24 else float("nan"),
-                   top1=agree / total_tokens)
+                   top1=sum(per_window[w][2] for w in range(n_windows)) / total_tokens)
     return res

@@ -283,11 +283,8 @@ def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bo
     device = resolve_device(run["device"])
     dtype = resolve_dtype(run["dtype"], device)
     log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
-    if not dist.is_main():
-        dist.barrier()  # the first process converts a GGUF or downloads first; the others then read its cache
-    model, tokenizer, arch = load_model(run["model"], dtype, stream=stream)
-    if dist.is_main():
-        dist.barrier()
+    with dist.main_first():
+        model, tokenizer, arch = load_model(run["model"], dtype, stream=stream)
     if "group_size" not in explicit:
         gs = auto_group_size(model, arch, config)
         if gs != config.group_size:

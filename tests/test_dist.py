@@ -109,6 +109,24 @@ def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_di
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def test_two_processes_evaluate_as_one(model_dir, text_file, tmp_path):
+    import json
+
+    q = hmq(["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, "--method", "rtn", *COMMON,
+             "--out", tmp_path / "q"], 1)
+    assert q.returncode == 0, q.stderr[-3000:]
+    args = ["eval", "--model", tmp_path / "q", "--baseline", "--data", text_file, "--seqlen", 32, "--max-windows", 20,
+            "--no-progress"]
+    one = hmq([*args, "--json", tmp_path / "one.json"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--json", tmp_path / "two.json"], 2)  # 20 windows: batches 0 and 2 here, 1 there
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    for r in (a, b, a["baseline"], b["baseline"]):
+        r.pop("seconds")
+    assert a == b and a["windows"] == 20 and a["ppl"] != a["baseline"]["ppl"]
+
+
 def test_a_slow_rank_finds_the_resume_folder_the_first_one_starts(model_dir, text_file, tmp_path):
     # the first process creates the resume folder; one that looks for it later must not take it
     # for someone else's folder (as CI once saw under load)
@@ -130,8 +148,8 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_f
 
 
 def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
-    done = hmq(["eval", "--model", model_dir, "--data", text_file], 2)
-    assert done.returncode != 0 and "only `hmq quantize` and `hmq measure` run under torchrun" in done.stderr
+    done = hmq(["inspect", tmp_path / "none"], 2)
+    assert done.returncode != 0 and "only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun" in done.stderr
     done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--budget", 3.0, "--search", 2,
                 "--out", tmp_path / "b"], 2)
     assert done.returncode != 0 and "--search and --max-ppl-increase do not run across processes" in done.stderr
