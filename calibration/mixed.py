@@ -226,7 +226,7 @@ def quantize_and_eval(load, windows, config: QuantConfig, device, eval_ids, seql
 def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows, loss_windows, config: QuantConfig,
                       device, generations: int, offspring: int = 8, survivors: int = 2, screen: int = 1,
                       seed: int = 0, progress: bool = True, latency: dict | None = None,
-                      problem: Problem | None = None, state=None) -> tuple[Allocation, dict]:
+                      problem: Problem | None = None, state=None, batch_size: int = 8) -> tuple[Allocation, dict]:
     """Refine the ILP's ``alloc`` by evolutionary search (:func:`quant.search.evolve`) on the measured
     loss of ``loss_windows`` (n, seq), with every candidate quantized once on the inputs of the ILP's
     model (:func:`calibration.search.candidate_database`). Same budget and cost as ``alloc``; keeping
@@ -243,7 +243,7 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     allowed = np.array([[cand.bits != 16 or start[k] == c for c, cand in enumerate(sens.candidates)]
                         for k in range(len(sens.units))])
     db = candidate_database(model, arch, sens.units, sens.candidates, sens.cost, windows, config, device, start,
-                            progress=progress, state=state)
+                            batch_size=batch_size, progress=progress, state=state)
     try:
         fitness = StitchedLoss(model, arch, sens.units, db, loss_windows, device, screen)
         saved = state.extra.get("search") if state is not None else None

@@ -85,7 +85,7 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
     if search is not None:
         search.check()
     if dist.launched():
-        _check_distributed(budget, sensitivity, search)
+        _check_distributed(budget)
         run = {**run, "device": dist.init(run["device"])}
     if out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(out, overwrite)
@@ -172,20 +172,17 @@ def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, 
 def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenizer, arch, windows, config, device,
             calib, progress, restart: bool = False) -> tuple[QuantConfig, dict]:
     """A mixed run's config and allocation: the one its first start chose (kept in ``state``: an
-    ILP under a time limit need not choose the same twice), else chosen now, by the first process
-    for all of them."""
+    ILP under a time limit need not choose the same twice), else chosen now (the ILP by the first
+    process for all of them, the search by all together)."""
     from .mixed import config_for
 
     if state.extra.get("config"):
         log.info("using the allocation the first start of this run chose (kept in %s)", state.folder)
         return QuantConfig.from_dict(state.extra["config"]), state.extra["allocation"]
-    shared, searched = None, None
-    if dist.is_main():  # (--search runs in one process only: its state's barriers would wait for the others)
-        chosen, record, searched = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows,
-                                               config, device, calib, progress, state, restart)
-        shared = {"config": config_for(sens, chosen, config).to_dict(),
-                  "allocation": chosen.to_dict() | ({"search": record} if record is not None else {})}
-    shared = dist.gather_all(shared)[0]
+    chosen, record, searched = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config,
+                                           device, calib, progress, state, restart)
+    shared = {"config": config_for(sens, chosen, config).to_dict(),
+              "allocation": chosen.to_dict() | ({"search": record} if record is not None else {})}
     state.record("allocation", shared["allocation"])
     state.record("config", shared["config"])  # kept before the search's own state goes
     if searched is not None:
@@ -193,11 +190,11 @@ def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenize
     return QuantConfig.from_dict(shared["config"]), shared["allocation"]
 
 
-def _check_distributed(budget: BudgetOptions, sensitivity: str | None, search: SearchOptions | None) -> None:
-    """What runs across processes so far: uniform quantization, and a budget (measured, or from a measurement)."""
-    if search is not None or budget.max_ppl_increase is not None:
-        raise ConfigError("--search and --max-ppl-increase do not run across processes yet: run them in one process "
-                          "(without torchrun).")
+def _check_distributed(budget: BudgetOptions) -> None:
+    """What runs across processes so far: everything but the perplexity bisection."""
+    if budget.max_ppl_increase is not None:
+        raise ConfigError("--max-ppl-increase does not run across processes yet: run it in one process (without "
+                          "torchrun).")
 
 
 def load_quantizable(run: dict, dtype):
@@ -251,12 +248,15 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     belonging to the run's settings and the ILP's allocation it starts from."""
     from .mixed import allocate, allocate_latency, budget_to_bytes
 
-    if budget.latency is not None:
-        chosen = allocate_latency(sens, budget.latency_table, budget.latency, alloc.objective, alloc.pairs,
-                                  gain_scale=alloc.gain_scale)
-    else:
-        chosen = allocate(sens, budget_to_bytes(sens, budget.bpw, budget.gb), alloc.objective, alloc.pairs,
-                          gain_scale=alloc.gain_scale)
+    chosen = None
+    if dist.is_main():  # one solve (under a time limit two need not agree), for every process
+        if budget.latency is not None:
+            chosen = allocate_latency(sens, budget.latency_table, budget.latency, alloc.objective, alloc.pairs,
+                                      gain_scale=alloc.gain_scale)
+        else:
+            chosen = allocate(sens, budget_to_bytes(sens, budget.bpw, budget.gb), alloc.objective, alloc.pairs,
+                              gain_scale=alloc.gain_scale)
+    chosen = dist.gather_all(chosen)[0]
     log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
              chosen.bpw, chosen.predicted_dloss, chosen.solution.status, chosen.solution.gap, chosen.solution.seconds)
     if search is None:
@@ -276,7 +276,9 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
         saved = LayerState(folder, {**state.settings, "start": list(chosen.solution.choice)}, restart, "search")
     new, record = search_allocation(sens, chosen, model, arch, windows, loss_windows, config, device,
                                     search.generations, search.offspring, screen=search.screen, seed=run["seed"],
-                                    progress=progress, latency=budget.latency_table, problem=problem, state=saved)
+                                    progress=progress, latency=budget.latency_table, problem=problem, state=saved,
+                                    batch_size=run["batch_size"])
+    new, record = dist.gather_all((new, record))[0]  # equal everywhere; the first process's, to be sure
     log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
     return new, record, saved
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from quant import dist
 from quant.arch import Arch, decoder_layers
 from quant.capture import collect_hessians, run_layer
 from quant.config import QuantConfig
@@ -46,7 +47,8 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     dtype = next(p for p in model.parameters()).dtype  # the weights quantize would run with, bit for bit
     steps = arch.sequential if config.true_sequential else (arch.linears,)
     by_layer = units_by_layer(units)
-    db = WeightCache(state.folder / "weights" if state is not None else None)
+    part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process keeps every candidate (solves share rows)
+    db = WeightCache(state.folder / f"weights{part}" if state is not None else None)
     start = state.done if state is not None else 0
     for i in range(start):
         db.adopt(f"layer-{i:05d}")
@@ -79,8 +81,9 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
         return outputs
 
     try:
-        sweep(model, arch, windows, device, step, batch_size=batch_size, keep=False, progress=progress,
-              desc="candidate database", start=start, resume=lambda inputs: placed(state.streams()["hidden"], inputs))
+        sweep(model, arch, dist.shard_batches(windows, batch_size), device, step, batch_size=batch_size, keep=False,
+              progress=progress, desc="candidate database", start=start,
+              resume=lambda inputs: placed(state.streams()["hidden"], inputs))
     except BaseException:
         db.close()
         raise
@@ -110,16 +113,29 @@ class StitchedLoss:
         """Layer ``i`` -> the database weights of its units at ``choice`` (keep-16: the layer's own)."""
         return lambda i: anchor_swap(self.db, choice, self.by_layer.get(i, []))
 
-    @torch.no_grad()
+    def _start(self, choice: list[int]) -> int:
+        """The first layer where ``choice`` differs from the reference's configuration."""
+        if self.ref is None:
+            return 0
+        changed = [self.units[k].layer for k in range(len(choice)) if choice[k] != self.ref[k]]
+        return min(changed) if changed else self.layers
+
     def __call__(self, choice: list[int], full: bool) -> float:
-        choice = list(choice)
-        start = 0
-        if self.ref is not None:
-            changed = [self.units[k].layer for k in range(len(choice)) if choice[k] != self.ref[k]]
-            start = min(changed) if changed else self.layers
-        loss = variant_nlls(self.reference, [(start, self.swap(choice))], self.n if full else self.screen)[0]
-        if full and loss < self.best:
-            self.best = loss
-            self.reference.build(self.swap(choice), start)  # boundaries in front of ``start`` are the old reference's
-            self.ref = choice
-        return loss
+        return self.many([choice], full)[0]
+
+    @torch.no_grad()
+    def many(self, choices: list[list[int]], full: bool) -> list[float]:
+        """The loss of each configuration in ``choices``: those that start at the same layer share
+        its visits, and with several processes each computes a share. Each is computed on its own, so
+        a value does not depend on the others (nor on the layer it is computed from)."""
+        choices = [list(c) for c in choices]
+        starts = [self._start(c) for c in choices]
+        losses = variant_nlls(self.reference, [(s, self.swap(c)) for s, c in zip(starts, choices)],
+                              self.n if full else self.screen)
+        if full and choices:
+            j = min(range(len(choices)), key=lambda j: losses[j])
+            if losses[j] < self.best:
+                self.best = losses[j]
+                self.reference.build(self.swap(choices[j]), starts[j])  # those in front of the start are kept
+                self.ref = choices[j]
+        return losses

@@ -104,7 +104,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     moves one level up or down in cost, other random groups step down until the budget holds again, and any slack left is spent raising random groups one level
     where it fits. All children are screened (``fitness(child, False)``); the ``survivors`` best are
     scored on the full set (``fitness(child, True)``), and the best of those replaces the parent if
-    it is lower. ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);
+    it is lower (a fitness with a ``many(children, full)`` method scores each set in one call, with
+    the same values). ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);
     ``ties`` are units that always share one candidate. ``checkpoint`` receives the search's whole
     state (plain data) after every generation; ``resume`` (such a state) goes on from there, with
     one full-set call of ``fitness`` on the best so far to restore its reference, and ends as the
@@ -129,6 +130,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     if min(offspring, survivors, generations) < 1 or survivors > offspring:
         raise ValueError("need generations ≥ 1 and 1 ≤ survivors ≤ offspring.")
     rng = np.random.default_rng(seed)
+    # a fitness that scores many configurations at once (``fitness.many``) shares their work
+    scores = getattr(fitness, "many", None) or (lambda choices, full: [fitness(c, full) for c in choices])
 
     if resume is None:
         best = level
@@ -167,13 +170,10 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
             if checkpoint is not None:
                 checkpoint(state(gen))
             continue
-        screened = []
-        for k in kids:
-            screened.append((fitness(lv.choice(k), False), k))
-            calls["screen"] += 1
-        screened.sort(key=lambda t: t[0])
-        for _, k in screened[:survivors]:
-            s = fitness(lv.choice(k), True)
+        screened = sorted(zip(scores([lv.choice(k) for k in kids], False), kids), key=lambda t: t[0])
+        calls["screen"] += len(kids)
+        finalists = [k for _, k in screened[:survivors]]
+        for k, s in zip(finalists, scores([lv.choice(k) for k in finalists], True)):
             calls["full"] += 1
             if s < best_score:
                 best, best_score, last = k, s, gen

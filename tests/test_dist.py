@@ -83,8 +83,11 @@ def test_two_processes_killed_and_rerun_write_the_measurement_one_writes(model_d
     assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
 
 
-def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path):
-    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE]
+@pytest.mark.parametrize("search", [[], ["--search", 3, "--search-samples", 4, "--search-seqlen", 32,
+                                         "--search-offspring", 4]])
+def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path, search):
+    """Measured, allocated, searched (the children spread over the processes) and quantized."""
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE, *search]
     one = hmq([*args, "--out", tmp_path / "one"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = hmq([*args, "--out", tmp_path / "two"], 2)
@@ -92,6 +95,11 @@ def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, tex
     assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
     a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if search:
+        import json
+
+        one, two = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"]["search"] for d in ("one", "two"))
+        assert one["evaluations"] == two["evaluations"] and one["history"] == two["history"]
 
 
 def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_dir, text_file, tmp_path):
@@ -150,6 +158,6 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_f
 def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
     done = hmq(["inspect", tmp_path / "none"], 2)
     assert done.returncode != 0 and "only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun" in done.stderr
-    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--budget", 3.0, "--search", 2,
+    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--max-ppl-increase", 0.1,
                 "--out", tmp_path / "b"], 2)
-    assert done.returncode != 0 and "--search and --max-ppl-increase do not run across processes" in done.stderr
+    assert done.returncode != 0 and "--max-ppl-increase does not run across processes" in done.stderr
