@@ -85,7 +85,6 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
     if search is not None:
         search.check()
     if dist.launched():
-        _check_distributed(budget)
         run = {**run, "device": dist.init(run["device"])}
     if out:  # before any loading: a bad --out is found in a second, not after the work
         check_output_dir(out, overwrite)
@@ -188,13 +187,6 @@ def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenize
     if searched is not None:
         searched.finish()
     return QuantConfig.from_dict(shared["config"]), shared["allocation"]
-
-
-def _check_distributed(budget: BudgetOptions) -> None:
-    """What runs across processes so far: everything but the perplexity bisection."""
-    if budget.max_ppl_increase is not None:
-        raise ConfigError("--max-ppl-increase does not run across processes yet: run it in one process (without "
-                          "torchrun).")
 
 
 def load_quantizable(run: dict, dtype):

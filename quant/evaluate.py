@@ -68,15 +68,18 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     arch = get_arch(model.config.model_type)
     t0 = time.perf_counter()
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)  # (windows, seqlen)
-    # with several processes each evaluates whole batches (batch b: process b mod world), and the
-    # per-window results are summed in window order, as one process sums them
+    # with several processes each evaluates whole batches (batch b: process b mod world; smaller
+    # batches when there are too few for every process), and the per-window results are summed in
+    # window order, as one process sums them
+    if dist.world() > 1:
+        batch_size = max(1, min(batch_size, -(-n_windows // dist.world())))
     mine = [w for w in range(n_windows) if (w // batch_size) % dist.world() == dist.rank()]
     if reference is not None and dist.world() > 1 and len(reference) < len(mine):
         raise EvalError(f"the reference holds {len(reference)} windows but this process evaluates {len(mine)}: build "
                         "it with the same ids, seqlen, max_windows and processes.")
     if not mine:
-        raise EvalError(f"{n_windows} windows make fewer batches of {batch_size} than the {dist.world()} processes: "
-                        "evaluate more windows or run fewer processes.")
+        raise EvalError(f"{n_windows} windows are fewer than the {dist.world()} processes: evaluate more windows or "
+                        "run fewer processes.")
 
     def step(i, layer, inputs):
         cache = dequantized_cache(layer) if device.type == "cpu" else contextlib.nullcontext()

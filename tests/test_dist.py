@@ -158,6 +158,23 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_f
 def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
     done = hmq(["inspect", tmp_path / "none"], 2)
     assert done.returncode != 0 and "only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun" in done.stderr
-    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--max-ppl-increase", 0.1,
-                "--out", tmp_path / "b"], 2)
-    assert done.returncode != 0 and "--max-ppl-increase does not run across processes" in done.stderr
+    done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--method", "affine",
+                "--out", tmp_path / "a"], 2)
+    assert done.returncode != 0 and "does not run across processes yet" in done.stderr
+
+
+def test_two_processes_bisect_as_one(model_dir, text_file, tmp_path):
+    """The perplexity bisection: measured, then each step quantized and evaluated across the processes."""
+    import json
+
+    args = ["quantize", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--max-ppl-increase", "50%",
+            "--bisect-steps", 2, "--eval-windows", 4, "--eval-seqlen", 32]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"] for d in ("one", "two"))
+    steps = [[(s["budget"], s["ppl"]) for s in m["bisection"]] for m in (a, b)]
+    assert steps[0] == steps[1] and len(steps[0]) == 3
+    ta, tb = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
