@@ -98,3 +98,33 @@ def text_file(tmp_path_factory):
 def windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, seqlen), generator=g)
+
+
+def run(*argv) -> int:
+    """The hmq command line, in this process."""
+    import cli
+
+    return cli.main([str(a) for a in argv])
+
+
+def run_logged(caplog, *argv) -> int:
+    """:func:`run` with hmq's log records (its logger does not propagate) captured in ``caplog``."""
+    import logging
+
+    log = logging.getLogger("hmq")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="hmq"):
+            return run(*argv)
+    finally:
+        log.removeHandler(caplog.handler)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in resume tests: nothing in hmq catches it."""
+
+
+@pytest.fixture(scope="session")
+def deep_model_dir(tmp_path_factory, tokenizer_dir):
+    """A 4-layer tiny Llama folder: room to stop a sweep part way."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-4"), tokenizer_dir, num_hidden_layers=4)

@@ -1,31 +1,19 @@
 """Resume after a kill: a quantize run stopped part way and started again ends with the same tensors
 as one never stopped; a saved state from other settings is refused, naming the fix."""
 import json
-import logging
 
 import pytest
 import torch
 
-import cli
 from quant import resume
 from quant.export import read_tensors
 
-from .conftest import build_tiny, save_tiny
+from .conftest import Killed, build_tiny, run, run_logged
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in hmq catches it."""
 
-
-def run(*argv):
-    return cli.main([str(a) for a in argv])
-
-
-@pytest.fixture(scope="module")
-def deep_model_dir(tmp_path_factory, tokenizer_dir):
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama-4"), tokenizer_dir, num_hidden_layers=4)
 
 
 def kill_after(monkeypatch, layers: int, where: str = "after"):
@@ -78,12 +66,7 @@ def test_killed_quantize_resumes_to_the_same_tensors(deep_model_dir, text_file, 
     partial = tmp_path / "resumed.partial"
     state = json.loads((partial / "state.json").read_text())
     assert state["done"] == layers and not (tmp_path / "resumed").exists()
-    with caplog.at_level(logging.INFO, logger="hmq"):
-        logging.getLogger("hmq").addHandler(caplog.handler)
-        try:
-            assert run(*args, "--out", tmp_path / "resumed") == 0
-        finally:
-            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert run_logged(caplog, *args, "--out", tmp_path / "resumed") == 0
     assert layers == 0 or f"{layers} of 4 decoder layers were already quantized" in caplog.text
     same_tensors(tmp_path / "whole", tmp_path / "resumed")
     assert not partial.exists()
@@ -156,12 +139,7 @@ def test_a_killed_budget_run_keeps_its_measurement(deep_model_dir, text_file, tm
         run(*args, "--out", tmp_path / "resumed")
     heal()
     assert (tmp_path / "resumed.sens").is_file()
-    logging.getLogger("hmq").addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="hmq"):
-            assert run(*args, "--out", tmp_path / "resumed") == 0
-    finally:
-        logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert run_logged(caplog, *args, "--out", tmp_path / "resumed") == 0
     assert "measured with the same settings" in caplog.text and "3 of 4 decoder layers" in caplog.text
     assert "using the allocation the first start of this run chose" in caplog.text
     assert "measuring sensitivity" not in caplog.text

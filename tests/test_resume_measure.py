@@ -2,33 +2,21 @@
 through its loss passes, and started again, writes the same measurement as one never stopped, and
 runs only what the first start had not finished."""
 import json
-import logging
 
 import pytest
 import torch
 
-import cli
 from calibration import measure
 from quant import resume, variants
 from quant.export import read_tensors
 
-from .conftest import save_tiny
+from .conftest import Killed, run, run_logged
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
 MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in hmq catches it."""
 
-
-def run(*argv):
-    return cli.main([str(a) for a in argv])
-
-
-@pytest.fixture(scope="module")
-def deep_model_dir(tmp_path_factory, tokenizer_dir):
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama-4m"), tokenizer_dir, num_hidden_layers=4)
 
 
 def measured(path) -> dict:
@@ -92,14 +80,10 @@ def test_killed_measure_resumes_to_the_same_measurement(deep_model_dir, text_fil
     assert state["done"] == (after if where == "layers" else 4) and not (tmp_path / "resumed.sens").exists()
     assert where == "layers" or where in state["extra"]
 
-    with monkeypatch.context() as m, caplog.at_level(logging.INFO, logger="hmq"):
+    with monkeypatch.context() as m:
         passes, traces = counted_passes(m), {"n": 0}
         m.setattr(measure, "_traces", lambda *a: (traces.update(n=traces["n"] + 1), take_traces(*a))[1])
-        logging.getLogger("hmq").addHandler(caplog.handler)
-        try:
-            assert run(*args, "--out", tmp_path / "resumed.sens") == 0
-        finally:
-            logging.getLogger("hmq").removeHandler(caplog.handler)
+        assert run_logged(caplog, *args, "--out", tmp_path / "resumed.sens") == 0
     assert f"{state['done']} of 4 decoder layers were already measured" in caplog.text
     assert traces["n"] == (where == "layers")  # the traces an earlier start finished are not taken again
     if where.endswith("passes"):  # only the passes the first start had not finished ran again
@@ -133,12 +117,7 @@ def test_a_budget_run_killed_while_measuring_goes_on_with_the_measurement(deep_m
         with pytest.raises(Killed):
             run(*args, "--out", tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed.sens.partial" / "state.json").read_text())["done"] == 2
-    with caplog.at_level(logging.INFO, logger="hmq"):
-        logging.getLogger("hmq").addHandler(caplog.handler)
-        try:
-            assert run(*args, "--out", tmp_path / "resumed") == 0
-        finally:
-            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert run_logged(caplog, *args, "--out", tmp_path / "resumed") == 0
     assert "2 of 4 decoder layers were already measured" in caplog.text
     assert measured(tmp_path / "resumed.sens") == measured(tmp_path / "whole.sens")
     a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "resumed")
@@ -169,12 +148,7 @@ def test_a_killed_search_goes_on_to_the_same_allocation(deep_model_dir, text_fil
     partial = tmp_path / "resumed.search.partial"
     state = json.loads((partial / "state.json").read_text())
     assert state["done"] == (after if where == "layers" else 4)
-    with caplog.at_level(logging.INFO, logger="hmq"):
-        logging.getLogger("hmq").addHandler(caplog.handler)
-        try:
-            assert run(*args, "--out", tmp_path / "resumed") == 0
-        finally:
-            logging.getLogger("hmq").removeHandler(caplog.handler)
+    assert run_logged(caplog, *args, "--out", tmp_path / "resumed") == 0
     assert (f"{after} of 4 decoder layers were done" if where == "layers" else
             f"{after} of 4 generations were done") in caplog.text
     whole, resumed = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"] for d in ("whole", "resumed"))
