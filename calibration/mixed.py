@@ -96,7 +96,7 @@ def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian",
             f"{(floor + sens.overhead_bytes) / 1e9:.4f} GB for the whole checkpoint."
         )
     sol = solve(problem, budget_bytes)
-    return _allocation(sens, sol, budget_bytes)
+    return allocation_of(sens, sol, budget_bytes)
 
 
 def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: str = "hessian",
@@ -107,10 +107,11 @@ def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: s
     if not budget >= floor - 1e-12:
         raise BudgetError(f"a latency budget of {budget:g} is below the fastest configuration the table allows, "
                           f"{floor:g} (same unit as the table): raise it to at least that.")
-    return _allocation(sens, solve(problem, budget), budget)
+    return allocation_of(sens, solve(problem, budget), budget)
 
 
-def _allocation(sens: Sensitivity, sol: Solution, budget: float) -> Allocation:
+def allocation_of(sens: Sensitivity, sol: Solution, budget: float) -> Allocation:
+    """The allocation a solver's ``sol`` makes of ``sens``'s units under ``budget``."""
     cands = [sens.candidates[c] for c in sol.choice]
     nbytes = sum(sens.cost[k][c] for k, c in enumerate(sol.choice))
     return Allocation(budget, sol, [c.label for c in cands], [c.bits for c in cands], sol.objective,
@@ -122,7 +123,7 @@ def frontier_allocations(sens: Sensitivity, bpws, objective: str = "hessian", pa
     problem = make_problem(sens, objective, pairs, gain_scale=gain_scale)
     n = total_params(sens)
     sols = frontier(problem, [b * n / 8 for b in bpws])
-    return [_allocation(sens, s, s.cost) for s in sols]
+    return [allocation_of(sens, s, s.cost) for s in sols]
 
 
 def min_max_bpw(sens: Sensitivity, keep: bool = False) -> tuple[float, float]:
@@ -258,7 +259,7 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
     predicted = problem.objective(res.choice) if problem is not None else math.nan
     sol = Solution(res.choice, predicted, res.cost, f"searched ({alloc.solution.status} start)",
                    alloc.solution.gap, alloc.solution.seconds + res.seconds)
-    return _allocation(sens, sol, alloc.budget), res.to_dict()
+    return allocation_of(sens, sol, alloc.budget), res.to_dict()
 
 
 def as_measured(config: QuantConfig, measured: dict[str, bool], explicit: set[str]) -> QuantConfig:

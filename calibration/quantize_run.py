@@ -12,7 +12,7 @@ import torch
 
 from quant import dist
 from quant.config import ConfigError, QuantConfig
-from quant.resume import LayerState
+from quant.resume import LayerState, discard
 
 from .runs import AllocOptions, MeasureOptions, measure_model
 
@@ -177,6 +177,7 @@ def _chosen(state: LayerState, sens, budget, alloc, search, run, model, tokenize
 
     if state.extra.get("config"):
         log.info("using the allocation the first start of this run chose (kept in %s)", state.folder)
+        discard(_search_folder(state))  # a kill may have come before the search's folder went
         return QuantConfig.from_dict(state.extra["config"]), state.extra["allocation"]
     chosen, record, searched = _allocation(sens, budget, alloc, search, run, model, tokenizer, arch, windows, config,
                                            device, calib, progress, state, restart)
@@ -211,6 +212,7 @@ def _sensitivity(path, run, config, explicit, measure, model, tokenizer, arch, d
             log.info("using %s, which an earlier start of this run measured with the same settings (pass --restart "
                      "to measure again)", kept)
             path = kept
+            discard(Path(f"{kept}.partial"))  # a kill may have come before the measurement's folder went
         else:
             log.info("%s was measured with other settings: measuring again (it will be replaced)", kept)
     if path:
@@ -238,10 +240,17 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     search's record (or None) and the search's saved state (or None), which the caller finishes.
     The search saves its progress beside ``state`` (the quantize run's), in ``<out>.search.partial``,
     belonging to the run's settings and the ILP's allocation it starts from."""
-    from .mixed import allocate, allocate_latency, budget_to_bytes
+    import dataclasses
+
+    from quant.allocate import Solution
+
+    from .mixed import allocate, allocate_latency, allocation_of, budget_to_bytes
 
     chosen = None
-    if dist.is_main():  # one solve (under a time limit two need not agree), for every process
+    if state is not None and state.extra.get("ilp"):  # the search an earlier start began goes on from its start
+        ilp = state.extra["ilp"]
+        chosen = allocation_of(sens, Solution(**ilp["solution"]), ilp["budget"])
+    elif dist.is_main():  # one solve (under a time limit two need not agree), for every process
         if budget.latency is not None:
             chosen = allocate_latency(sens, budget.latency_table, budget.latency, alloc.objective, alloc.pairs,
                                       gain_scale=alloc.gain_scale)
@@ -249,6 +258,8 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
             chosen = allocate(sens, budget_to_bytes(sens, budget.bpw, budget.gb), alloc.objective, alloc.pairs,
                               gain_scale=alloc.gain_scale)
     chosen = dist.gather_all(chosen)[0]
+    if state is not None and search is not None:
+        state.record("ilp", {"solution": dataclasses.asdict(chosen.solution), "budget": chosen.budget})
     log.info("allocation: %.3f bpw, predicted ΔNLL %.4f, solver %s (gap ≤ %.2g) in %.2f s",
              chosen.bpw, chosen.predicted_dloss, chosen.solution.status, chosen.solution.gap, chosen.solution.seconds)
     if search is None:
@@ -264,8 +275,8 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     problem = make_problem(sens, alloc.objective, alloc.pairs, budget.latency_table, alloc.gain_scale)
     saved = None
     if state is not None:
-        folder = state.folder.with_name(state.folder.name.removesuffix(".partial") + ".search.partial")
-        saved = LayerState(folder, {**state.settings, "start": list(chosen.solution.choice)}, restart, "search")
+        saved = LayerState(_search_folder(state), {**state.settings, "start": list(chosen.solution.choice)}, restart,
+                           "search")
     new, record = search_allocation(sens, chosen, model, arch, windows, loss_windows, config, device,
                                     search.generations, search.offspring, screen=search.screen, seed=run["seed"],
                                     progress=progress, latency=budget.latency_table, problem=problem, state=saved,
@@ -273,6 +284,11 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     new, record = dist.gather_all((new, record))[0]  # equal everywhere; the first process's, to be sure
     log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
     return new, record, saved
+
+
+def _search_folder(state: LayerState) -> Path:
+    """Where the search of the quantize run saved in ``state`` keeps its progress."""
+    return state.folder.with_name(state.folder.name.removesuffix(".partial") + ".search.partial")
 
 
 def check_engine_early(model, arch, config: QuantConfig, fmt: str, engine: str) -> None:

@@ -213,6 +213,7 @@ def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions,
                batch_size: int = 8) -> Bisection:
     """The smallest budget whose measured held-out perplexity is within ``limit`` (a fraction) of
     the fp model's: each step quantizes a fresh model from ``load()`` and evaluates it."""
+    from quant import dist
     from quant.allocate import bisect_budget
     from quant.evaluate import perplexity
 
@@ -226,7 +227,10 @@ def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions,
     kept: dict = {}
 
     def measure(bpw):
-        alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale)
+        alloc = None
+        if dist.is_main():  # one solve for every process: under a time limit two need not agree
+            alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale)
+        alloc = dist.gather_all(alloc)[0]
         cfg = config_for(sens, alloc, config)
         ppl, report, qmodel, _ = quantize_and_eval(load, windows, cfg, device, eval_ids, eval_seqlen, eval_windows,
                                                    batch_size)

@@ -71,15 +71,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     # with several processes each evaluates whole batches (batch b: process b mod world; smaller
     # batches when there are too few for every process), and the per-window results are summed in
     # window order, as one process sums them
+    if n_windows < dist.world():
+        raise EvalError(f"{n_windows} windows are fewer than the {dist.world()} processes: evaluate more windows or "
+                        "run fewer processes.")
     if dist.world() > 1:
-        batch_size = max(1, min(batch_size, -(-n_windows // dist.world())))
+        batch_size = max(1, min(batch_size, n_windows // dist.world()))
     mine = [w for w in range(n_windows) if (w // batch_size) % dist.world() == dist.rank()]
     if reference is not None and dist.world() > 1 and len(reference) < len(mine):
         raise EvalError(f"the reference holds {len(reference)} windows but this process evaluates {len(mine)}: build "
                         "it with the same ids, seqlen, max_windows and processes.")
-    if not mine:
-        raise EvalError(f"{n_windows} windows are fewer than the {dist.world()} processes: evaluate more windows or "
-                        "run fewer processes.")
 
     def step(i, layer, inputs):
         cache = dequantized_cache(layer) if device.type == "cpu" else contextlib.nullcontext()

@@ -38,6 +38,12 @@ def placed(hidden: list[torch.Tensor], inputs: list[LayerInput]) -> list[LayerIn
     return [LayerInput(h.to(x.hidden.device), x.kwargs) for h, x in zip(hidden, inputs)]
 
 
+def discard(folder: Path) -> None:
+    """Remove ``folder`` if it is a resume state (it holds a state.json), by the first process."""
+    if dist.is_main() and (folder / STATE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class StaleState(ConfigError):
     """The saved state was written by a run with other settings."""
 

@@ -126,7 +126,8 @@ class WeightCache:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-_ORPHAN_PREFIX = f"weights-{socket.gethostname()}-"  # then the pid of the process that made it
+# then the pid of the process that made it; "_" after the host, so host "gpu" never takes "gpu-3"'s folders
+_ORPHAN_PREFIX = f"weights-{socket.gethostname()}_"
 
 
 def _remove_orphans(root: Path) -> None:
