@@ -2,6 +2,7 @@
 through its loss passes, and started again, writes the same measurement as one never stopped, and
 runs only what the first start had not finished."""
 import json
+import os
 
 import pytest
 import torch
@@ -163,3 +164,23 @@ def test_a_killed_search_goes_on_to_the_same_allocation(deep_model_dir, text_fil
     a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not partial.exists() and not (tmp_path / "resumed.partial").exists()
+
+
+def test_cache_folders_of_dead_processes_on_this_host_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HMQ_DATA_DIR", str(tmp_path))
+    root = tmp_path / "work"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    mine = variants._ORPHAN_PREFIX
+    folders = {"dead": root / f"{mine}{dead}-abc", "alive": root / f"{mine}{os.getpid()}-abc",
+               "other host": root / f"{mine[:-1]}-3_{dead}-abc", "old style": root / "weights-abc"}
+    for f in folders.values():
+        f.mkdir(parents=True)
+    cache = variants.WeightCache()
+    assert not folders["dead"].exists()
+    assert all(folders[k].exists() for k in ("alive", "other host", "old style"))
+    cache.close()
+    assert not cache.folder.exists()

@@ -124,6 +124,7 @@ def test_database_at_the_anchor_is_the_model_quantize_builds():
             assert seq_off == 0, m  # the same codes
             if k in last or units[k].members[0].endswith(("o_proj", "down_proj")):
                 assert fp_off > 0.05, m  # their inputs depend on quantized weights in front
+    db.close(), fp_db.close()
 
 
 def test_stitched_loss_from_the_cached_prefix_equals_a_full_pass():
@@ -153,3 +154,4 @@ def test_stitched_loss_from_the_cached_prefix_equals_a_full_pass():
             fresh = StitchedLoss(model, arch, units, db, ids, torch.device("cpu"), screen=1)
             assert fit(choice, full) == pytest.approx(fresh(choice, full), abs=1e-5)
     assert fit(anchor, False) != pytest.approx(fit(anchor, True), abs=1e-4)  # screening uses fewer windows
+    db.close()
