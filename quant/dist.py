@@ -96,5 +96,8 @@ def barrier() -> None:
 
 
 def finish() -> None:
+    """Leave the process group together: no rank tears its connections down while another still
+    works (CI once saw a gloo rank abort at exit when it finished first)."""
     if td.is_available() and td.is_initialized():
+        td.barrier()
         td.destroy_process_group()

@@ -17,7 +17,7 @@ COMMON = ["--nsamples", 8, "--seqlen", 32, "--batch-size", 2, "--group-size", 32
 
 def hmq(args, processes: int, env_extra: dict | None = None, timeout: int = 300):
     """The hmq command in ``processes`` processes (1: plain python, no torchrun), one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}  # a rank that aborts shows where
     worker = [str(HERE / "dist_worker.py"), *map(str, args)]
     if processes == 1:
         cmd = [sys.executable, *worker]
