@@ -163,10 +163,20 @@ def tokenize(tokenizer, text: str, name: str = "text") -> torch.Tensor:
     return ids
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` starts every text with it (Gemma, Llama), else None (SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    first = tokenizer("a", verbose=False).input_ids[:1]
+    return int(bos) if first == [bos] else None
+
+
 def calibration_windows(tokenizer, source: str | None = None, nsamples: int = 32, seqlen: int = 512,
                         seed: int = 0, split: str = "calib") -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens (nsamples, seqlen) from the calibration part
-    (``split='all'``: the whole of a local file); seeded.
+    (``split='all'``: the whole of a local file); seeded. Where the tokenizer starts texts with a BOS
+    token, every window does: BOS, then ``seqlen - 1`` tokens of text.
 
     A long text is not tokenized whole: each window comes from a random stretch of about
     ``12 * seqlen`` characters (≈ 3 windows' worth of tokens), tokenized on its own, with the
@@ -175,24 +185,30 @@ def calibration_windows(tokenizer, source: str | None = None, nsamples: int = 32
     name, text = load_text(source, split)
     if not text.strip():
         raise DataError(f"the calibration text of {name} is empty: give a file or dataset with text in it.")
+    bos = leading_bos(tokenizer)
+    lead = 0 if bos is None else 1  # the BOS the tokenizer put first
+    width = seqlen - lead  # text tokens per window
     gen = torch.Generator().manual_seed(seed)
     span = 12 * seqlen
     windows = []
     if len(text) > 4 * span:
         for start in torch.randint(0, len(text) - span, (nsamples,), generator=gen).tolist():
-            ids = tokenize(tokenizer, text[start : start + span], f"calibration text of {name}")[1:]  # drop a cut token
-            if ids.numel() <= seqlen:
+            ids = tokenize(tokenizer, text[start : start + span], f"calibration text of {name}")[lead + 1:]  # drop a cut token
+            if ids.numel() <= width:
                 break
-            s = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
-            windows.append(ids[s : s + seqlen])
+            s = int(torch.randint(0, ids.numel() - width, (1,), generator=gen))
+            windows.append(ids[s : s + width])
     if len(windows) < nsamples:  # short text (or very long tokens): tokenize it whole
-        ids = tokenize(tokenizer, text, f"calibration text of {name}")
-        if ids.numel() <= seqlen:
-            raise DataError(f"the calibration text of {name} has {ids.numel()} tokens; at least {seqlen + 1} are "
+        ids = tokenize(tokenizer, text, f"calibration text of {name}")[lead:]
+        if ids.numel() <= width:
+            raise DataError(f"the calibration text of {name} has {ids.numel()} tokens; at least {width + 1} are "
                             f"needed for --seqlen {seqlen}: give more text or a smaller --seqlen.")
-        starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-        windows = [ids[s : s + seqlen] for s in starts.tolist()]
-    return torch.stack(windows)  # (nsamples, seqlen)
+        starts = torch.randint(0, ids.numel() - width, (nsamples,), generator=gen)
+        windows = [ids[s : s + width] for s in starts.tolist()]
+    out = torch.stack(windows)  # (nsamples, width)
+    if bos is not None:
+        out = torch.cat([out.new_full((nsamples, 1), bos), out], 1)
+    return out  # (nsamples, seqlen)
 
 
 def eval_tokens(tokenizer, source: str | None = None, split: str = "eval") -> tuple[str, torch.Tensor]:

@@ -3,6 +3,7 @@ GPTQ's true-sequential mode quantizes them, and which must share one bit width b
 engines (vLLM, exllama, TGI) fuse them into one matmul."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -46,12 +47,21 @@ LLAMA_LIKE = Arch(
     blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
 )
 
-# model_type (config.json) -> layout. Every entry here is exercised by tests/test_arch.py.
+# Gemma-3 has the Llama layout plus norms after attention and the MLP, which sit outside the
+# blocks and linears hmq touches; its scaled embedding and per-layer-type masks and rotary tables
+# come through the captured layer inputs (quant/capture.py). The multimodal ``gemma3`` holds the
+# same decoder under ``model.language_model``; only its text part is quantized.
+GEMMA3_MULTIMODAL = dataclasses.replace(LLAMA_LIKE, layers="model.language_model.layers",
+                                        norm="model.language_model.norm")
+
+# model_type (config.json) -> layout. Every entry here is exercised by tests/test_archs.py.
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
     "qwen3": LLAMA_LIKE,
+    "gemma3_text": LLAMA_LIKE,
+    "gemma3": GEMMA3_MULTIMODAL,
 }
 
 

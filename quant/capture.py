@@ -54,38 +54,88 @@ class Replay:
                 module.forward = previous
 
 
+LAYER_KWARGS = "hmq_layer_kwargs"  # in a LayerInput's kwargs where layers take different ones (see below)
+_SKIPPED = ("hidden_states", "past_key_values", "past_key_value", "cache")
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
                          batch_size: int = 8) -> list[LayerInput]:
     """Run the model up to its first decoder layer on ``windows`` (n, seq); returns that layer's inputs.
 
     Only the modules in front of the layers (embeddings, rotary tables, norms) move to ``device``.
+    The decoder layers themselves are not computed: each is stood in for by a pass-through that
+    records the keyword arguments the model hands it. Where layers take different ones (Gemma-3's
+    sliding-window layers get their own mask and rotary tables), the first layer's inputs carry
+    every kind under :data:`LAYER_KWARGS` and a hook on each layer swaps its own in, so whoever
+    runs layer ``i`` on stored inputs gets what the model itself would pass it.
     """
     inner = next(m for m in model.modules() if any(c is layers for c in m.children()))
     moved = [c for c in inner.children() if c is not layers]
     for c in moved:
         c.to(device)
     captured: list[LayerInput] = []
+    seen: list[dict] = []  # this batch's kwargs, one per layer
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        kw["use_cache"] = False
-        captured.append(LayerInput(hidden.detach(), kw))
-        raise StopForward
+    def stand_in(j):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.append({k: v for k, v in kwargs.items() if k not in _SKIPPED})
+            if j == 0:
+                captured.append(LayerInput(hidden.detach(), {}))
+            if j == len(layers) - 1:
+                raise StopForward
+            return hidden
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    for j, layer in enumerate(layers):
+        layer.forward = stand_in(j)
     try:
         for b in range(0, windows.shape[0], batch_size):
+            seen.clear()
             try:
                 model(input_ids=windows[b : b + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
+            captured[-1].kwargs = _per_layer(seen, layers)
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
         for c in moved:
             c.to("cpu")
     return captured
+
+
+def _per_layer(seen: list[dict], layers: nn.ModuleList) -> dict:
+    """The first layer's kwargs; with every distinct kind of them under :data:`LAYER_KWARGS` (and a
+    hook installed on each layer that picks its own) where the layers do not all take the same."""
+    kinds: list[dict] = []
+    which = []
+    for kw in seen:
+        key = [i for i, k in enumerate(kinds) if k.keys() == kw.keys() and all(k[n] is kw[n] for n in kw)]
+        if not key:
+            kinds.append(kw)
+        which.append(key[0] if key else len(kinds) - 1)
+    first = {**seen[0], "use_cache": False}
+    if len(kinds) == 1:
+        return first
+    for j, layer in enumerate(layers):
+        if not getattr(layer, "_hmq_own_kwargs", False):
+            layer.register_forward_pre_hook(_own_kwargs(j), with_kwargs=True)
+            layer._hmq_own_kwargs = True
+    return {**first, LAYER_KWARGS: (tuple(which), [{**k, "use_cache": False} for k in kinds])}
+
+
+def _own_kwargs(j: int):
+    def hook(module, args, kwargs):
+        table = kwargs.pop(LAYER_KWARGS, None)
+        if table is None:  # called as the model calls it
+            return None
+        which, kinds = table
+        return args, {**kwargs, **kinds[which[j]]}
+
+    return hook
 
 
 def _output(out):

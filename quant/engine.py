@@ -130,7 +130,9 @@ def head_logits(model: nn.Module, arch: Arch, hidden: torch.Tensor) -> torch.Ten
     then ``lm_head``, as the model's own forward computes them (differentiable: callers that need no
     gradient run it under ``torch.no_grad``)."""
     norm, head = model.get_submodule(arch.norm), model.get_output_embeddings()
-    return head(norm(hidden))  # (batch, seq, vocab)
+    logits = head(norm(hidden))  # (batch, seq, vocab)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap  # Gemma-2's soft cap, where a config sets one
 
 
 @contextlib.contextmanager

@@ -228,6 +228,8 @@ def _first(v, n: int, total: int):
         return v[:n] if v.dim() > 0 and v.shape[0] == total else v
     if isinstance(v, (tuple, list)):
         return type(v)(_first(x, n, total) for x in v)
+    if isinstance(v, dict):
+        return {k: _first(x, n, total) for k, x in v.items()}
     return v
 
 

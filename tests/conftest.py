@@ -52,9 +52,16 @@ def tiny_config(model_type: str = "llama", **kw):
 
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "gemma3_text", "gemma3"):
         base["head_dim"] = 16
+    if model_type in ("gemma3_text", "gemma3"):  # a sliding window shorter than the test windows, so it matters
+        base.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
     base.update(kw)
+    if model_type == "gemma3":  # the multimodal model: a tiny vision tower beside the text decoder
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return AutoConfig.for_model("gemma3", text_config=base, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=255, boi_token_index=253, eoi_token_index=254)
     return AutoConfig.for_model(model_type, **base)
 
 
@@ -72,12 +79,12 @@ def tiny_model():
     return build_tiny("llama")
 
 
-def save_tiny(path, tokenizer_dir, max_shard_size: str | None = None, **config):
-    """A tiny Llama (``config`` overrides) saved with save_pretrained in ``path``, with its tokenizer,
-    as a user's local folder; returns ``path``."""
+def save_tiny(path, tokenizer_dir, max_shard_size: str | None = None, model_type: str = "llama", **config):
+    """A tiny model (a Llama unless ``model_type`` says; ``config`` overrides) saved with
+    save_pretrained in ``path``, with its tokenizer, as a user's local folder; returns ``path``."""
     from transformers import AutoTokenizer
 
-    build_tiny("llama", **config).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    build_tiny(model_type, **config).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
 
