@@ -70,6 +70,17 @@ def default_gguf_path() -> Path:
     return path
 
 
+GEMMA_GGUF = "gguf/gemma-3-270m-q4_k_m.gguf"  # where scripts/setup-offline.sh puts Gemma-3-270M
+
+
+def gemma_gguf_path() -> Path:
+    """The offline Gemma-3-270M GGUF (the second real model the benchmarks and tests use)."""
+    path = data_dir() / GEMMA_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the offline Gemma-3-270M is not installed at {path}: run scripts/setup-offline.sh.")
+    return path
+
+
 def default_model_dir() -> Path:
     """A Hugging Face folder converted once from the default GGUF (loading a GGUF takes ~50 s)."""
     target = data_dir() / "models" / DEFAULT_MODEL_NAME
