@@ -54,6 +54,15 @@ LLAMA_LIKE = Arch(
 GEMMA3_MULTIMODAL = dataclasses.replace(LLAMA_LIKE, layers="model.language_model.layers",
                                         norm="model.language_model.norm")
 
+# Phi-3 checkpoints store q/k/v and gate/up already fused, as the engines run them: each fused
+# linear is one unit, quantized on its own, under the names vLLM's Phi-3 loader reads.
+PHI3 = Arch(
+    layers="model.layers",
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    fused=(),
+    blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
+)
+
 # model_type (config.json) -> layout. Every entry here is exercised by tests/test_archs.py.
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA_LIKE,
@@ -62,6 +71,7 @@ ARCHS: dict[str, Arch] = {
     "qwen3": LLAMA_LIKE,
     "gemma3_text": LLAMA_LIKE,
     "gemma3": GEMMA3_MULTIMODAL,
+    "phi3": PHI3,
 }
 
 

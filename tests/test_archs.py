@@ -123,3 +123,25 @@ def test_an_unknown_architecture_names_the_supported_ones():
     with pytest.raises(ConfigError) as err:
         get_arch("gpt_neox")
     assert "gemma3_text" in str(err.value) and "llama" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_transformers_loads_the_compressed_tensors_export_of_every_architecture(model_type, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import transformers
+
+    from quant.config import QuantConfig
+    from quant.export import load_quantized, save_quantized
+    from quant.pipeline import quantize_model
+
+    model, arch = build_tiny(model_type), get_arch(model_type)
+    cfg = QuantConfig(bits=4, group_size=32, sym=True)
+    quantize_model(model, arch, windows(8, 32), cfg, CPU, progress=False)
+    out = save_quantized(model, None, tmp_path / "ct", cfg, save_dtype=torch.float32, fmt="compressed-tensors",
+                         engine="transformers")
+    x = windows(2, 32, seed=3)
+    with torch.no_grad():
+        ours, reloaded = model(input_ids=x).logits, load_quantized(out)(input_ids=x).logits
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=x).logits
+    assert torch.equal(ours, reloaded)
+    assert torch.allclose(theirs, ours, atol=1e-5, rtol=0)
