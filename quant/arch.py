@@ -30,6 +30,7 @@ class Arch:
     shared_input: tuple[tuple[str, ...], ...] = ()  # linears the layer feeds the very same tensor
     blocks: tuple[Block, ...] = ()  # replayable blocks (see calibration/capture.py)
     norm: str = "model.norm"  # the final norm, between the last decoder layer and lm_head
+    conv1d: bool = False  # transformers builds its linears as Conv1D (weight (in, out)); see quant/conv1d.py
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -63,6 +64,17 @@ PHI3 = Arch(
     blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
 )
 
+# GPT-2: fused c_attn (q/k/v in one Conv1D), absolute position embeddings; its Conv1D linears are
+# plain linears to every stage once loaded (quant/conv1d.py).
+GPT2 = Arch(
+    layers="transformer.h",
+    sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    fused=(),
+    blocks=(Block("attn", "attn.c_proj", True), Block("mlp", "mlp.c_proj", False)),
+    norm="transformer.ln_f",
+    conv1d=True,
+)
+
 # model_type (config.json) -> layout. Every entry here is exercised by tests/test_archs.py.
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA_LIKE,
@@ -72,6 +84,7 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": LLAMA_LIKE,
     "gemma3": GEMMA3_MULTIMODAL,
     "phi3": PHI3,
+    "gpt2": GPT2,
 }
 
 

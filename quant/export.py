@@ -34,6 +34,7 @@ from torch import nn
 
 from . import compressed, integrity
 from .arch import Arch, decoder_layers, get_arch, set_submodule
+from .conv1d import linearize, transposed_names
 from .config import ModuleSpec, QuantConfig
 from .packing import pack_gptq
 from .qlinear import QuantLinear
@@ -206,6 +207,9 @@ def check_engine(specs: dict[str, ModuleSpec | None], arch: Arch, fmt: str, engi
                                 f"scheme, but in layer {i} they differ ({desc}): allocate with fused units (the default "
                                 "--units fused)")
                 break
+    if arch.conv1d and engine == "transformers":
+        problems.append("transformers builds this architecture's linears as Conv1D modules, which its quantized "
+                        "loaders do not replace")
     if problems:
         raise CheckpointError(f"{engine} would not load this checkpoint as {fmt}: " + "; ".join(problems)
                               + f". (Pick another engine with --engine {{{','.join(ENGINES)}}}.)")
@@ -239,6 +243,7 @@ def _state(model: nn.Module, save_dtype: torch.dtype, fmt: str) -> dict[str, tor
     """The tensors to store: tied weights once, floats in ``save_dtype``, packed modules in ``fmt``."""
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     packed = {"qweight", "qzeros", "scales", "g_idx"}
+    transposed = transposed_names(model)  # kept GPT-2 linears go back to Conv1D's (in, out)
     state, seen = {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype)
@@ -250,7 +255,7 @@ def _state(model: nn.Module, save_dtype: torch.dtype, fmt: str) -> dict[str, tor
             continue
         if t.is_floating_point() and not name.endswith(".scales"):
             t = t.to(save_dtype)
-        state[name] = t.detach().to("cpu").contiguous()
+        state[name] = (t.t() if name in transposed else t).detach().to("cpu").contiguous()
     if fmt == "compressed-tensors":
         for name, m in quant.items():
             try:
@@ -451,6 +456,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     del config.quantization_config
     with init_empty_weights():  # parameters on the meta device; buffers such as rotary tables are real
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize(decoder_layers(model, arch))  # GPT-2's Conv1D as plain linears, as hmq quantized them
     tensors = read_tensors(path, verify)
     names = [f"{arch.layers}.{i}.{n}" for i in range(len(decoder_layers(model, arch))) for n in arch.linears]
     ct_specs = _compressed_to_gptq(tensors, qc, names) if qc["quant_method"] == "compressed-tensors" else None
@@ -471,9 +477,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} holds tensors the model does not have: {unexpected[:5]}.")
+    transposed = transposed_names(model)
     for name, t in tensors.items():
         if t.is_floating_point() and not name.endswith(".scales"):
             tensors[name] = t.to(dtype)
+        if name in transposed:
+            tensors[name] = tensors[name].t().contiguous()  # Conv1D's (in, out) -> (out, in)
     model.load_state_dict(tensors, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -14,6 +14,7 @@ import torch
 
 from .arch import get_arch
 from .config import ConfigError
+from .conv1d import linearize
 
 log = logging.getLogger("hmq")
 
@@ -214,6 +215,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
         except Exception as exc:
             raise ModelLoadError(f"could not load the weights or tokenizer of {spec!r}: {exc}") from exc
     arch = get_arch(model.config.model_type)
+    linearize(model.get_submodule(arch.layers))  # GPT-2's Conv1D: plain linears from here on
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, arch

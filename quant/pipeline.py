@@ -16,6 +16,7 @@ from . import dist
 from .capture import LayerInput, Replay, collect_hessians, run_layer
 
 from .arch import Arch, decoder_layers, set_submodule
+from .conv1d import linearize
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .engine import sweep, visit
 from .stream import detach_store
@@ -81,6 +82,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`. ``state``: save
     each finished layer there, and begin after the layers it already holds (a resumed run)."""
     method = get_method(config.method)
+    linearize(decoder_layers(model, arch))  # a GPT-2 built in Python still holds Conv1D linears
     specs = module_specs(model, arch, config)
     for name, spec in specs.items():  # fail before any work on shapes that cannot be grouped or packed
         if not spec.keep:

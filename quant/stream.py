@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .conv1d import TransposedLinear
 from .model_io import ModelLoadError
 
 log = logging.getLogger("hmq")
@@ -121,10 +122,13 @@ def stored_sample(model: nn.Module, name: str, count: int = 4096) -> tuple[tuple
     """(shape, ``w.reshape(-1)[::stride][:count]`` with ``stride = numel // count``) of linear
     ``name``'s weight: the sample a fingerprint hashes, read from the shards for a streamed model
     without reading the weight."""
-    w = model.get_submodule(name).weight.detach()
+    module = model.get_submodule(name)
+    w = module.weight.detach()
     shape = tuple(w.shape)
     stride = max(1, w.numel() // count)
-    if w.device.type == "meta" and is_streamed(model):
+    if isinstance(module, TransposedLinear):  # the sample must not depend on how the checkpoint lays it out
+        w = stored_weight(model, name)
+    elif w.device.type == "meta" and is_streamed(model):
         store = getattr(model, STORE_ATTR)
         sample = store.strided(f"{name}.weight", stride, count).to(w.dtype)
         store.close()
@@ -135,11 +139,14 @@ def stored_sample(model: nn.Module, name: str, count: int = 4096) -> tuple[tuple
 def stored_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The weight of linear ``name`` in the model's dtype: from memory, or, for a streamed model whose
     layer is on the meta device, read from its shards (one tensor, not the layer)."""
-    w = model.get_submodule(name).weight.detach()
+    module = model.get_submodule(name)
+    w = module.weight.detach()
     if w.device.type == "meta" and is_streamed(model):
         store = getattr(model, STORE_ATTR)
         w = store.get(f"{name}.weight").to(w.dtype)
         store.close()
+        if isinstance(module, TransposedLinear):
+            w = w.t().contiguous()  # (out, in)
     return w
 
 
@@ -174,6 +181,8 @@ def materialize(module: nn.Module, prefix: str, store: ShardStore, device: torch
             raise StreamError(f"{name} is not in the checkpoint {store.folder}: the folder does not match its "
                               "config.json (or stores this architecture under other names).")
         value = store.get(name).to(device=device, dtype=t.dtype if t.is_floating_point() else None)
+        if isinstance(sub, TransposedLinear) and leaf == "weight":
+            value = value.t().contiguous()  # (in, out) as Conv1D stores it -> (out, in)
         if value.shape != t.shape:
             raise StreamError(f"{name} has shape {tuple(value.shape)} in {store.folder} but the config says "
                               f"{tuple(t.shape)}: the folder does not match its config.json.")

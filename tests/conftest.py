@@ -54,8 +54,10 @@ def tiny_config(model_type: str = "llama", **kw):
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
     if model_type in ("qwen3", "gemma3_text", "gemma3"):
         base["head_dim"] = 16
-    if model_type == "phi3":  # its defaults name ids of a 32k vocabulary
+    if model_type in ("phi3", "gpt2"):  # their defaults name ids of a larger vocabulary
         base.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "gpt2":
+        base["n_inner"] = base.pop("intermediate_size")
     if model_type in ("gemma3_text", "gemma3"):  # a sliding window shorter than the test windows, so it matters
         base.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
     base.update(kw)

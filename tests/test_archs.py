@@ -1,6 +1,6 @@
 """Architectures beyond Llama: Gemma-3's sliding-window layers (each layer type with its own mask and
-rotary tables), its logit soft cap, and a BOS token at the start of every window where the
-tokenizer starts texts with one."""
+rotary tables), its logit soft cap, a BOS token at the start of every window where the tokenizer
+starts texts with one, Phi-3's fused linears and GPT-2's Conv1D ones."""
 import json
 
 import pytest
@@ -134,9 +134,16 @@ def test_transformers_loads_the_compressed_tensors_export_of_every_architecture(
     from quant.export import load_quantized, save_quantized
     from quant.pipeline import quantize_model
 
+    from quant.export import CheckpointError
+
     model, arch = build_tiny(model_type), get_arch(model_type)
     cfg = QuantConfig(bits=4, group_size=32, sym=True)
     quantize_model(model, arch, windows(8, 32), cfg, CPU, progress=False)
+    if arch.conv1d:  # GPT-2: transformers keeps Conv1D modules, which its quantized loaders do not replace
+        with pytest.raises(CheckpointError, match="Conv1D"):
+            save_quantized(model, None, tmp_path / "ct", cfg, fmt="compressed-tensors", engine="transformers")
+        assert not (tmp_path / "ct").exists()
+        return
     out = save_quantized(model, None, tmp_path / "ct", cfg, save_dtype=torch.float32, fmt="compressed-tensors",
                          engine="transformers")
     x = windows(2, 32, seed=3)
@@ -145,3 +152,39 @@ def test_transformers_loads_the_compressed_tensors_export_of_every_architecture(
         theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=x).logits
     assert torch.equal(ours, reloaded)
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_gpt2_streamed_from_its_conv1d_checkpoint_equals_in_memory(tokenizer_dir, text_file, tmp_path):
+    from quant.config import QuantConfig
+    from quant.conv1d import TransposedLinear
+    from quant.export import load_quantized, read_tensors, save_quantized
+    from quant.model_io import load_model
+    from quant.pipeline import quantize_model
+    from quant.qlinear import QuantLinear
+
+    folder = save_tiny(tmp_path / "gpt2", tokenizer_dir, model_type="gpt2")
+    assert read_tensors(folder, verify=False)["transformer.h.0.mlp.c_fc.weight"].shape == (64, 128)  # (in, out)
+    cfg = QuantConfig(bits=3, group_size=32, overrides={r"h\.1\.mlp\.c_fc": {"bits": 16}})
+    x = windows(8, 32)
+    outs = {}
+    for stream in (False, True):
+        model, tok, arch = load_model(str(folder), stream=stream)
+        assert isinstance(model.transformer.h[0].attn.c_attn, TransposedLinear)
+        quantize_model(model, arch, x, cfg, CPU, progress=False)
+        outs[stream] = save_quantized(model, tok, tmp_path / f"q-{stream}", cfg, save_dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(input_ids=x[:2]).logits
+    a, b = read_tensors(outs[False]), read_tensors(outs[True])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["transformer.h.1.mlp.c_fc.weight"].shape == (64, 128)  # kept in fp: stored as Conv1D stores it
+    assert "transformer.h.0.mlp.c_fc.qweight" in a
+    reloaded = load_quantized(outs[True])
+    assert isinstance(reloaded.transformer.h[0].mlp.c_fc, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x[:2]).logits, logits)
+    fp = load_model(str(folder))[0]
+    with torch.no_grad():  # Conv1D turned into linears computes what the checkpoint's model computes
+        from transformers import AutoModelForCausalLM
+
+        assert torch.allclose(fp(input_ids=x[:2]).logits, AutoModelForCausalLM.from_pretrained(folder)(input_ids=x[:2]).logits,
+                              atol=1e-5)
