@@ -11,13 +11,14 @@ from quant.config import QuantConfig
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def smollm():
+def _real(spec):
+    """(model, tokenizer, arch, reporting ids, calibration_windows) of a real model: ``spec()`` gives
+    what to load (None: the offline default); missing assets fail in CI and skip elsewhere."""
     from calibration.data import DataError, calibration_windows, eval_tokens
     from quant.model_io import ModelLoadError, load_model
 
     try:
-        model, tokenizer, arch = load_model(None)
+        model, tokenizer, arch = load_model(spec())
         _, ids = eval_tokens(tokenizer)
     except (ModelLoadError, DataError) as exc:
         if os.environ.get("HMQ_REQUIRE_REAL") == "1":
@@ -27,18 +28,15 @@ def smollm():
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    from calibration.data import DataError, calibration_windows, eval_tokens
-    from quant.model_io import ModelLoadError, gemma_gguf_path, gguf_folder, load_model
+def smollm():
+    return _real(lambda: None)
 
-    try:
-        model, tokenizer, arch = load_model(str(gguf_folder(gemma_gguf_path())))  # converted once, then read whole
-        _, ids = eval_tokens(tokenizer)
-    except (ModelLoadError, DataError) as exc:
-        if os.environ.get("HMQ_REQUIRE_REAL") == "1":
-            pytest.fail(f"offline assets missing: {exc}")
-        pytest.skip(f"offline assets missing (run scripts/setup-offline.sh): {exc}")
-    return model, tokenizer, arch, ids, calibration_windows
+
+@pytest.fixture(scope="module")
+def gemma():
+    from quant.model_io import gemma_gguf_path, gguf_folder
+
+    return _real(lambda: str(gguf_folder(gemma_gguf_path())))  # converted once, then read whole
 
 
 def ppl_after(smollm, method, bits, nsamples, seqlen, windows, group_size=128):
