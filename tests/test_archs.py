@@ -105,8 +105,9 @@ def test_perplexity_puts_bos_before_every_window():
     assert plain["windows"] == 3 and plain["tokens"] == 3 * 31 and plain["nll"] != pytest.approx(res["nll"], rel=1e-3)
 
 
-def test_gemma3_quantizes_and_evaluates_from_the_command_line(bos_tokenizer_dir, text_file, tmp_path):
-    model_dir = save_tiny(tmp_path / "gemma", bos_tokenizer_dir, model_type="gemma3_text")
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_gemma3_quantizes_and_evaluates_from_the_command_line(bos_tokenizer_dir, text_file, tmp_path, model_type):
+    model_dir = save_tiny(tmp_path / "gemma", bos_tokenizer_dir, model_type=model_type)
     common = ["--calib", text_file, "--nsamples", 8, "--seqlen", 32, "--group-size", 32, "--no-progress"]
     for method in ("rtn", "gptq"):
         assert run("quantize", "--model", model_dir, "--bits", 3, "--method", method, *common,
@@ -114,9 +115,11 @@ def test_gemma3_quantizes_and_evaluates_from_the_command_line(bos_tokenizer_dir,
         assert run("eval", "--model", tmp_path / method, "--baseline", "--data", text_file, "--seqlen", 32,
                    "--max-windows", 8, "--no-progress", "--json", tmp_path / f"{method}.json") == 0
     rtn, gptq = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("rtn", "gptq"))
-    assert gptq["baseline"]["ppl"] == rtn["baseline"]["ppl"] < gptq["ppl"]
+    # a random model's perplexity does not rank the methods; that the runs did what they say, does
+    assert gptq["baseline"]["ppl"] == rtn["baseline"]["ppl"] and len({gptq["ppl"], rtn["ppl"], rtn["baseline"]["ppl"]}) == 3
+    assert gptq["windows"] == 8 and gptq["tokens"] == 8 * 31  # BOS first in every window
     meta = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    assert meta["model_type"] == "gemma3_text" and "quantization_config" in meta
+    assert meta["model_type"] == model_type and "quantization_config" in meta
 
 
 def test_an_unknown_architecture_names_the_supported_ones():
