@@ -53,12 +53,13 @@ def test_preset_file_and_unknown_key(tiny_model_dir, text_file, tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def bad_dirs(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     root = tmp_path_factory.mktemp("bad")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    gpt2.save_pretrained(root / "gpt_neox_like")
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=64))
+    neox.save_pretrained(root / "gpt_neox_like")
     nan = build_tiny("llama")
     with torch.no_grad():
         nan.model.layers[0].input_layernorm.weight[0] = float("nan")
@@ -74,7 +75,7 @@ def bad_dirs(tmp_path_factory, tokenizer_dir):
     ("group", None, "group size 48 does not divide in_features=64"),
     ("missing", None, "does not exist"),
     ("notamodel", None, "no config.json"),
-    ("arch", None, "architecture 'gpt2' is not supported"),
+    ("arch", None, "architecture 'gpt_neox' is not supported"),
     ("nan", None, "NaN or Inf in the calibration activations entering model.layers.0"),
     ("empty", None, "is empty"),
     ("exists", None, "already exists"),
