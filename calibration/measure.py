@@ -317,7 +317,7 @@ def _check_options(config: QuantConfig, candidates: list[Candidate], context_met
     if context_bits is not None and context_bits not in widths:
         raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
-        raise ConfigError(f"pair_bits={pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
+        raise ConfigError(f"--pair-bits {pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
 
 
 def _overhead_bytes(model, units) -> int:
