@@ -33,7 +33,7 @@ def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor) -> tuple[torch.Tensor, 
 def _leading_bos(model: nn.Module, ids: torch.Tensor) -> int | None:
     """The BOS id when the stream starts with the model's BOS token (the tokenizer adds one, as
     Gemma's and Llama's do): then every window starts with it, as the model saw text in training
-    (Gemma-3-270M: perplexity ~21 with it, ~37 without)."""
+    (Gemma-3-270M, 8 × 1,024 FOLDOC reporting tokens: perplexity 34.2 with it, 58.3 without)."""
     bos = getattr(model.config, "bos_token_id", None)
     return int(bos) if isinstance(bos, int) and ids.numel() and int(ids[0]) == bos else None
 

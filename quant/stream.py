@@ -121,7 +121,8 @@ def detach_store(model: nn.Module) -> None:
 def stored_sample(model: nn.Module, name: str, count: int = 4096) -> tuple[tuple[int, ...], torch.Tensor]:
     """(shape, ``w.reshape(-1)[::stride][:count]`` with ``stride = numel // count``) of linear
     ``name``'s weight: the sample a fingerprint hashes, read from the shards for a streamed model
-    without reading the weight."""
+    without reading the weight (a GPT-2 linear, stored transposed, is read whole and sampled as
+    ``(out, in)``, so the sample is the same streamed or in memory)."""
     module = model.get_submodule(name)
     w = module.weight.detach()
     shape = tuple(w.shape)
