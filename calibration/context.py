@@ -64,9 +64,10 @@ def measure_in_context(model, arch, units: list[Unit], candidates: list[Candidat
     for i, layer in visit(model, arch, range(ref.layers), device, keep=False, progress=False):
         if taylor:  # the input second moment of every linear, in the anchor model
             prefix = f"{arch.layers}.{i}."
+            here = arch.at(layer)
             with swapped(layer, prefix, ctx(i)):
-                hs, _ = collect_hessians(layer, list(arch.linears), [LayerInput(ref.inputs[i].to(device), ref.kwargs)],
-                                         prefix, None, (), arch.shared_input)
+                hs, _ = collect_hessians(layer, list(here.linears), [LayerInput(ref.inputs[i].to(device), ref.kwargs)],
+                                         prefix, None, (), here.shared_input)
             hx.update({prefix + n: H.cpu() for n, H in hs.items()})
         ref.extend(i, layer, ctx(i))
     base = ref.nll()

@@ -82,7 +82,8 @@ class _LayerErrors:
 
     def __call__(self, i, layer, inputs):
         prefix = f"{self.arch.layers}.{i}."
-        hessians, _ = collect_hessians(layer, list(self.arch.linears), inputs, prefix, None, (), self.arch.shared_input)
+        here = self.arch.at(layer)
+        hessians, _ = collect_hessians(layer, list(here.linears), inputs, prefix, None, (), here.shared_input)
         for k in self.by_layer.get(i, []):
             self._unit(k, prefix, hessians)
         del hessians

@@ -75,16 +75,31 @@ def latency_costs(sens: Sensitivity, table: dict) -> np.ndarray:
     return cost
 
 
+def expert_ties(sens: Sensitivity) -> list[tuple[int, int]]:
+    """Units that must take one candidate because the engine runs them as one module: every expert
+    unit of one MoE block (vLLM's fused-MoE layers hold one scheme for all their experts)."""
+    blocks: dict[tuple[int, str], list[int]] = {}
+    for k, u in enumerate(sens.units):
+        head, sep, _ = u.kind.partition(".experts.")
+        if sep:
+            blocks.setdefault((u.layer, head), []).append(k)
+    return [(g[0], k) for g in blocks.values() for k in g[1:]]
+
+
 def make_problem(sens: Sensitivity, objective: str = "hessian", pairs: bool = True,
-                 latency: dict | None = None, gain_scale: float = CONTEXT_GAIN_SCALE) -> Problem:
+                 latency: dict | None = None, gain_scale: float = CONTEXT_GAIN_SCALE,
+                 ties: list[tuple[int, int]] | tuple = ()) -> Problem:
     D, P = sens.tables(objective, pairs, gain_scale)
     cost = latency_costs(sens, latency) if latency is not None else np.asarray(sens.cost, dtype=float)
-    return Problem(D, cost, P, offset=sens.offset(objective))
+    return Problem(D, cost, P, ties=list(ties), offset=sens.offset(objective))
 
 
 def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian", pairs: bool = True,
-             problem: Problem | None = None, gain_scale: float = CONTEXT_GAIN_SCALE) -> Allocation:
-    problem = problem or make_problem(sens, objective, pairs, gain_scale=gain_scale)
+             problem: Problem | None = None, gain_scale: float = CONTEXT_GAIN_SCALE,
+             ties: list[tuple[int, int]] | tuple = ()) -> Allocation:
+    """The ILP's allocation of ``sens``'s units under ``budget_bytes``; ``ties``: pairs of units that
+    must share a candidate (:func:`expert_ties`)."""
+    problem = problem or make_problem(sens, objective, pairs, gain_scale=gain_scale, ties=ties)
     n = total_params(sens)
     floor = problem.min_cost()
     if budget_bytes < floor - 1e-9:
@@ -100,9 +115,10 @@ def allocate(sens: Sensitivity, budget_bytes: float, objective: str = "hessian",
 
 
 def allocate_latency(sens: Sensitivity, table: dict, budget: float, objective: str = "hessian",
-                     pairs: bool = True, gain_scale: float = CONTEXT_GAIN_SCALE) -> Allocation:
+                     pairs: bool = True, gain_scale: float = CONTEXT_GAIN_SCALE,
+                     ties: list[tuple[int, int]] | tuple = ()) -> Allocation:
     """Like :func:`allocate`, with the summed per-unit latency of ``table`` as the budgeted cost."""
-    problem = make_problem(sens, objective, pairs, table, gain_scale)
+    problem = make_problem(sens, objective, pairs, table, gain_scale, ties)
     floor = problem.min_cost()
     if not budget >= floor - 1e-12:
         raise BudgetError(f"a latency budget of {budget:g} is below the fastest configuration the table allows, "
@@ -253,6 +269,7 @@ def search_allocation(sens: Sensitivity, alloc: Allocation, model, arch, windows
                      saved["generation"], generations)
         res = evolve(cost, alloc.budget, start, fitness, generations=generations, offspring=offspring,
                      survivors=survivors, seed=seed, progress=progress, allowed=allowed, resume=saved,
+                     ties=problem.ties if problem is not None else None,
                      checkpoint=(lambda st: state.record("search", st)) if state is not None else None)
     finally:
         db.close()

@@ -107,6 +107,12 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
         from .runs import check_measurement_for_engine
 
         check_measurement_for_engine(sens, engine, fmt)
+        if engine == "vllm":  # its fused-MoE layers run one scheme for all experts of a block
+            import dataclasses
+
+            from .mixed import expert_ties
+
+            alloc = dataclasses.replace(alloc, ties=tuple(expert_ties(sens)))
     # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
     part = own_text_split(calib, "calib", shared=shared)
     log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
@@ -253,10 +259,10 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     elif dist.is_main():  # one solve (under a time limit two need not agree), for every process
         if budget.latency is not None:
             chosen = allocate_latency(sens, budget.latency_table, budget.latency, alloc.objective, alloc.pairs,
-                                      gain_scale=alloc.gain_scale)
+                                      gain_scale=alloc.gain_scale, ties=alloc.ties)
         else:
             chosen = allocate(sens, budget_to_bytes(sens, budget.bpw, budget.gb), alloc.objective, alloc.pairs,
-                              gain_scale=alloc.gain_scale)
+                              gain_scale=alloc.gain_scale, ties=alloc.ties)
     chosen = dist.gather_all(chosen)[0]
     if state is not None and search is not None:
         state.record("ilp", {"solution": dataclasses.asdict(chosen.solution), "budget": chosen.budget})
@@ -272,7 +278,7 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
                                        own_text_split(calib, "calib"))
     log.info("search: %d generations × %d children, scored on %d × %d tokens of %s", search.generations,
              search.offspring, search.samples, search.seqlen, calib)
-    problem = make_problem(sens, alloc.objective, alloc.pairs, budget.latency_table, alloc.gain_scale)
+    problem = make_problem(sens, alloc.objective, alloc.pairs, budget.latency_table, alloc.gain_scale, alloc.ties)
     saved = None
     if state is not None:
         saved = LayerState(_search_folder(state), {**state.settings, "start": list(chosen.solution.choice)}, restart,

@@ -198,6 +198,7 @@ class AllocOptions:
     objective: str = "hessian"
     pairs: bool = True
     gain_scale: float = CONTEXT_GAIN_SCALE
+    ties: tuple = ()  # pairs of units that must share a candidate (the engine runs them as one module)
 
 
 @dataclass
@@ -229,7 +230,8 @@ def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions,
     def measure(bpw):
         alloc = None
         if dist.is_main():  # one solve for every process: under a time limit two need not agree
-            alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale)
+            alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale,
+                             ties=alloc_opts.ties)
         alloc = dist.gather_all(alloc)[0]
         cfg = config_for(sens, alloc, config)
         ppl, report, qmodel, _ = quantize_and_eval(load, windows, cfg, device, eval_ids, eval_seqlen, eval_windows,

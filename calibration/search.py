@@ -45,7 +45,6 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     layer is saved there (its weights in its folder), and a rerun goes on after the saved layers."""
     method = get_method(config.method)
     dtype = next(p for p in model.parameters()).dtype  # the weights quantize would run with, bit for bit
-    steps = arch.sequential if config.true_sequential else (arch.linears,)
     by_layer = units_by_layer(units)
     part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process keeps every candidate (solves share rows)
     db = WeightCache(state.folder / f"weights{part}" if state is not None else None)
@@ -57,14 +56,14 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
                  len(decoder_layers(model, arch)))
 
     def step(i, layer, inputs):
-        prefix = f"{arch.layers}.{i}."
+        prefix, here = f"{arch.layers}.{i}.", arch.at(layer)
         done: list[int] = []
-        for names in steps:
+        for names in here.sequential if config.true_sequential else (here.linears,):
             ks = [k for k in by_layer.get(i, []) if units[k].members[0].removeprefix(prefix) in names]
             if not ks:
                 continue
             with swapped(layer, prefix, anchor_swap(db, anchor, done)):
-                hessians, _ = collect_hessians(layer, list(names), inputs, prefix, None, (), arch.shared_input)
+                hessians, _ = collect_hessians(layer, list(names), inputs, prefix, None, (), here.shared_input)
             for k in ks:
                 u = units[k]
                 W = unit_weight(model, u)  # (out, in) fp32

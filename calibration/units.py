@@ -51,11 +51,11 @@ def build_units(model: nn.Module, arch: Arch, granularity: str = "fused") -> lis
         raise ConfigError(f"unit granularity {granularity!r} is unknown: use fused or linear.")
     units = []
     for i, layer in enumerate(decoder_layers(model, arch)):
-        prefix = f"{arch.layers}.{i}."
-        groups = [(n,) for n in arch.linears]
+        prefix, here = f"{arch.layers}.{i}.", arch.at(layer)
+        groups = [(n,) for n in here.linears]
         if granularity == "fused":
-            fused = {n: g for g in arch.fused for n in g}
-            groups = list(dict.fromkeys(fused.get(n, (n,)) for n in arch.linears))
+            fused = {n: g for g in here.fused for n in g}
+            groups = list(dict.fromkeys(fused.get(n, (n,)) for n in here.linears))
         for g in groups:
             lins = [layer.get_submodule(n) for n in g]
             if len(g) == 1:

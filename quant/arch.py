@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ConfigError
+from .conv1d import linearize
+from .moe import Experts, unfuse_experts
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,54 @@ class Arch:
     blocks: tuple[Block, ...] = ()  # replayable blocks (see calibration/capture.py)
     norm: str = "model.norm"  # the final norm, between the last decoder layer and lm_head
     conv1d: bool = False  # transformers builds its linears as Conv1D (weight (in, out)); see quant/conv1d.py
+    experts: Experts | None = None  # a MoE block's routed experts (quant/moe.py); ``*`` in a name is each expert
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential for name in group)
+
+    def at(self, layer: nn.Module | set[str]) -> "Arch":
+        """This layout as one decoder layer has it (the layer, or the names of its modules): every
+        ``*`` (an expert index) expanded over the layer's experts, and names the layer lacks dropped
+        (a DeepSeek-V2 model keeps a dense MLP in its first layers, Qwen2-MoE in its
+        ``mlp_only_layers``). In steps and shared inputs all experts go together; each expert's gate
+        and up form a fused group of their own."""
+        if not self.experts:  # every layer holds every linear of the table
+            return self
+        present = set(layer) if isinstance(layer, (set, frozenset)) else {n for n, _ in layer.named_modules()}
+
+        def expand(name: str) -> list[str]:
+            head, star, tail = name.partition(".*.")
+            if not star:
+                return [name] if name in present else []
+            found = (n[len(head) + 1:-len(tail) - 1] for n in present if n.startswith(head + ".") and n.endswith("." + tail))
+            return [f"{head}.{e}.{tail}" for e in sorted(int(k) for k in found if k.isdigit())]
+
+        def flat(group) -> tuple[str, ...]:
+            return tuple(n for name in group for n in expand(name))
+
+        fused, fused_names = [], []
+        for k, group in enumerate(self.fused):
+            parts = [expand(n) for n in group]
+            if any(not p for p in parts):
+                continue
+            for members in zip(*parts):  # one group per expert, or the one group of a dense layer
+                fused.append(members)
+                fused_names.append(self.fused_names[k] if self.fused_names and "*" not in group[0] else "")
+        return dataclasses.replace(
+            self, sequential=tuple(g for g in map(flat, self.sequential) if g), fused=tuple(fused),
+            fused_names=tuple(fused_names) if self.fused_names else (),
+            shared_input=tuple(g for g in map(flat, self.shared_input) if len(g) > 1),
+            blocks=tuple(b for b in self.blocks if b.out_linear in present and b.module in present),
+            experts=None)
+
+    def adapt(self, layers: nn.Module) -> None:
+        """Turn the decoder layers' Conv1D linears and fused experts into plain ``nn.Linear`` modules, in
+        place (idempotent; on the meta device for a streamed skeleton)."""
+        if self.conv1d:
+            linearize(layers)
+        if self.experts:
+            unfuse_experts(layers, self.experts)
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -75,6 +121,42 @@ GPT2 = Arch(
     conv1d=True,
 )
 
+# Mixture-of-experts blocks (quant/moe.py turns their 3-D expert tensors into per-expert linears).
+# ``*`` is each routed expert; every expert is a unit of its own, its gate and up fused as vLLM runs
+# them. The routers (``mlp.gate``, a bare weight) and Qwen2-MoE's one-output ``shared_expert_gate``
+# stay in floating point by rule, as llm-compressor and vLLM keep them. Names a layer lacks are
+# dropped per layer (``Arch.at``): the dense MLP names cover DeepSeek-V2's first layers and Qwen's
+# ``mlp_only_layers``. Steps follow the data: every expert's gate/up reads the block's input, so they
+# share one Hessian; each down projection reads its own expert's activations.
+def _moe(block: str, experts: Experts, shared: str = "", attention=(_QKV, ("self_attn.o_proj",)),
+         attention_fused=((_QKV, "self_attn.qkv_proj"),), attention_shared=(_QKV,)) -> Arch:
+    e = f"{block}.experts.*."
+    routed_gate_up = (e + experts.gate, e + experts.up)
+    shared_gate_up = (f"{block}.{shared}.gate_proj", f"{block}.{shared}.up_proj") if shared else ()
+    gate_up = (*_GATE_UP, *routed_gate_up, *shared_gate_up)
+    down = ("mlp.down_proj", e + experts.down, *((f"{block}.{shared}.down_proj",) if shared else ()))
+    fused = [*attention_fused, (_GATE_UP, "mlp.gate_up_proj"), (routed_gate_up, "")]
+    if shared:
+        fused.append((shared_gate_up, f"{block}.{shared}.gate_up_proj"))
+    return Arch(
+        layers="model.layers", sequential=(*attention, gate_up, down),
+        fused=tuple(g for g, _ in fused), fused_names=tuple(n for _, n in fused),
+        shared_input=(*attention_shared, gate_up),
+        blocks=(Block("self_attn", "self_attn.o_proj", True), Block("mlp", "mlp.down_proj", False)),
+        experts=experts)
+
+
+MIXTRAL = _moe("block_sparse_moe", Experts(gate="w1", up="w3", down="w2", checkpoint_block="block_sparse_moe"))
+QWEN3_MOE = _moe("mlp", Experts())
+QWEN2_MOE = _moe("mlp", Experts(), shared="shared_expert")
+# DeepSeek-V2's multi-head latent attention: q (or its low-rank q_a -> q_b) and the compressed kv_a read
+# the layer input; q_b and kv_b read normed low-rank codes; vLLM fuses q_a with kv_a.
+_MLA_IN = ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
+DEEPSEEK_V2 = _moe("mlp", Experts(), shared="shared_experts",
+                   attention=(_MLA_IN, ("self_attn.q_b_proj", "self_attn.kv_b_proj"), ("self_attn.o_proj",)),
+                   attention_fused=((("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "self_attn.fused_qkv_a_proj"),),
+                   attention_shared=(_MLA_IN,))
+
 # model_type (config.json) -> layout. Every entry here is exercised by tests/test_archs.py.
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA_LIKE,
@@ -85,6 +167,10 @@ ARCHS: dict[str, Arch] = {
     "gemma3": GEMMA3_MULTIMODAL,
     "phi3": PHI3,
     "gpt2": GPT2,
+    "mixtral": MIXTRAL,
+    "qwen2_moe": QWEN2_MOE,
+    "qwen3_moe": QWEN3_MOE,
+    "deepseek_v2": DEEPSEEK_V2,
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .hessian import HessianAccumulator
+from .moe import all_experts
 
 
 class StopForward(Exception):
@@ -204,13 +205,14 @@ def collect_hessians(layer: nn.Module, names: list[str], inputs: list[LayerInput
     replay = replay or Replay()
     patched = replay.install(layer)
     try:
-        for b, x in enumerate(inputs):
-            replay.batch = b
-            seen.clear()
-            try:
-                layer(x.hidden, **x.kwargs)
-            except StopForward:
-                pass
+        with all_experts(layer, prefix):  # a MoE block's experts see every token (quant/moe.py)
+            for b, x in enumerate(inputs):
+                replay.batch = b
+                seen.clear()
+                try:
+                    layer(x.hidden, **x.kwargs)
+                except StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import compressed, integrity
 from .arch import Arch, decoder_layers, get_arch, set_submodule
-from .conv1d import linearize, transposed_names
+from .conv1d import transposed_names
 from .config import ModuleSpec, QuantConfig
 from .packing import pack_gptq
 from .qlinear import QuantLinear
@@ -104,25 +104,54 @@ def check_writable(path: Path) -> None:
 def _module_specs(model: nn.Module, arch) -> dict[str, ModuleSpec | None]:
     specs = {}
     for i, layer in enumerate(decoder_layers(model, arch)):
-        for n in arch.linears:
+        for n in arch.at(layer).linears:
             m = layer.get_submodule(n)
             name = f"{arch.layers}.{i}.{n}"
             specs[name] = ModuleSpec(m.bits, m.group_size, m.sym) if isinstance(m, QuantLinear) else None
     return specs
 
 
+def _layouts(specs: dict, arch: Arch) -> dict[str, Arch]:
+    """Decoder-layer index (as a string) -> the layout of that layer, from the linear names in ``specs``."""
+    prefix, tails = arch.layers + ".", {}
+    for name in specs:
+        if name.startswith(prefix):
+            layer, _, tail = name[len(prefix):].partition(".")
+            tails.setdefault(layer, set()).add(tail)
+    return {layer: arch.at(names) for layer, names in tails.items()}
+
+
+def _expert_blocks(specs: dict, arch: Arch) -> dict[str, list[str]]:
+    """``model.layers.3.mlp.experts`` -> the full names of its experts' linears (MoE architectures)."""
+    blocks: dict[str, list[str]] = {}
+    if arch.experts is not None:
+        for name in specs:
+            head, sep, rest = name.partition(".experts.")
+            if sep and name.startswith(arch.layers + ".") and rest.partition(".")[0].isdigit():
+                blocks.setdefault(head + ".experts", []).append(name)
+    return blocks
+
+
 def _rule_targets(specs: dict[str, ModuleSpec | None], arch: Arch | None) -> list[tuple[str, list[str]]]:
     """(anchored regex, modules it covers) for per-module rules. A fused group whose members share one
     scheme gets one rule that also matches vLLM's fused name (``qkv_proj``, ``gate_up_proj``), which
-    is the name vLLM looks its rules up by."""
+    is the name vLLM looks its rules up by; so do a MoE block's experts when they all share one (vLLM
+    looks the whole fused-experts module up as ``...mlp.experts``)."""
     rules, done = [], set()
     if arch is not None:
-        groups = list(zip(arch.fused, arch.fused_names)) if arch.fused_names else []
+        for block, members in _expert_blocks(specs, arch).items():
+            if len({specs[m] for m in members}) == 1:
+                leaves = "|".join(re.escape(n) for n in arch.experts.linears)
+                rules.append((f"^{re.escape(block)}(\\.\\d+\\.({leaves}))?$", members))
+                done.update(members)
+        layouts = _layouts(specs, arch)
         prefix = arch.layers + "."
         for name in specs:
             if not name.startswith(prefix):
                 continue
             layer, _, tail = name[len(prefix):].partition(".")
+            here = layouts[layer]
+            groups = [(g, f) for g, f in zip(here.fused, here.fused_names) if f] if here.fused_names else []
             for members, fused_name in groups:
                 full = [f"{prefix}{layer}.{m}" for m in members]
                 if tail in members and full[0] not in done and all(f in specs for f in full) \
@@ -168,7 +197,13 @@ def quantization_config(specs: dict[str, ModuleSpec | None], config: QuantConfig
         "meta": {"quantizer": [f"hmq:{HMQ_VERSION}"], "hmq_method": config.method},
     }
     if arch is not None:
-        qc["modules_in_block_to_quantize"] = [list(step) for step in arch.sequential]
+        steps: list[dict] = []  # step k over every layer's layout (MoE models: experts per layer)
+        for here in _layouts(specs, arch).values():
+            for k, step in enumerate(here.sequential):
+                if k == len(steps):
+                    steps.append({})
+                steps[k].update(dict.fromkeys(step))
+        qc["modules_in_block_to_quantize"] = [list(step) for step in steps]
     if dynamic:
         qc["dynamic"] = dynamic
     return qc
@@ -198,14 +233,22 @@ def check_engine(specs: dict[str, ModuleSpec | None], arch: Arch, fmt: str, engi
                         "floating point: export --format compressed-tensors (transformers) or target gptqmodel/vllm")
     if rule.fused:
         prefix = arch.layers + "."
-        layers = sorted({n[len(prefix):].partition(".")[0] for n in specs if n.startswith(prefix)}, key=int)
-        for i in layers:
-            bad = [members for members in arch.fused if len({specs.get(f"{prefix}{i}.{m}") for m in members}) > 1]
+        layouts = _layouts(specs, arch)
+        for i in sorted(layouts, key=int):
+            bad = [members for members in layouts[i].fused if len({specs.get(f"{prefix}{i}.{m}") for m in members}) > 1]
             if bad:
                 desc = ", ".join(f"{m.rpartition('.')[2]}={_spec_label(specs.get(f'{prefix}{i}.{m}'))}" for m in bad[0])
                 problems.append(f"it runs {'/'.join(m.rpartition('.')[2] for m in bad[0])} as one matmul with one "
                                 f"scheme, but in layer {i} they differ ({desc}): allocate with fused units (the default "
                                 "--units fused)")
+                break
+    if engine == "vllm":
+        for block, members in _expert_blocks(specs, arch).items():
+            if len({specs[m] for m in members}) > 1:
+                problems.append(f"it runs all experts of a MoE block as one fused module with one scheme, but the "
+                                f"experts of {block} differ (e.g. {_spec_label(specs[members[0]])} and "
+                                f"{_spec_label(next(specs[m] for m in members if specs[m] != specs[members[0]]))}): "
+                                "give every expert of a layer one scheme, or export for gptqmodel or transformers")
                 break
     if arch.conv1d and engine == "transformers":
         problems.append("transformers builds this architecture's linears as Conv1D modules, which its quantized "
@@ -456,12 +499,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     del config.quantization_config
     with init_empty_weights():  # parameters on the meta device; buffers such as rotary tables are real
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    linearize(decoder_layers(model, arch))  # GPT-2's Conv1D as plain linears, as hmq quantized them
+    arch.adapt(decoder_layers(model, arch))  # GPT-2's Conv1D, fused experts: plain linears, as hmq quantized them
     tensors = read_tensors(path, verify)
-    names = [f"{arch.layers}.{i}.{n}" for i in range(len(decoder_layers(model, arch))) for n in arch.linears]
+    layouts = [arch.at(layer) for layer in decoder_layers(model, arch)]
+    names = [f"{arch.layers}.{i}.{n}" for i, here in enumerate(layouts) for n in here.linears]
     ct_specs = _compressed_to_gptq(tensors, qc, names) if qc["quant_method"] == "compressed-tensors" else None
     for i, layer in enumerate(decoder_layers(model, arch)):
-        for n in arch.linears:
+        for n in layouts[i].linears:
             name = f"{arch.layers}.{i}.{n}"
             if f"{name}.qweight" not in tensors:
                 continue

@@ -14,7 +14,6 @@ import torch
 
 from .arch import get_arch
 from .config import ConfigError
-from .conv1d import linearize
 
 log = logging.getLogger("hmq")
 
@@ -206,7 +205,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
             if stream:
                 from .stream import load_skeleton
 
-                model = load_skeleton(path, config, dtype, get_arch(config.model_type).layers)
+                model = load_skeleton(path, config, dtype, get_arch(config.model_type))
             if model is None:
                 model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, low_cpu_mem_usage=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
@@ -215,7 +214,7 @@ def load_model(spec: str | None, dtype: torch.dtype = torch.float32, stream: boo
         except Exception as exc:
             raise ModelLoadError(f"could not load the weights or tokenizer of {spec!r}: {exc}") from exc
     arch = get_arch(model.config.model_type)
-    linearize(model.get_submodule(arch.layers))  # GPT-2's Conv1D: plain linears from here on
+    arch.adapt(model.get_submodule(arch.layers))  # GPT-2's Conv1D, fused experts: plain linears from here on
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, arch

@@ -16,7 +16,6 @@ from . import dist
 from .capture import LayerInput, Replay, collect_hessians, run_layer
 
 from .arch import Arch, decoder_layers, set_submodule
-from .conv1d import linearize
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .engine import sweep, visit
 from .stream import detach_store
@@ -56,11 +55,11 @@ class QuantReport:
 def module_specs(model: nn.Module, arch: Arch, config: QuantConfig) -> dict[str, ModuleSpec]:
     """Spec of every quantizable linear (full name -> spec); checks that fused groups agree."""
     specs = {}
-    for i, _ in enumerate(decoder_layers(model, arch)):
-        prefix = f"{arch.layers}.{i}."
-        for name in arch.linears:
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        prefix, here = f"{arch.layers}.{i}.", arch.at(layer)
+        for name in here.linears:
             specs[prefix + name] = config.spec_for(prefix + name)
-        for group in () if config.unfused else arch.fused:
+        for group in () if config.unfused else here.fused:
             distinct = {specs[prefix + n] for n in group}
             if len(distinct) > 1:
                 detail = ", ".join(f"{n}={specs[prefix + n].bits}b/g{specs[prefix + n].group_size}" for n in group)
@@ -82,7 +81,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     """Quantize ``model`` in place, replacing its linears with :class:`QuantLinear`. ``state``: save
     each finished layer there, and begin after the layers it already holds (a resumed run)."""
     method = get_method(config.method)
-    linearize(decoder_layers(model, arch))  # a GPT-2 built in Python still holds Conv1D linears
+    arch.adapt(decoder_layers(model, arch))  # a model built in Python still holds Conv1D linears or fused experts
     specs = module_specs(model, arch, config)
     for name, spec in specs.items():  # fail before any work on shapes that cannot be grouped or packed
         if not spec.keep:
@@ -93,7 +92,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         from . import affine
 
         missing = [n for n in affine.LINEARS if n not in arch.linears]
-        if missing:
+        if missing or arch.experts:
             raise ConfigError(f"--method {config.method} needs a Llama-like block (q/k/v/o, gate/up/down, two RMSNorms); "
                               f"this architecture lacks {missing}.")
         heads = affine.Heads.of(model.config)
@@ -101,16 +100,16 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
     if dist.world() > 1 and method.affine:
         raise ConfigError(f"--method {config.method} learns its transforms by gradient descent on the calibration "
                           "windows, which does not run across processes yet: run it in one process (without torchrun).")
-    steps = arch.sequential if config.true_sequential else (arch.linears,)
     fp_stream: dict = {}  # affine methods: the full-precision stream they learn to match
 
     def step(i, layer, inputs):
         grids = None
-        prefix = f"{arch.layers}.{i}."
+        prefix, here = f"{arch.layers}.{i}.", arch.at(layer)
+        steps = here.sequential if config.true_sequential else (here.linears,)
         if method.affine:
             fp_inputs = fp_stream.get("inputs", inputs)
             fp_outputs = run_layer(layer, fp_inputs)
-            layer_specs = {n: (None if specs[prefix + n].keep else specs[prefix + n]) for n in arch.linears}
+            layer_specs = {n: (None if specs[prefix + n].keep else specs[prefix + n]) for n in here.linears}
             T, info = affine.learn_block(layer, heads, layer_specs, inputs, [o.hidden for o in fp_outputs], settings,
                                          name=f"layer {i}")
             affine.fold(layer, T, name=f"layer {i}")
@@ -120,13 +119,13 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
                 affine.clamp_to_clip(layer, T, layer_specs)
             report.affine_loss.append(info["loss"])
             fp_stream["inputs"] = fp_outputs
-        results = quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids)
+        results = quantize_layer(layer, prefix, steps, here, inputs, specs, config, method, grids)
         outputs = results.pop("__outputs__")
         kept, solved = results.pop("__grid_rows__")
         if solved:
             report.learned_grid_rows.append(kept / solved)
         rows = []
-        for n in arch.linears:
+        for n in here.linears:
             linear = layer.get_submodule(n)
             if n in results:
                 qw, secs = results[n]
@@ -184,6 +183,7 @@ def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: lis
                    specs: dict[str, ModuleSpec], config: QuantConfig, method, grids: dict | None = None) -> dict:
     """Quantize one decoder layer step by step; returns {linear: (QuantizedWeight, seconds)} plus
     ``__outputs__``, the layer's outputs computed with its quantized weights."""
+    arch = arch.at(layer)
     results: dict = {}
     grid_rows = [0, 0]  # rows that kept the learned grid, rows solved on one
     replay = Replay()
@@ -269,7 +269,7 @@ PREFERRED_GROUP_SIZES = (128, 64, 32)
 def auto_group_size(model: nn.Module, arch: Arch, config: QuantConfig) -> int:
     """``config.group_size`` if it divides every quantized module's in_features, else the largest
     preferred group size that does."""
-    specs_in = [model.get_submodule(f"{arch.layers}.0.{n}").in_features for n in arch.linears]
+    specs_in = {layer.get_submodule(n).in_features for layer in decoder_layers(model, arch) for n in arch.at(layer).linears}
     for gs in (config.group_size, *PREFERRED_GROUP_SIZES):
         if gs == -1 or all(i % gs == 0 for i in specs_in):
             return gs

@@ -229,7 +229,7 @@ def trim_heap() -> None:
 _LIBC = None
 
 
-def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: str) -> nn.Module | None:
+def load_skeleton(folder: str | Path, config, dtype: torch.dtype, arch) -> nn.Module | None:
     """The model of ``config`` with everything but its decoder layers loaded from ``folder`` on the
     CPU; the layers stay on the meta device until :func:`materialize` fills them. ``None`` (with a log
     line) when the folder cannot be streamed as it is: no safetensors, or tensor names that
@@ -245,6 +245,8 @@ def load_skeleton(folder: str | Path, config, dtype: torch.dtype, layers_path: s
     store = ShardStore(folder)
     with accelerate.init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers_path = arch.layers
+    arch.adapt(model.get_submodule(layers_path))  # per-expert linears, named as the shards name them
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
     missing = [n for n in model.state_dict() if n not in store and n not in tied]
     if missing:

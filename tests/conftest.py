@@ -58,6 +58,18 @@ def tiny_config(model_type: str = "llama", **kw):
         base.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if model_type == "gpt2":
         base["n_inner"] = base.pop("intermediate_size")
+    if model_type == "mixtral":  # 4 routed experts, 2 per token
+        base.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type in ("qwen2_moe", "qwen3_moe", "deepseek_v2"):
+        base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if model_type == "qwen2_moe":  # a shared expert beside the routed ones
+        base.update(shared_expert_intermediate_size=96)
+    if model_type == "qwen3_moe":  # its second layer dense, as mlp_only_layers makes it
+        base.update(mlp_only_layers=[1], head_dim=16)
+    if model_type == "deepseek_v2":  # latent attention (q straight, kv through a rank-32 code), a dense first layer
+        base.update(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+                    num_key_value_heads=4)
     if model_type in ("gemma3_text", "gemma3"):  # a sliding window shorter than the test windows, so it matters
         base.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
     base.update(kw)
