@@ -125,13 +125,18 @@ def compact_targets(names: list[str]) -> list[str]:
     return out + sorted(singles)
 
 
-def quantization_config(specs: dict[str, ModuleSpec | None], keep: list[str], act_order: bool) -> dict:
+def quantization_config(specs: dict[str, ModuleSpec | None], keep: list[str], act_order: bool,
+                        aliases: dict[str, str] | None = None) -> dict:
     """A compressed-tensors ``quantization_config``: one config group per scheme, whose ``targets``
-    name exactly its modules, and ``ignore`` for linears kept in floating point (and ``lm_head``)."""
+    name exactly its modules, and ``ignore`` for linears kept in floating point (and ``lm_head``).
+    ``aliases``: other names a module's scheme is also looked up by (no module has them), which its
+    group targets too."""
     by_scheme: dict[ModuleSpec, list[str]] = defaultdict(list)
     for name, spec in specs.items():
         if spec is not None:
             by_scheme[spec].append(name)
+            if aliases and name in aliases:
+                by_scheme[spec].append(aliases[name])
     groups = {}
     for i, (spec, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))):
         groups[f"group_{i}"] = {"targets": compact_targets(names), "weights": _weights_args(spec, act_order),

@@ -132,6 +132,21 @@ def _expert_blocks(specs: dict, arch: Arch) -> dict[str, list[str]]:
     return blocks
 
 
+def _vllm_expert_aliases(specs: dict, arch: Arch) -> dict[str, str]:
+    """Mixtral's expert linears (``experts.3.w1``) under the names vLLM's compressed-tensors MoE
+    method looks a fused-experts module's scheme up by (``experts.0.gate_proj``, up, down)."""
+    if arch.experts is None:
+        return {}
+    generic = dict(zip(arch.experts.linears, ("gate_proj", "up_proj", "down_proj")))
+    aliases = {}
+    for members in _expert_blocks(specs, arch).values():
+        for name in members:
+            head, _, leaf = name.rpartition(".")
+            if generic.get(leaf, leaf) != leaf:
+                aliases[name] = f"{head}.{generic[leaf]}"
+    return aliases
+
+
 def _rule_targets(specs: dict[str, ModuleSpec | None], arch: Arch | None) -> list[tuple[str, list[str]]]:
     """(anchored regex, modules it covers) for per-module rules. A fused group whose members share one
     scheme gets one rule that also matches vLLM's fused name (``qkv_proj``, ``gate_up_proj``), which
@@ -343,7 +358,8 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, config: QuantCo
             cfg.quantization_config = quantization_config(specs, config, arch)
         else:
             keep = ["lm_head"] if isinstance(getattr(model, "lm_head", None), nn.Linear) else []
-            cfg.quantization_config = compressed.quantization_config(specs, keep, config.act_order)
+            cfg.quantization_config = compressed.quantization_config(specs, keep, config.act_order,
+                                                                     _vllm_expert_aliases(specs, arch))
         cfg.dtype = save_dtype
         cfg.use_cache = True
         cfg.save_pretrained(tmp)

@@ -144,3 +144,25 @@ def test_a_moe_model_quantizes_measures_and_allocates_from_the_command_line(toke
     qc = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]
     widths = {v.get("bits", qc["bits"]) for v in qc.get("dynamic", {}).values()} | {qc["bits"]}
     assert len(widths) > 1  # a mixed allocation over the per-expert units
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_vllm_finds_each_layer_s_expert_scheme_in_the_compressed_tensors_export(model_type, tmp_path):
+    from quant.compressed import specs_from_config
+
+    model, arch = build_tiny(model_type), get_arch(model_type)
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    cfg = QuantConfig(bits=4, group_size=32, sym=True, overrides={rf"layers\.0\.{block}\.experts\.": {"bits": 8}})
+    quantize_model(model, arch, windows(8, 32), cfg, CPU, progress=False)
+    out = save_quantized(model, None, tmp_path / "ct", cfg, save_dtype=torch.float32, fmt="compressed-tensors",
+                         engine="vllm")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    for i, bits in ((0, 8), (1, 4)):  # vLLM looks a fused-experts module up as experts.0.{gate,up,down}_proj
+        if model_type == "qwen3_moe" and i == 1:
+            continue  # its second layer is dense (mlp_only_layers)
+        names = [f"model.layers.{i}.{block}.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        found = specs_from_config(qc, names)
+        assert all(s is not None and s.bits == bits for s in found.values()), found
+    with torch.no_grad():
+        x = windows(2, 32, seed=6)
+        assert torch.equal(load_quantized(out)(input_ids=x).logits, model(input_ids=x).logits)
