@@ -25,7 +25,7 @@ from quant.capture import collect_hessians, run_layer
 from quant.config import ConfigError, QuantConfig
 from quant.engine import sweep
 from quant.methods import get_method
-from quant.resume import placed
+from quant.resume import layer_key, placed
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .curvature import fisher_traces, hutchinson_traces
@@ -87,7 +87,7 @@ class _LayerErrors:
         for k in self.by_layer.get(i, []):
             self._unit(k, prefix, hessians)
         del hessians
-        self.weights.flush(f"layer-{i:05d}")
+        self.weights.flush(layer_key(i))
         self.ref.extend(i, layer)  # the fp model's boundary on the loss windows
         ctx = anchor_swap(self.weights, self.anchor, self.by_layer.get(i, [])) if self.sequential else {}
         with swapped(layer, prefix, ctx):  # ``sequential``: the next layer's inputs come from the anchor model
@@ -109,7 +109,7 @@ class _LayerErrors:
             for k, values in row.items():
                 for f, v in zip(self._FIELDS, values):
                     getattr(self, f)[int(k)] = v
-            self.weights.adopt(f"layer-{i:05d}")
+            self.weights.adopt(layer_key(i))
             self.ref.inputs.append(tensors["ref"])
         return self.state.done
 

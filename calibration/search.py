@@ -21,7 +21,7 @@ from quant.capture import collect_hessians, run_layer
 from quant.config import QuantConfig
 from quant.engine import sweep
 from quant.methods import get_method
-from quant.resume import placed
+from quant.resume import layer_key, placed
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .measure import anchor_swap
@@ -50,7 +50,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     db = WeightCache(state.folder / f"weights{part}" if state is not None else None)
     start = state.done if state is not None else 0
     for i in range(start):
-        db.adopt(f"layer-{i:05d}")
+        db.adopt(layer_key(i))
     if start:
         log.info("resuming the candidate database from %s: %d of %d decoder layers were done", state.folder, start,
                  len(decoder_layers(model, arch)))
@@ -72,7 +72,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
                     db.put(k, c, member_weights(model, u, Wq, dtype))
             done += ks
             del hessians
-        db.flush(f"layer-{i:05d}")
+        db.flush(layer_key(i))
         with swapped(layer, prefix, anchor_swap(db, anchor, by_layer.get(i, []))):
             outputs = run_layer(layer, inputs)
         if state is not None:

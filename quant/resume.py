@@ -32,6 +32,11 @@ STATE = "state.json"
 VERSION = 1
 
 
+
+def layer_key(i: int) -> str:
+    """The file name (without suffix) that holds decoder layer ``i``'s saved work in a state or cache folder."""
+    return f"layer-{i:05d}"
+
 def placed(hidden: list[torch.Tensor], inputs: list[LayerInput]) -> list[LayerInput]:
     """Saved per-batch activations as layer inputs, with the per-batch arguments (masks, positions)
     the sweep made again for ``inputs``, on their device."""
@@ -108,7 +113,7 @@ class LayerState:
                      self.folder / STATE)
 
     def _layer_file(self, i: int) -> Path:
-        return self.folder / f"layer-{i:05d}.safetensors"
+        return self.folder / f"{layer_key(i)}.safetensors"
 
     def _stream_file(self, i: int) -> Path:
         part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process has its own batches
