@@ -28,6 +28,7 @@ VARIANTS = {
     "static": {"act_order": True, "static_groups": True, "clip": True, "group_params": "original"},
     "static-noclip": {"act_order": True, "static_groups": True, "clip": False, "group_params": "original"},
     "static-reached": {"act_order": True, "static_groups": True, "clip": True, "group_params": "reached"},
+    "rtn": {"method": "rtn"},  # round-to-nearest (min/max ranges): no calibration, so one seed stands for all
 }
 
 

@@ -7,6 +7,8 @@ the kernel (``wait4``), so the benchmark's own memory is not counted.
     python bench/memory.py --before /tmp/old-checkout     # the same commands from another checkout, side by side
 
 Targets (issue 22): memory flat in depth (the 32-layer peak ≤ 1.25× the 4-layer peak) for every command.
+A Mixtral-shaped model with 8 experts (``moe8-d4-h1024``) is set beside the dense model of its active
+size (``d4-h1024``): ``--shapes d4-h1024 moe8-d4-h1024 --json docs/results/memory_moe.json``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ SHAPES = {  # name -> (layers, hidden, intermediate, heads, kv heads[, vocabular
     "d32-h1024": (32, 1024, 2816, 16, 4), "d4-h2048": (4, 2048, 5632, 16, 4), "d4-h4096": (4, 4096, 11008, 32, 8),
     "llama3-70b-2layers": (2, 8192, 28672, 64, 8, 128256),  # two decoder layers of Llama-3-70B's shape
 }
+# Mixtral-shaped: (layers, hidden, expert intermediate, heads, kv heads, experts, experts per token).
+# moe8-d4-h1024 runs 2 of 8 experts of 1408 per token: the active size of d4-h1024 (intermediate 2816).
+MOE_SHAPES = {"moe8-d4-h1024": (4, 1024, 1408, 16, 4, 8, 2)}
+SHAPES |= MOE_SHAPES
 
 
 def build(folder: Path, shape: tuple, tokenizer_dir: Path) -> int:
@@ -38,9 +44,13 @@ def build(folder: Path, shape: tuple, tokenizer_dir: Path) -> int:
 
     layers, hidden, inter, heads, kv = shape[:5]
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = transformers.LlamaConfig(vocab_size=shape[5] if len(shape) > 5 else len(tok), hidden_size=hidden, intermediate_size=inter,
-                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                                   max_position_embeddings=2048, tie_word_embeddings=False)
+    common_cfg = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, max_position_embeddings=2048, tie_word_embeddings=False)
+    if shape in MOE_SHAPES.values():
+        cfg = transformers.MixtralConfig(vocab_size=len(tok), num_local_experts=shape[5], num_experts_per_tok=shape[6],
+                                         **common_cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=shape[5] if len(shape) > 5 else len(tok), **common_cfg)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
     n = sum(p.numel() for p in model.parameters())
@@ -141,6 +151,11 @@ def main() -> None:
             if "d4-h1024" in peak and "d32-h1024" in peak:
                 ratio = peak["d32-h1024"] / peak["d4-h1024"]
                 print(f"{label} {cmd}: 32-layer / 4-layer peak RSS = {ratio:.2f} (target ≤ 1.25)")
+            for moe, shape in MOE_SHAPES.items():
+                dense = f"d{shape[0]}-h{shape[1]}"
+                if moe in peak and dense in peak:
+                    print(f"{label} {cmd}: {moe} ({shape[5]} experts, {shape[6]} per token) / {dense} (same active "
+                          f"size) peak RSS = {peak[moe] / peak[dense]:.2f}")
     print(f"wrote {args.json}")
 
 

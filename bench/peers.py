@@ -14,7 +14,8 @@ Peers (each optional, each in its own environment since they pin their own trans
 ``--hmq-cli`` adds hmq run as a user runs it: the ``hmq quantize`` command (layers streamed from
 disk, the checkpoint exported and loaded back), same windows, its peak RSS recorded.
 ``--hmq-variants`` adds hmq runs with other solver settings (bench/defaults.py's names) beside the
-default. Writes a table and JSON (default docs/results/peers.json).
+default; ``rtn`` is round-to-nearest, run once (it reads no calibration windows). The uniform table
+of a model: ``--schemes w2g64 w3g64 w4g64 w8g64 --seeds 0 1 2 --hmq-variants rtn``. Writes a table and JSON (default docs/results/peers.json).
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--hmq-variants", nargs="*", default=[], choices=sorted(VARIANTS),
                     help="hmq solver variants to run beside the default")
+    ap.add_argument("--variants-only", action="store_true",
+                    help="run the --hmq-variants without hmq's default (e.g. RTN beside an earlier run's default)")
     ap.add_argument("--hmq-cli", action="store_true", help="also run the hmq quantize command (streamed, exported)")
     ap.add_argument("--llmcompressor", metavar="PYTHON", help="python of an environment with llmcompressor")
     ap.add_argument("--autoround", metavar="PYTHON", help="python of an environment with auto-round")
@@ -130,7 +133,9 @@ def main() -> None:
         torch.save(windows.clone(), wfile)  # what every peer reads for this seed
         for label in args.schemes:
             spec = common.parse_scheme(label)
-            for variant in [None, *args.hmq_variants]:
+            for variant in [*([] if args.variants_only else [None]), *args.hmq_variants]:
+                if variant and VARIANTS[variant].get("method") == "rtn" and seed != args.seeds[0]:
+                    continue  # RTN reads no calibration windows: every seed gives the same model
                 model, report = common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True,
                                                     **({} if variant is None else VARIANTS[variant]))
                 record("hmq" if variant is None else f"hmq {variant}", label, seed, model, report.seconds, report.bpw)
