@@ -56,7 +56,7 @@ def reference_gptq(model, arch, windows, bits, group_size, ref_dir):
     layers = model.model.layers
     inputs = capture_layer_inputs(model, layers, windows, torch.device("cpu"), 1)
     for layer in layers:
-        for names in arch.sequential:
+        for names in arch.at(layer).sequential:
             g = {}
             for n in names:
                 g[n] = GPTQ(layer.get_submodule(n))

@@ -169,7 +169,9 @@ def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, 
                 "compute": {"dtype": str(dtype), "device": torch.device(device).type}}
     if budget.mixed:
         settings["allocation"] = {"measurement": digest([sens.fingerprint, sens.settings]),
-                                  "budget": digest(dataclasses.asdict(budget)), "objective": dataclasses.asdict(alloc),
+                                  "budget": digest(dataclasses.asdict(budget)),
+                                  "objective": {k: v for k, v in dataclasses.asdict(alloc).items() if k != "ties"}
+                                  | ({"ties": digest(alloc.ties)} if alloc.ties else {}),
                                   "search": dataclasses.asdict(search) if search is not None else None}
     return settings
 

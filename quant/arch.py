@@ -39,7 +39,7 @@ class Arch:
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential for name in group)
 
-    def at(self, layer: nn.Module | set[str]) -> "Arch":
+    def at(self, layer) -> "Arch":
         """This layout as one decoder layer has it (the layer, or the names of its modules): every
         ``*`` (an expert index) expanded over the layer's experts, and names the layer lacks dropped
         (a DeepSeek-V2 model keeps a dense MLP in its first layers, Qwen2-MoE in its
@@ -47,7 +47,7 @@ class Arch:
         and up form a fused group of their own."""
         if not self.experts:  # every layer holds every linear of the table
             return self
-        present = set(layer) if isinstance(layer, (set, frozenset)) else {n for n, _ in layer.named_modules()}
+        present = {n for n, _ in layer.named_modules()} if isinstance(layer, nn.Module) else set(layer)
 
         def expand(name: str) -> list[str]:
             head, star, tail = name.partition(".*.")

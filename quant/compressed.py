@@ -141,7 +141,8 @@ def quantization_config(specs: dict[str, ModuleSpec | None], keep: list[str], ac
     for i, (spec, names) in enumerate(sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))):
         groups[f"group_{i}"] = {"targets": compact_targets(names), "weights": _weights_args(spec, act_order),
                                 "input_activations": None, "output_activations": None, "format": FORMAT}
-    ignore = sorted(set(keep) | {n for n, s in specs.items() if s is None})
+    kept = {n for n, s in specs.items() if s is None}
+    ignore = sorted(set(keep) | kept | {aliases[n] for n in kept if aliases and n in aliases})
     return {
         "quant_method": "compressed-tensors",
         "format": FORMAT,

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import dist
+from .config import ConfigError
 
 log = logging.getLogger("hmq")
 
@@ -97,6 +101,13 @@ def unfuse_experts(layers: nn.Module, names: Experts) -> int:
     block is registered under that name (its ``mlp`` attribute still reaches it, so the layer's forward
     is unchanged). Returns how many were replaced."""
     found = [(n, m) for n, m in layers.named_modules() if _is_fused_experts(m)]
+    odd = [(n, m) for n, m in layers.named_modules()
+           if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and not _is_fused_experts(m)]
+    if odd:
+        name, m = odd[0]
+        raise ConfigError(f"{name} ({type(m).__name__}) stores its experts in a layout hmq does not unfuse yet "
+                          "(transposed, interleaved gate/up, or with biases): its experts cannot be quantized. "
+                          "Supported: [gate; up] stacked as (experts, 2 × intermediate, hidden), no bias.")
     for name, fused in found:
         gu, down = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I)
         n_exp, two_inter, hidden = gu.shape
@@ -142,18 +153,22 @@ def all_experts(module: nn.Module, prefix: str = ""):
     try:
         yield
     finally:
-        for name, m in blocks:
+        for _, m in blocks:
             m.route_all = False
-            starved = [(e, int(c)) for e, c in enumerate(m.routed) if c < _in_width(m[e])]
-            if starved and int(m.routed.sum()) > 0 and (name, tuple(starved)) not in _WARNED:
-                _WARNED.add((name, tuple(starved)))
-                desc = ", ".join(f"{e} ({c} tokens)" for e, c in starved[:8])
-                log.warning("%s: the router sent experts %s%s fewer calibration tokens than their input width; "
-                            "their Hessians were taken over all tokens instead. More calibration windows "
-                            "(--n-samples) give them more.", prefix + name, desc, " …" if len(starved) > 8 else "")
+    for name, m in blocks:  # (not on an error: the other processes would wait in the gather)
+        routed = m.routed
+        if dist.world() > 1:  # every process saw its own share of the windows
+            routed = torch.tensor(dist.gather_all(routed.tolist())).sum(0)
+        starved = [(e, int(c)) for e, c in enumerate(routed) if c < _in_width(m[e])]
+        if starved and int(routed.sum()) > 0 and m not in _WARNED and dist.is_main():
+            _WARNED.add(m)
+            desc = ", ".join(f"{e} ({c} tokens)" for e, c in starved[:8])
+            log.warning("%s: the router sent experts %s%s fewer calibration tokens than their input width; "
+                        "their Hessians were taken over all tokens instead. More calibration windows "
+                        "(--nsamples) give them more.", prefix + name, desc, " …" if len(starved) > 8 else "")
 
 
-_WARNED: set = set()  # (block, starved experts) already named: one warning per block, not per pass
+_WARNED: "weakref.WeakSet[ExpertLinears]" = weakref.WeakSet()  # blocks named once, not once per statistics pass
 
 
 def _in_width(expert: nn.Module) -> int:

@@ -61,10 +61,11 @@ def _route_every_token_to_experts_0_and_1(block):
 
 
 def test_every_expert_gets_a_hessian_from_every_token_while_the_output_follows_the_router(caplog):
-    model, arch = build_tiny("qwen3_moe"), get_arch("qwen3_moe")
+    model, arch = build_tiny("qwen3_moe", mlp_only_layers=[]), get_arch("qwen3_moe")  # both layers MoE
     arch.adapt(model.get_submodule(arch.layers))
     layer = model.model.layers[0]
-    _route_every_token_to_experts_0_and_1(layer.mlp)
+    for each in model.model.layers:
+        _route_every_token_to_experts_0_and_1(each.mlp)
     inputs = capture_layer_inputs(model, model.model.layers, windows(4, 32), CPU, 2)
     with torch.no_grad():
         plain = run_layer(layer, inputs)
@@ -75,6 +76,17 @@ def test_every_expert_gets_a_hessian_from_every_token_while_the_output_follows_t
     assert len(hs) == 4 and all(torch.isfinite(H).all() and H.diagonal().min() > 0 for H in hs.values())
     assert not torch.allclose(hs[downs[2]], hs[downs[3]])  # each from its own expert's activations
     assert "model.layers.0.mlp.experts" in caplog.text and "2 (0 tokens), 3 (0 tokens)" in caplog.text
+    here1 = arch.at(model.model.layers[1])
+    with caplog.at_level(logging.WARNING, logger="hmq"):  # every block is named once, each layer's own
+        collect_hessians(model.model.layers[1], [n for n in here1.linears if n.endswith("down_proj")],
+                         run_layer(layer, inputs), "model.layers.1.")
+        collect_hessians(layer, downs, inputs, "model.layers.0.")
+    assert caplog.text.count("model.layers.1.mlp.experts:") == 1 and caplog.text.count("model.layers.0.mlp.experts:") == 1
+    # every expert's gate and up read the block's input: one Hessian for all, over every token
+    gate_up = [n for n in here.linears if n.endswith(("gate_proj", "up_proj"))]
+    hs, _ = collect_hessians(layer, gate_up, inputs, "model.layers.0.", shared_input=here.shared_input)
+    assert len(gate_up) == 8 and len({id(H) for H in hs.values()}) == 1
+    assert torch.isfinite(hs[gate_up[0]]).all() and torch.linalg.eigvalsh(hs[gate_up[0]].double()).min() > 0
     with torch.no_grad(), all_experts(layer):
         routed = run_layer(layer, inputs)
     for a, b in zip(plain, routed):
@@ -166,3 +178,52 @@ def test_vllm_finds_each_layer_s_expert_scheme_in_the_compressed_tensors_export(
     with torch.no_grad():
         x = windows(2, 32, seed=6)
         assert torch.equal(load_quantized(out)(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_an_adapted_mixtral_copies_and_keeps_its_block_under_both_names():
+    import copy
+
+    model, arch = build_tiny("mixtral"), get_arch("mixtral")
+    arch.adapt(model.get_submodule(arch.layers))
+    twin = copy.deepcopy(model)
+    layer = twin.model.layers[0]
+    assert layer.mlp is layer.block_sparse_moe and "mlp" not in layer._modules
+    x = windows(2, 32)
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_vllm_ties_every_expert_unit_of_a_layer_and_nothing_else():
+    from types import SimpleNamespace
+
+    from calibration.mixed import expert_ties
+    from calibration.units import build_units
+    from quant.allocate import tie_groups
+
+    model, arch = build_tiny("deepseek_v2"), get_arch("deepseek_v2")
+    arch.adapt(model.get_submodule(arch.layers))
+    units = build_units(model, arch)
+    groups = [g for g in tie_groups(len(units), expert_ties(SimpleNamespace(units=units))) if len(g) > 1]
+    assert len(groups) == 1  # layer 0 is dense; layer 1's 4 experts × (gate+up, down) are one group
+    assert sorted(units[k].kind for k in groups[0]) == sorted(
+        f"mlp.experts.{e}.{k}" for e in range(4) for k in ("gate+up", "down_proj"))
+
+
+def test_an_expert_layout_hmq_cannot_unfuse_is_refused_by_name():
+    from torch import nn
+
+    from quant.config import ConfigError
+    from quant.moe import Experts, unfuse_experts
+
+    class Transposed(nn.Module):  # gpt-oss style: (experts, hidden, 2 × intermediate), with biases
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 64, 128))
+            self.down_proj = nn.Parameter(torch.zeros(4, 64, 64))
+            self.is_transposed, self.act_fn = True, nn.SiLU()
+
+    layers = nn.ModuleList([nn.Module()])
+    layers[0].mlp = nn.Module()
+    layers[0].mlp.experts = Transposed()
+    with pytest.raises(ConfigError, match=r"0\.mlp\.experts \(Transposed\) stores its experts in a layout"):
+        unfuse_experts(layers, Experts())
