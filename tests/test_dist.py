@@ -178,3 +178,20 @@ def test_two_processes_bisect_as_one(model_dir, text_file, tmp_path):
     assert steps[0] == steps[1] and len(steps[0]) == 3
     ta, tb = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_two_processes_measure_search_and_quantize_a_moe_model_as_one(tokenizer_dir, text_file, tmp_path):
+    """Every expert's routed-token count is gathered over the processes; nothing waits on a rank."""
+    from .conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "moe", tokenizer_dir, model_type="qwen2_moe")
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
+            "--search", 2, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 2]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.1.mlp.experts.3.down_proj.qweight" in a
