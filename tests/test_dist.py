@@ -83,11 +83,8 @@ def test_two_processes_killed_and_rerun_write_the_measurement_one_writes(model_d
     assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
 
 
-@pytest.mark.parametrize("search", [[], ["--search", 3, "--search-samples", 4, "--search-seqlen", 32,
-                                         "--search-offspring", 4]])
-def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path, search):
-    """Measured, allocated, searched (the children spread over the processes) and quantized."""
-    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE, *search]
+def budget_run_as_one(args, tmp_path) -> dict:
+    """Run the mixed ``args`` in 1 and in 2 processes; both measure and write the same; returns the tensors."""
     one = hmq([*args, "--out", tmp_path / "one"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
     two = hmq([*args, "--out", tmp_path / "two"], 2)
@@ -95,6 +92,15 @@ def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, tex
     assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
     a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+@pytest.mark.parametrize("search", [[], ["--search", 3, "--search-samples", 4, "--search-seqlen", 32,
+                                         "--search-offspring", 4]])
+def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path, search):
+    """Measured, allocated, searched (the children spread over the processes) and quantized."""
+    budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
+                       *search], tmp_path)
     if search:
         import json
 
@@ -185,13 +191,6 @@ def test_two_processes_measure_search_and_quantize_a_moe_model_as_one(tokenizer_
     from .conftest import save_tiny
 
     model_dir = save_tiny(tmp_path / "moe", tokenizer_dir, model_type="qwen2_moe")
-    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
-            "--search", 2, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 2]
-    one = hmq([*args, "--out", tmp_path / "one"], 1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = hmq([*args, "--out", tmp_path / "two"], 2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert measured(tmp_path / "one.sens") == measured(tmp_path / "two.sens")
-    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
+                           "--search", 2, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 2], tmp_path)
     assert "model.layers.1.mlp.experts.3.down_proj.qweight" in a
