@@ -1,0 +1,70 @@
+"""The uniform table (fp, RTN and hmq's default GPTQ at each scheme, mean ± sd over calibration seeds)
+gathered from ``bench/peers.py`` result files, one block per model.
+
+    python bench/uniform_table.py docs/results/peers_*.json docs/results/uniform_*.json
+
+Each file holds one model's rows on that model's reporting windows (``peers.py`` scores every tool
+on the same ones). Where two files hold the same (model, scheme, tool, seed), the one later in the
+argument list wins (the glob above sorts them by name).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import common
+
+TOOLS = {"hmq rtn": "RTN", "hmq": "GPTQ (hmq default)"}
+
+
+def model_of(data: dict) -> str:
+    """The model a result file was taken on (older files keep only the command line)."""
+    if "settings" in data:
+        spec = data["settings"].get("model")
+    else:
+        words = data.get("command", "").split()
+        spec = words[words.index("--model") + 1] if "--model" in words else None
+    return Path(spec).name if spec else "SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--schemes", nargs="+", default=["w2g64", "w3g64", "w4g64", "w8g64"])
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args()
+    rows: dict[tuple, dict] = {}
+    fp: dict[str, float] = {}
+    for path in args.files:
+        data = json.loads(path.read_text())
+        model = model_of(data)
+        model = model.split("-q4_k_m")[0]  # the converted Gemma folder's cache key is not part of its name
+        fp[model] = data["fp"]["ppl"]
+        for r in data["rows"]:
+            if r["tool"] in TOOLS and r["scheme"] in args.schemes:
+                rows[(model, r["scheme"], r["tool"], r["seed"])] = r
+    table = []
+    for model in fp:
+        print(f"\n{model}: fp perplexity {fp[model]:.2f} on its reporting windows")
+        print("| scheme | method | bpw | perplexity | KL (nats) | top-1 | seeds |")
+        print("|---|---|---|---|---|---|---|")
+        for scheme in args.schemes:
+            for tool, label in TOOLS.items():
+                rs = [r for (m, s, t, _), r in sorted(rows.items()) if (m, s, t) == (model, scheme, tool)]
+                if not rs:
+                    continue
+                bpw = next((r["bpw"] for r in rs if r.get("bpw")), float("nan"))
+                seeds = sorted(r["seed"] for r in rs)
+                print(f"| {scheme} | {label} | {bpw:.3f} | {common.fmt([r['ppl'] for r in rs])} | "
+                      f"{common.fmt([r['kl'] for r in rs], 4)} | {common.mean_sd([r.get('top1') for r in rs])[0]:.3f} | "
+                      f"{','.join(map(str, seeds)) if tool != 'hmq rtn' else '– (no calibration)'} |")
+                table.append({"model": model, "scheme": scheme, "method": label, "bpw": bpw, "seeds": seeds,
+                              "ppl": [r["ppl"] for r in rs], "kl": [r["kl"] for r in rs], "fp_ppl": fp[model]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
