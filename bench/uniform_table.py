@@ -46,7 +46,7 @@ def main() -> None:
                 rows[(model, r["scheme"], r["tool"], r["seed"])] = r
     table = []
     for model in fp:
-        print(f"\n{model}: fp perplexity {fp[model]:.2f} on its reporting windows")
+        print(f"\n{model}: fp perplexity {fp[model]:.2f} on its reporting windows\n")
         print("| scheme | method | bpw | perplexity | KL (nats) | top-1 | seeds |")
         print("|---|---|---|---|---|---|---|")
         for scheme in args.schemes:
