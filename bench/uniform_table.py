@@ -38,6 +38,8 @@ def main() -> None:
     fp: dict[str, float] = {}
     for path in args.files:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "rows" not in data:
+            continue  # not a peers.py result (this script's own --json output, say)
         model = model_of(data)
         model = model.split("-q4_k_m")[0]  # the converted Gemma folder's cache key is not part of its name
         fp[model] = data["fp"]["ppl"]
