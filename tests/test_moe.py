@@ -61,6 +61,15 @@ def _route_every_token_to_experts_0_and_1(block):
 
 
 def test_every_expert_gets_a_hessian_from_every_token_while_the_output_follows_the_router(caplog):
+    hmq_log = logging.getLogger("hmq")  # once the CLI has set it up it does not propagate to caplog's root handler
+    hmq_log.addHandler(caplog.handler)
+    try:
+        _expert_hessians_and_warnings(caplog)
+    finally:
+        hmq_log.removeHandler(caplog.handler)
+
+
+def _expert_hessians_and_warnings(caplog):
     model, arch = build_tiny("qwen3_moe", mlp_only_layers=[]), get_arch("qwen3_moe")  # both layers MoE
     arch.adapt(model.get_submodule(arch.layers))
     layer = model.model.layers[0]
