@@ -61,12 +61,14 @@ def _route_every_token_to_experts_0_and_1(block):
 
 
 def test_every_expert_gets_a_hessian_from_every_token_while_the_output_follows_the_router(caplog):
-    hmq_log = logging.getLogger("hmq")  # once the CLI has set it up it does not propagate to caplog's root handler
-    hmq_log.addHandler(caplog.handler)
+    hmq_log = logging.getLogger("hmq")  # once the CLI has set it up it does not propagate to caplog's root handler:
+    hmq_log.addHandler(caplog.handler)  # its records reach caplog directly, and only so, whatever ran before
+    propagate, hmq_log.propagate = hmq_log.propagate, False
     try:
         _expert_hessians_and_warnings(caplog)
     finally:
         hmq_log.removeHandler(caplog.handler)
+        hmq_log.propagate = propagate
 
 
 def _expert_hessians_and_warnings(caplog):
