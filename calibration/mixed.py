@@ -12,6 +12,7 @@ import numpy as np
 
 from quant.allocate import BudgetError, Problem, Solution, frontier, solve
 from quant.config import QuantConfig
+from quant.moe import expert_block
 
 from .sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
 
@@ -80,9 +81,9 @@ def expert_ties(sens: Sensitivity) -> list[tuple[int, int]]:
     unit of one MoE block (vLLM's fused-MoE layers hold one scheme for all their experts)."""
     blocks: dict[tuple[int, str], list[int]] = {}
     for k, u in enumerate(sens.units):
-        head, sep, _ = u.kind.partition(".experts.")
-        if sep:
-            blocks.setdefault((u.layer, head), []).append(k)
+        block = expert_block(u.kind)
+        if block:
+            blocks.setdefault((u.layer, block), []).append(k)
     return [(g[0], k) for g in blocks.values() for k in g[1:]]
 
 

@@ -36,6 +36,7 @@ from . import compressed, integrity
 from .arch import Arch, decoder_layers, get_arch, set_submodule
 from .conv1d import transposed_names
 from .config import ModuleSpec, QuantConfig
+from .moe import expert_block
 from .packing import pack_gptq
 from .qlinear import QuantLinear
 from .quantizer import group_count
@@ -126,9 +127,9 @@ def _expert_blocks(specs: dict, arch: Arch) -> dict[str, list[str]]:
     blocks: dict[str, list[str]] = {}
     if arch.experts is not None:
         for name in specs:
-            head, sep, rest = name.partition(".experts.")
-            if sep and name.startswith(arch.layers + ".") and rest.partition(".")[0].isdigit():
-                blocks.setdefault(head + ".experts", []).append(name)
+            block = expert_block(name)
+            if block and name.startswith(arch.layers + "."):
+                blocks.setdefault(block, []).append(name)
     return blocks
 
 

@@ -43,6 +43,13 @@ class Experts:
         return self.gate, self.up, self.down
 
 
+def expert_block(name: str) -> str | None:
+    """The experts module a linear belongs to (``model.layers.3.mlp.experts.5.w1`` ->
+    ``model.layers.3.mlp.experts``; a unit kind ``mlp.experts.5.gate+up`` -> ``mlp.experts``), or None."""
+    head, sep, rest = name.partition(".experts.")
+    return head + ".experts" if sep and rest.partition(".")[0].isdigit() else None
+
+
 class ExpertMLP(nn.Module):
     """One routed expert: ``down(act(gate(x)) * up(x))``."""
 
