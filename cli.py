@@ -120,6 +120,11 @@ def _eval_parser(sub) -> None:
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick runs)")
     e.add_argument("--baseline", action="store_true", help="also evaluate the full-precision model the checkpoint came from")
+    e.add_argument("--kl", action="store_true",
+                   help="also the KL divergence of the model's next-token distribution from the fp model the checkpoint "
+                        "came from (mean, percentiles, top-1 agreement, as llama.cpp's --kl-divergence; both models "
+                        "run in one layer sweep, so it also gives the baseline's perplexity)")
+    e.add_argument("--reference", metavar="MODEL", help="with --kl: compare with this model instead (anything --model takes)")
     e.add_argument("--dtype", default="auto", help="compute dtype (default auto: float32 on CPU, float16 on GPU)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -515,11 +520,17 @@ def cmd_eval(args) -> int:
     from calibration.runs import eval_run
 
     results = eval_run(args.model, args.data, args.seqlen, args.max_windows, args.baseline, args.dtype, args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, kl=args.kl, reference=args.reference)
     print()
     print(f"{'model':<48} {'data':<10} {'windows':>7} {'tokens':>8} {'ppl':>9}")
     for r in results:
         print(f"{str(r['model'])[-48:]:<48} {r['data']:<10} {r['windows']:>7} {r['tokens']:>8} {r['ppl']:>9.3f}")
+    if "kl" in results[0]:
+        r = results[0]
+        print(f"\nKL(reference || model), nats per token, against {r['reference_model']}:")
+        print(f"{'mean':>9} {'median':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'max':>9} {'top-1':>7}")
+        print(f"{r['kl']:>9.5f} {r['kl_median']:>9.5f} {r['kl_p90']:>9.5f} {r['kl_p99']:>9.5f} {r['kl_p999']:>9.5f} "
+              f"{r['kl_max']:>9.4f} {r['top1']:>7.4f}")
     if args.json and os.environ.get("RANK", "0") == "0":  # one process writes
         payload = results[0] if len(results) == 1 else {**results[0], "baseline": results[1]}
         Path(args.json).write_text(json.dumps(payload, indent=2))

@@ -143,41 +143,68 @@ def measure_run(run: dict, config: QuantConfig, explicit: set[str], opts: Measur
 
 
 def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int | None, baseline: bool,
-             dtype: str = "auto", device: str = "auto", progress: bool = True) -> list[dict]:
+             dtype: str = "auto", device: str = "auto", progress: bool = True, kl: bool = False,
+             reference: str | None = None) -> list[dict]:
     """`hmq eval`: perplexity of ``spec`` (an hmq checkpoint, or anything `quantize --model` takes),
-    and with ``baseline`` also of the fp model the checkpoint came from. A user's own file is
-    evaluated whole; a built-in source on its reporting part."""
-    import json
-
+    and with ``baseline`` also of the fp model the checkpoint came from. With ``kl`` (or a
+    ``reference`` model) the reference (default: that fp model) runs beside it in the same layer
+    sweep and the result also holds the KL divergence of the model's next-token distribution from
+    the reference's, its percentiles and top-1 agreement; the reference's own perplexity is the
+    second result. A user's own file is evaluated whole; a built-in source on its reporting part."""
     from quant import dist
     from quant.evaluate import perplexity
-    from quant.export import CheckpointError, is_quantized_checkpoint
     from quant.model_io import resolve_device, resolve_dtype
 
     from .data import DEFAULT_SOURCE, eval_tokens, own_text_split
 
+    kl = kl or reference is not None
     if dist.launched():  # each process evaluates a share of the windows
         device = dist.init(device)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    targets = [spec]
-    if baseline:
-        if not (spec and is_quantized_checkpoint(spec)):
-            raise CheckpointError("--baseline needs --model to be an hmq checkpoint (its source model is the baseline).")
-        meta_file = Path(spec).expanduser() / "hmq.json"
-        targets.append(json.loads(meta_file.read_text()).get("source_model") if meta_file.is_file() else None)
+    source = _source_of(spec) if (baseline or (kl and reference is None)) else None
+    targets = [spec] + ([reference if reference is not None else source] if kl else [source] if baseline else [])
+    part = own_text_split(data, "eval")
     results = []
+    if kl:  # both models in one sweep: nothing of either is held across layers, no logits are kept
+        with dist.main_first():
+            model, tokenizer = _load_for_eval(spec, dtype)
+            ref_model, _ = _load_for_eval(targets[1], dtype)
+        name, ids = eval_tokens(tokenizer, data or DEFAULT_SOURCE, part)
+        log.info("evaluating on %s %s, KL against %s", "the whole of" if part == "all" else "the reporting part of",
+                 name, _named(targets[1]))
+        res = perplexity(model, ids, seqlen, max_windows, device, progress=progress, reference_model=ref_model)
+        ref_res = res.pop("reference")
+        results = [{**res, "model": _named(spec), "data": name, "reference_model": _named(targets[1])},
+                   {**ref_res, "model": _named(targets[1]), "data": name}]
+        return results
     for target in targets:
         with dist.main_first():
             model, tokenizer = _load_for_eval(target, dtype)
-        part = own_text_split(data, "eval")
         name, ids = eval_tokens(tokenizer, data or DEFAULT_SOURCE, part)
         log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)
         res = perplexity(model, ids, seqlen, max_windows, device, progress=progress)
-        res.update({"model": target or "offline default (SmolLM2-135M-Instruct)", "data": name})
+        res.update({"model": _named(target), "data": name})
         results.append(res)
         del model
     return results
+
+
+def _named(target: str | None) -> str:
+    return target or "offline default (SmolLM2-135M-Instruct)"
+
+
+def _source_of(spec: str | None) -> str | None:
+    """The fp model an hmq checkpoint was made from (``None``: the offline default)."""
+    import json
+
+    from quant.export import CheckpointError, is_quantized_checkpoint
+
+    if not (spec and is_quantized_checkpoint(spec)):
+        raise CheckpointError("--baseline and --kl need --model to be an hmq checkpoint (its source model is the "
+                              "baseline), or name the reference with --reference MODEL.")
+    meta_file = Path(spec).expanduser() / "hmq.json"
+    return json.loads(meta_file.read_text()).get("source_model") if meta_file.is_file() else None
 
 
 def _load_for_eval(spec: str | None, dtype):

@@ -94,11 +94,41 @@ def visit(model: nn.Module, arch: Arch, indices, device: torch.device, *, keep: 
     """Yield ``(i, layer)`` for each decoder-layer index in ``indices`` (any order: a backward pass
     walks them in reverse), each on ``device`` only until the caller asks for the next. The one loop
     over layers that every stage runs on; :func:`sweep` is its forward form with activations."""
+    for i, (layer,) in visit_together([model], arch, indices, device, keep=keep, progress=progress, desc=desc):
+        yield i, layer
+
+
+def visit_together(models: list[nn.Module], arch: Arch, indices, device: torch.device, *, keep: bool = True,
+                   progress: bool = True, desc: str = "layers"):
+    """:func:`visit` for several models of one architecture: yield ``(i, [layer i of each model])``,
+    all on ``device`` until the caller asks for the next index."""
     indices = list(indices)
     trim_heap()  # also fixes glibc's mmap threshold before the first layer's buffers are allocated
     for i in tqdm(indices, desc=desc, disable=not progress or len(indices) < 2, unit="layer"):
-        with onloaded(model, arch, i, device, keep) as layer:
-            yield i, layer
+        with contextlib.ExitStack() as stack:
+            yield i, [stack.enter_context(onloaded(m, arch, i, device, keep)) for m in models]
+
+
+def lockstep(models: list[nn.Module], arch: Arch, windows: torch.Tensor, device: torch.device, step: Step, *,
+             batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers") -> list:
+    """:func:`sweep` for several models of one architecture side by side (a quantized model and its
+    fp source, for KL divergence): layer ``i`` of every model is on ``device`` together, each model
+    with its own activations of the same ``windows``; returns each model's last-layer outputs.
+    Memory: one decoder layer and one set of activations per model, nothing held across layers."""
+    for m in models:
+        check_vocab(m, windows, desc)
+    depths = {len(decoder_layers(m, arch)) for m in models}
+    if len(depths) != 1:
+        raise ValueError(f"{desc}: the models have different numbers of decoder layers ({sorted(depths)}): compare a "
+                         "checkpoint with the model it was made from.")
+    at = [-1]
+    with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
+        inputs = [capture_layer_inputs(m, decoder_layers(m, arch), windows, device, batch_size) for m in models]
+        for i, layers in visit_together(models, arch, range(depths.pop()), device, keep=keep, progress=progress,
+                                        desc=desc):
+            at[0] = i
+            inputs = [step(i, layer, x) for layer, x in zip(layers, inputs)]
+    return inputs
 
 
 def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,

@@ -51,17 +51,25 @@ def reference_logprobs(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, m
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windows: int | None = None,
                device: torch.device | str = "cpu", progress: bool = True,
-               reference: list[torch.Tensor] | None = None, _collect: list | None = None, batch_size: int = 8) -> dict:
+               reference: list[torch.Tensor] | None = None, _collect: list | None = None, batch_size: int = 8,
+               reference_model: nn.Module | None = None) -> dict:
     """``ids`` (n,) token stream -> {"ppl", "nll", "tokens", "windows", "seqlen", "seconds"}; with
     ``reference`` (from ``reference_logprobs`` on the same ids and windows) also "kl" (mean
     KL(reference ‖ model) per token, nats), "kl_p99" and "top1" (share of tokens whose argmax agrees).
     A stream that starts with the model's BOS token (its tokenizer adds one) is cut into windows of
     ``seqlen - 1`` text tokens, each after a BOS.
 
+    ``reference_model`` (the fp model a checkpoint came from) instead runs beside the model in one
+    layer sweep (:func:`quant.engine.lockstep`): no log-probabilities are kept, so KL costs one more
+    set of activations whatever the vocabulary; the result then also holds KL percentiles
+    (:data:`KL_QUANTILES`) and the reference's own perplexity under "reference".
+
     The windows go through the layer sweep (:mod:`quant.engine`) ``batch_size`` at a time: one decoder
     layer on ``device`` at a time, so a streamed model is evaluated without ever being in memory whole."""
+    if reference is not None and reference_model is not None:
+        raise ValueError("pass either reference log-probabilities or a reference model, not both")
     from .arch import get_arch
-    from .engine import head_logits, head_on, sweep
+    from .engine import head_logits, head_on, lockstep, sweep
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
@@ -101,23 +109,32 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         with cache:
             return run_layer(layer, inputs)
 
-    hidden = sweep(model, arch, windows[mine], device, step, batch_size=batch_size, keep=False, progress=progress,
-                   desc="perplexity")
-    per_window: dict[int, tuple] = {}  # window -> (summed NLL, per-token KL, agreeing tokens)
-    with head_on(model, arch, device):
+    if reference_model is None:
+        hidden = [sweep(model, arch, windows[mine], device, step, batch_size=batch_size, keep=False,
+                        progress=progress, desc="perplexity")]
+    else:
+        hidden = lockstep([model, reference_model], arch, windows[mine], device, step, batch_size=batch_size,
+                          keep=False, progress=progress, desc="perplexity and KL")
+    per_window: dict[int, tuple] = {}  # window -> (summed NLL, per-token KL, agreeing tokens, reference's NLL)
+    with head_on(model, arch, device), (head_on(reference_model, arch, device) if reference_model is not None
+                                        else contextlib.nullcontext()):
         own = iter(enumerate(mine))  # reference[j] belongs to this process's j-th window
-        for batch in hidden:
-            for h in batch.hidden:  # (seqlen, hidden): one window at a time keeps (seqlen, vocab) logits small
-                j, w = next(own)
+        for batches in zip(*hidden):
+            for hs in zip(*(b.hidden for b in batches)):  # (seqlen, hidden) each: one window at a time keeps
+                j, w = next(own)                          # (seqlen, vocab) logits small
                 x = windows[w].to(device)
-                logp = F.log_softmax(head_logits(model, arch, h[None])[0, :-1].float(), -1)  # (seqlen-1, vocab)
-                nll, kl, same = logp.gather(1, x[1:, None]).sum().item(), None, 0
+                logp = F.log_softmax(head_logits(model, arch, hs[0][None])[0, :-1].float(), -1)  # (seqlen-1, vocab)
+                nll, kl, same, ref_nll = logp.gather(1, x[1:, None]).sum().item(), None, 0, None
                 if _collect is not None:
                     _collect.append(logp.to("cpu", torch.float16))
-                if reference is not None:
-                    kl, agree = kl_terms(logp, reference[j].to(logp.device))
+                ref = None if reference is None else reference[j].to(logp.device)
+                if reference_model is not None:
+                    ref = F.log_softmax(head_logits(reference_model, arch, hs[1][None])[0, :-1].float(), -1)
+                    ref_nll = ref.gather(1, x[1:, None]).sum().item()
+                if ref is not None:
+                    kl, agree = kl_terms(logp, ref)
                     kl, same = kl.cpu(), int(agree.sum())
-                per_window[w] = (nll, kl, same)
+                per_window[w] = (nll, kl, same, ref_nll)
     for part in dist.gather_all(per_window):
         per_window.update(part)
     total_nll, total_tokens = 0.0, 0
@@ -127,8 +144,23 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     mean = total_nll / total_tokens
     res = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
            "seconds": time.perf_counter() - t0}
-    if reference is not None:
+    if reference is not None or reference_model is not None:
         kl = torch.cat([per_window[w][1] for w in range(n_windows)])
-        res.update(kl=float(kl.mean()), kl_p99=float(kl.quantile(0.99)) if kl.numel() <= 1 << 24 else float("nan"),
-                   top1=sum(per_window[w][2] for w in range(n_windows)) / total_tokens)
+        res.update(kl=float(kl.mean()), top1=sum(per_window[w][2] for w in range(n_windows)) / total_tokens,
+                   **kl_quantiles(kl))
+    if reference_model is not None:
+        ref_mean = -sum(per_window[w][3] for w in range(n_windows)) / total_tokens
+        res["reference"] = {"ppl": math.exp(ref_mean), "nll": ref_mean, "tokens": total_tokens, "windows": n_windows,
+                            "seqlen": seqlen}
     return res
+
+
+KL_QUANTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p99": 0.99, "kl_p999": 0.999, "kl_max": 1.0}
+
+
+def kl_quantiles(kl: torch.Tensor) -> dict:
+    """The per-token KL's percentiles as llama.cpp's ``--kl-divergence`` prints them (nearest rank,
+    so any number of tokens works: ``torch.quantile`` stops at 2**24 elements)."""
+    ordered = kl.double().sort().values
+    n = ordered.numel()
+    return {key: float(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]) for key, q in KL_QUANTILES.items()}

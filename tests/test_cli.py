@@ -38,6 +38,16 @@ def test_quantize_inspect_eval(tiny_model_dir, text_file, tmp_path, capsys):
     data = json.loads(res.read_text())
     assert data["windows"] == 3 and data["tokens"] == 3 * 63 and data["ppl"] > 1
     assert data["baseline"]["ppl"] > 1 and data["baseline"]["model"] == str(tiny_model_dir)
+    # --kl runs the source model beside the checkpoint in one sweep: the same two perplexities, and the KL table
+    capsys.readouterr()
+    assert run("eval", "--model", out, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--kl",
+               "--json", res, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    paired = json.loads(res.read_text())
+    assert paired["ppl"] == pytest.approx(data["ppl"], rel=1e-5)
+    assert paired["baseline"]["ppl"] == pytest.approx(data["baseline"]["ppl"], rel=1e-5)
+    assert paired["kl"] > 0 and 0 < paired["top1"] <= 1 and paired["kl"] <= paired["kl_max"]
+    assert paired["reference_model"] == str(tiny_model_dir) and "p99.9" in printed and "top-1" in printed
 
 
 def test_preset_file_and_unknown_key(tiny_model_dir, text_file, tmp_path, capsys):

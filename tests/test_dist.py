@@ -123,13 +123,14 @@ def test_two_processes_killed_and_rerun_write_the_checkpoint_one_writes(model_di
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
-def test_two_processes_evaluate_as_one(model_dir, text_file, tmp_path):
+@pytest.mark.parametrize("against", ["--baseline", "--kl"])
+def test_two_processes_evaluate_as_one(model_dir, text_file, tmp_path, against):
     import json
 
     q = hmq(["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, "--method", "rtn", *COMMON,
              "--out", tmp_path / "q"], 1)
     assert q.returncode == 0, q.stderr[-3000:]
-    args = ["eval", "--model", tmp_path / "q", "--baseline", "--data", text_file, "--seqlen", 32, "--max-windows", 20,
+    args = ["eval", "--model", tmp_path / "q", against, "--data", text_file, "--seqlen", 32, "--max-windows", 20,
             "--no-progress"]
     one = hmq([*args, "--json", tmp_path / "one.json"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -137,8 +138,9 @@ def test_two_processes_evaluate_as_one(model_dir, text_file, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     for r in (a, b, a["baseline"], b["baseline"]):
-        r.pop("seconds")
+        r.pop("seconds", None)  # under --kl the baseline comes from the same sweep, timed once
     assert a == b and a["windows"] == 20 and a["ppl"] != a["baseline"]["ppl"]
+    assert ("kl_p999" in a) == (against == "--kl")
 
 
 def test_a_slow_rank_finds_the_resume_folder_the_first_one_starts(model_dir, text_file, tmp_path):

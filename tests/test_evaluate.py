@@ -66,3 +66,31 @@ def test_a_reference_of_other_windows_is_refused():
     ref, _ = reference_logprobs(model, ids, 32, max_windows=2, progress=False)
     with pytest.raises(ValueError, match="same ids, seqlen and max_windows"):
         perplexity(model, ids, 32, progress=False, reference=ref)
+
+
+def test_kl_beside_a_reference_model_in_one_sweep_equals_the_kept_log_probs():
+    """The lockstep sweep (reference model beside the model) gives the same KL, top-1 and both
+    perplexities as the two-pass way, which keeps the reference's log-probabilities."""
+    model, other = build_tiny("llama"), build_tiny("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 256, (5 * 32,), generator=torch.Generator().manual_seed(3))
+    ref, own = reference_logprobs(model, ids, 32, progress=False)
+    kept = perplexity(other, ids, 32, progress=False, reference=ref, batch_size=2)
+    paired = perplexity(other, ids, 32, progress=False, reference_model=model, batch_size=2)
+    assert paired["ppl"] == kept["ppl"] and paired["reference"]["ppl"] == own["ppl"]
+    assert paired["kl"] > 1e-3 and paired["kl"] == pytest.approx(kept["kl"], rel=2e-2)  # kept in fp16
+    assert paired["top1"] == pytest.approx(kept["top1"], abs=2 / 155)
+    assert paired["kl_median"] <= paired["kl_p90"] <= paired["kl_p99"] <= paired["kl_p999"] <= paired["kl_max"]
+    with pytest.raises(ValueError, match="not both"):
+        perplexity(other, ids, 32, progress=False, reference=ref, reference_model=model)
+
+
+def test_kl_quantiles_are_nearest_rank_percentiles():
+    from quant.evaluate import kl_quantiles
+
+    kl = torch.arange(1, 1001, dtype=torch.float32).flip(0)  # 1..1000, unsorted
+    q = kl_quantiles(kl)
+    assert q == {"kl_median": 500.0, "kl_p90": 900.0, "kl_p99": 990.0, "kl_p999": 999.0, "kl_max": 1000.0}
+    assert kl_quantiles(torch.tensor([0.25]))["kl_median"] == 0.25
