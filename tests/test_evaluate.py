@@ -10,6 +10,15 @@ from quant.evaluate import kl_terms, perplexity, reference_logprobs
 from .conftest import build_tiny
 
 
+def model_and_perturbed():
+    """A tiny model and a copy of it with every weight moved a little (a stand-in for quantization)."""
+    model, other = build_tiny("llama"), build_tiny("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, other
+
+
 def test_kl_against_itself_is_zero_and_top1_agrees():
     model = build_tiny("llama")
     ids = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(0))
@@ -21,10 +30,7 @@ def test_kl_against_itself_is_zero_and_top1_agrees():
 
 
 def test_kl_of_a_changed_model_matches_the_definition():
-    model, other = build_tiny("llama"), build_tiny("llama")
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, other = model_and_perturbed()
     ids = torch.randint(0, 256, (3 * 32,), generator=torch.Generator().manual_seed(1))
     ref, _ = reference_logprobs(model, ids, 32, progress=False)
     res = perplexity(other, ids, 32, progress=False, reference=ref)
@@ -71,10 +77,7 @@ def test_a_reference_of_other_windows_is_refused():
 def test_kl_beside_a_reference_model_in_one_sweep_equals_the_kept_log_probs():
     """The lockstep sweep (reference model beside the model) gives the same KL, top-1 and both
     perplexities as the two-pass way, which keeps the reference's log-probabilities."""
-    model, other = build_tiny("llama"), build_tiny("llama")
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, other = model_and_perturbed()
     ids = torch.randint(0, 256, (5 * 32,), generator=torch.Generator().manual_seed(3))
     ref, own = reference_logprobs(model, ids, 32, progress=False)
     kept = perplexity(other, ids, 32, progress=False, reference=ref, batch_size=2)
