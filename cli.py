@@ -532,7 +532,7 @@ def cmd_eval(args) -> int:
         print(f"{r['kl']:>9.5f} {r['kl_median']:>9.5f} {r['kl_p90']:>9.5f} {r['kl_p99']:>9.5f} {r['kl_p999']:>9.5f} "
               f"{r['kl_max']:>9.4f} {r['top1']:>7.4f}")
     if args.json and os.environ.get("RANK", "0") == "0":  # one process writes
-        payload = results[0] if len(results) == 1 else {**results[0], "baseline": results[1]}
+        payload = {**results[0], **{r.pop("role"): r for r in results[1:]}}  # "baseline", "reference"
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
 

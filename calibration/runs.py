@@ -163,21 +163,24 @@ def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int |
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = _source_of(spec) if (baseline or (kl and reference is None)) else None
-    targets = [spec] + ([reference if reference is not None else source] if kl else [source] if baseline else [])
     part = own_text_split(data, "eval")
     results = []
+    targets = [spec, source] if baseline else [spec]  # evaluated one after the other below
     if kl:  # both models in one sweep: nothing of either is held across layers, no logits are kept
+        against = reference if reference is not None else source
         with dist.main_first():
             model, tokenizer = _load_for_eval(spec, dtype)
-            ref_model, _ = _load_for_eval(targets[1], dtype)
+            ref_model, _ = _load_for_eval(against, dtype)
         name, ids = eval_tokens(tokenizer, data or DEFAULT_SOURCE, part)
         log.info("evaluating on %s %s, KL against %s", "the whole of" if part == "all" else "the reporting part of",
-                 name, _named(targets[1]))
+                 name, _named(against))
         res = perplexity(model, ids, seqlen, max_windows, device, progress=progress, reference_model=ref_model)
         ref_res = res.pop("reference")
-        results = [{**res, "model": _named(spec), "data": name, "reference_model": _named(targets[1])},
-                   {**ref_res, "model": _named(targets[1]), "data": name}]
-        return results
+        del model, ref_model
+        results = [{**res, "model": _named(spec), "data": name, "reference_model": _named(against)},
+                   {**ref_res, "model": _named(against), "data": name,
+                    "role": "baseline" if reference is None else "reference"}]
+        targets = [source] if baseline and reference is not None else []  # the source, beside another reference
     for target in targets:
         with dist.main_first():
             model, tokenizer = _load_for_eval(target, dtype)
@@ -185,6 +188,8 @@ def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int |
         log.info("evaluating on %s %s", "the whole of" if part == "all" else "the reporting part of", name)
         res = perplexity(model, ids, seqlen, max_windows, device, progress=progress)
         res.update({"model": _named(target), "data": name})
+        if results:
+            res["role"] = "baseline"
         results.append(res)
         del model
     return results

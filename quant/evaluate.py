@@ -68,6 +68,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     layer on ``device`` at a time, so a streamed model is evaluated without ever being in memory whole."""
     if reference is not None and reference_model is not None:
         raise ValueError("pass either reference log-probabilities or a reference model, not both")
+    if reference_model is not None:
+        mine_, theirs = model.config, reference_model.config
+        for what, a, b in (("architecture", mine_.model_type, theirs.model_type),
+                           ("vocabulary", model.get_output_embeddings().out_features,
+                            reference_model.get_output_embeddings().out_features),
+                           ("BOS token", getattr(mine_, "bos_token_id", None), getattr(theirs, "bos_token_id", None))):
+            if a != b:
+                raise EvalError(f"the reference model's {what} ({b}) is not the model's ({a}): KL compares two "
+                                "models of one tokenizer; pass the model the checkpoint was made from as --reference.")
     from .arch import get_arch
     from .engine import head_logits, head_on, lockstep, sweep
 
@@ -151,7 +160,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
     if reference_model is not None:
         ref_mean = -sum(per_window[w][3] for w in range(n_windows)) / total_tokens
         res["reference"] = {"ppl": math.exp(ref_mean), "nll": ref_mean, "tokens": total_tokens, "windows": n_windows,
-                            "seqlen": seqlen}
+                            "seqlen": seqlen, "seconds": res["seconds"]}  # one sweep for both
     return res
 
 
@@ -159,8 +168,14 @@ KL_QUANTILES = {"kl_median": 0.5, "kl_p90": 0.9, "kl_p99": 0.99, "kl_p999": 0.99
 
 
 def kl_quantiles(kl: torch.Tensor) -> dict:
-    """The per-token KL's percentiles as llama.cpp's ``--kl-divergence`` prints them (nearest rank,
-    so any number of tokens works: ``torch.quantile`` stops at 2**24 elements)."""
+    """The per-token KL's percentiles, the ones llama.cpp's ``--kl-divergence`` prints, interpolated
+    linearly at ``q·(n-1)`` as ``torch.quantile`` does (sorted here, since that stops at 2**24 elements)."""
     ordered = kl.double().sort().values
     n = ordered.numel()
-    return {key: float(ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]) for key, q in KL_QUANTILES.items()}
+    out = {}
+    for key, q in KL_QUANTILES.items():
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        out[key] = float(ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo]))
+    return out

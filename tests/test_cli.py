@@ -48,6 +48,10 @@ def test_quantize_inspect_eval(tiny_model_dir, text_file, tmp_path, capsys):
     assert paired["baseline"]["ppl"] == pytest.approx(data["baseline"]["ppl"], rel=1e-5)
     assert paired["kl"] > 0 and 0 < paired["top1"] <= 1 and paired["kl"] <= paired["kl_max"]
     assert paired["reference_model"] == str(tiny_model_dir) and "p99.9" in printed and "top-1" in printed
+    assert run("eval", "--model", out, "--data", text_file, "--seqlen", 64, "--max-windows", 3, "--reference",
+               tiny_model_dir, "--json", res, "--no-progress") == 0  # another reference: named as such
+    named = json.loads(res.read_text())
+    assert "baseline" not in named and named["reference"]["ppl"] == pytest.approx(data["baseline"]["ppl"], rel=1e-5)
 
 
 def test_preset_file_and_unknown_key(tiny_model_dir, text_file, tmp_path, capsys):

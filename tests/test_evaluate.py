@@ -90,10 +90,22 @@ def test_kl_beside_a_reference_model_in_one_sweep_equals_the_kept_log_probs():
         perplexity(other, ids, 32, progress=False, reference=ref, reference_model=model)
 
 
-def test_kl_quantiles_are_nearest_rank_percentiles():
+def test_kl_quantiles_interpolate_as_torch_quantile():
     from quant.evaluate import kl_quantiles
 
     kl = torch.arange(1, 1001, dtype=torch.float32).flip(0)  # 1..1000, unsorted
     q = kl_quantiles(kl)
-    assert q == {"kl_median": 500.0, "kl_p90": 900.0, "kl_p99": 990.0, "kl_p999": 999.0, "kl_max": 1000.0}
+    assert q == pytest.approx({k: float(torch.quantile(kl, v)) for k, v in {"kl_median": 0.5, "kl_p90": 0.9, "kl_p99": 0.99, "kl_p999": 0.999, "kl_max": 1.0}.items()})
+    assert q["kl_median"] == 500.5 and q["kl_max"] == 1000.0
     assert kl_quantiles(torch.tensor([0.25]))["kl_median"] == 0.25
+
+
+def test_a_reference_model_of_another_vocabulary_is_refused_before_the_sweep():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = build_tiny("llama")
+    cfg = LlamaConfig(**{**model.config.to_dict(), "vocab_size": model.config.vocab_size + 8})
+    other = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 256, (2 * 32,))
+    with pytest.raises(ValueError, match="vocabulary"):
+        perplexity(model, ids, 32, progress=False, reference_model=other)
