@@ -164,8 +164,7 @@ def eval_run(spec: str | None, data: str | None, seqlen: int, max_windows: int |
     dtype = resolve_dtype(dtype, device)
     source = _source_of(spec) if (baseline or (kl and reference is None)) else None
     part = own_text_split(data, "eval")
-    results = []
-    targets = [spec, source] if baseline else [spec]  # evaluated one after the other below
+    results, targets = [], [spec, source] if baseline else [spec]  # targets: evaluated one after the other below
     if kl:  # both models in one sweep: nothing of either is held across layers, no logits are kept
         against = reference if reference is not None else source
         with dist.main_first():

@@ -109,11 +109,13 @@ def visit_together(models: list[nn.Module], arch: Arch, indices, device: torch.d
             yield i, [stack.enter_context(onloaded(m, arch, i, device, keep)) for m in models]
 
 
-def lockstep(models: list[nn.Module], arch: Arch, windows: torch.Tensor, device: torch.device, step: Step, *,
-             batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers") -> list:
+def lockstep(models: list[nn.Module], arch: Arch, windows: torch.Tensor | None, device: torch.device, step: Step, *,
+             batch_size: int = 8, keep: bool = True, progress: bool = True, desc: str = "layers", start: int = 0,
+             resume: Callable[[list], list] | None = None) -> list:
     """:func:`sweep` for several models of one architecture side by side (a quantized model and its
     fp source, for KL divergence): layer ``i`` of every model is on ``device`` together, each model
-    with its own activations of the same ``windows``; returns each model's last-layer outputs.
+    with its own activations of the same ``windows``; returns each model's last-layer outputs
+    (``resume`` maps the list of first-layer inputs to the list to start from).
     Memory: one decoder layer and one set of activations per model, nothing held across layers."""
     for m in models:
         check_vocab(m, windows, desc)
@@ -123,9 +125,12 @@ def lockstep(models: list[nn.Module], arch: Arch, windows: torch.Tensor, device:
                          "checkpoint with the model it was made from.")
     at = [-1]
     with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
-        inputs = [capture_layer_inputs(m, decoder_layers(m, arch), windows, device, batch_size) for m in models]
-        for i, layers in visit_together(models, arch, range(depths.pop()), device, keep=keep, progress=progress,
-                                        desc=desc):
+        inputs = [capture_layer_inputs(m, decoder_layers(m, arch), windows, device, batch_size)
+                  if windows is not None else None for m in models]
+        if start:
+            inputs = resume(inputs)
+        for i, layers in visit_together(models, arch, range(start, depths.pop()), device, keep=keep,
+                                        progress=progress, desc=desc):
             at[0] = i
             inputs = [step(i, layer, x) for layer, x in zip(layers, inputs)]
     return inputs
@@ -141,18 +146,9 @@ def sweep(model: nn.Module, arch: Arch, windows: torch.Tensor | None, device: to
     each layer (quantize) instead of dropping it again (evaluate). ``start``: begin at that layer,
     with the inputs ``resume(first layer's inputs)`` returns (a run resumed from saved layers: the
     first layer's inputs still give the per-batch arguments, masks and positions, that every layer
-    shares)."""
-    check_vocab(model, windows, desc)
-    layers = decoder_layers(model, arch)
-    at = [-1]
-    with oom_guard(desc, device, lambda: "the embeddings" if at[0] < 0 else f"decoder layer {at[0]}"):
-        inputs = capture_layer_inputs(model, layers, windows, device, batch_size) if windows is not None else None
-        if start:
-            inputs = resume(inputs)
-        for i, layer in visit(model, arch, range(start, len(layers)), device, keep=keep, progress=progress, desc=desc):
-            at[0] = i
-            inputs = step(i, layer, inputs)
-    return inputs
+    shares). The one-model form of :func:`lockstep`."""
+    return lockstep([model], arch, windows, device, step, batch_size=batch_size, keep=keep, progress=progress,
+                    desc=desc, start=start, resume=resume and (lambda inputs: [resume(inputs[0])]))[0]
 
 
 def head_logits(model: nn.Module, arch: Arch, hidden: torch.Tensor) -> torch.Tensor:

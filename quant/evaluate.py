@@ -78,7 +78,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
                 raise EvalError(f"the reference model's {what} ({b}) is not the model's ({a}): KL compares two "
                                 "models of one tokenizer; pass the model the checkpoint was made from as --reference.")
     from .arch import get_arch
-    from .engine import head_logits, head_on, lockstep, sweep
+    from .engine import head_logits, head_on, lockstep
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
@@ -118,12 +118,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         with cache:
             return run_layer(layer, inputs)
 
-    if reference_model is None:
-        hidden = [sweep(model, arch, windows[mine], device, step, batch_size=batch_size, keep=False,
-                        progress=progress, desc="perplexity")]
-    else:
-        hidden = lockstep([model, reference_model], arch, windows[mine], device, step, batch_size=batch_size,
-                          keep=False, progress=progress, desc="perplexity and KL")
+    models = [model] if reference_model is None else [model, reference_model]
+    hidden = lockstep(models, arch, windows[mine], device, step, batch_size=batch_size, keep=False, progress=progress,
+                      desc="perplexity" if reference_model is None else "perplexity and KL")
     per_window: dict[int, tuple] = {}  # window -> (summed NLL, per-token KL, agreeing tokens, reference's NLL)
     with head_on(model, arch, device), (head_on(reference_model, arch, device) if reference_model is not None
                                         else contextlib.nullcontext()):
