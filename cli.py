@@ -216,16 +216,22 @@ def _budget_flags(q) -> None:
     mp.add_argument("--budget-latency", type=float, metavar="T", help="summed latency of the decoder linears, in the "
                                                                      "table's unit")
     _allocation_flags(mp)
-    mp.add_argument("--search", type=int, default=0, metavar="GENERATIONS",
-                    help="refine the ILP's allocation by evolutionary search on the measured calibration loss of the "
-                         "model itself (every candidate quantized once, on the ILP model's inputs, and kept on disk "
-                         "under ~/.cache/hmq/work until the run ends); e.g. 60 (default 0: off)")
-    mp.add_argument("--search-samples", type=int, default=4, help="--search: windows of calibration text it scores "
-                                                                  "each configuration on (default 4; one screens)")
-    mp.add_argument("--search-seqlen", type=int, default=512, help="--search: tokens per window (default 512)")
-    mp.add_argument("--search-offspring", type=int, default=8, help="--search: children per generation (default 8)")
-    mp.add_argument("--search-screen", type=int, default=1, help="--search: windows each child is screened on before "
-                                                                 "the best two are scored on all (default 1)")
+    mp.add_argument("--recipe", choices=("select", "measure"),
+                    help="select (default for --budget/--budget-gb): every unit quantized at the widths around the "
+                         "budget in one sweep, the configuration chosen by evolutionary search on the KL divergence "
+                         "from the fp model on selection text, never worse there than a uniform scheme that fits; "
+                         "measure: the sensitivity measurement + integer program (--objective, --sensitivity, "
+                         "--budget-latency, --max-ppl-increase). Its effort: --config configs/mixed-fast.yaml or "
+                         "configs/mixed-thorough.yaml")
+    mp.add_argument("--search", type=int, metavar="GENERATIONS",
+                    help="generations of the evolutionary search (select: default 16; measure: refine the ILP's "
+                         "allocation on the calibration loss, default 0: off)")
+    mp.add_argument("--search-samples", type=int, help="windows each configuration is scored on (select: selection "
+                                                       "text, default 8; measure: calibration text, default 4)")
+    mp.add_argument("--search-seqlen", type=int, help="tokens per scored window (default 512)")
+    mp.add_argument("--search-offspring", type=int, help="children per generation (default 8)")
+    mp.add_argument("--search-screen", type=int, help="windows each child is screened on before the best two are "
+                                                      "scored on all (select: default 2; measure: default 1)")
     mp.add_argument("--bisect-steps", type=int, default=5, help="bisection steps for --max-ppl-increase (default 5)")
     mp.add_argument("--eval-windows", type=int, default=8, help="held-out windows per perplexity check in the "
                                                                "bisection (default 8)")
@@ -410,16 +416,21 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     run, config, explicit = resolve_settings(args)
     budget = _budget_options(args)
-    search = (SearchOptions(args.search, args.search_samples, args.search_seqlen, args.search_offspring,
-                            args.search_screen) if args.search else None)
+    select = _select_options(args, run, budget)
+    search = None
+    if select is None and args.search:
+        search = SearchOptions(args.search, args.search_samples or 4, args.search_seqlen or 512,
+                               args.search_offspring or 8, args.search_screen or 1)
     res = quantize_run(run, config, explicit, out=args.out, overwrite=args.overwrite, fmt=args.fmt, engine=args.engine,
                        budget=budget, measure=_measure_options(args), alloc=_alloc_options(args),
                        sensitivity=args.sensitivity, search=search,
                        default_candidates=args.candidates == DEFAULT_CANDIDATES, restart=args.restart,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, select=select)
     print_summary(res.report, res.out, time.perf_counter() - t0, res.config)
     a = res.allocation
-    if a is not None:
+    if a is not None and a.get("recipe") == "select":
+        print_selection(a)
+    elif a is not None:
         print(f"mixed precision ({a['objective']}): {a['bpw']:.3f} bpw, predicted ΔNLL {a['predicted_dloss']:.4f}, "
               f"solver {a['status']} (gap ≤ {a['gap']:.2g}, {a['solve_seconds']:.2f} s)")
         if "search" in a:
@@ -429,6 +440,46 @@ def cmd_quantize(args) -> int:
         for step in a.get("bisection", []):
             print(f"  bisection: budget {step['budget']:.3f} bpw -> ppl {step['ppl']:.3f}")
     return 0
+
+
+def _select_options(args, run: dict, budget):
+    """The default recipe's effort (preset ``selection:`` < flags), or None where the run takes the
+    measurement recipe: no budget, --recipe measure, --sensitivity, a latency or perplexity budget."""
+    import dataclasses
+
+    from calibration.select import SelectOptions
+    from quant.config import ConfigError
+
+    recipe = args.recipe or ("measure" if (args.sensitivity or args.budget_latency is not None
+                                           or args.max_ppl_increase is not None) else "select")
+    if recipe == "measure" or not budget.mixed:
+        return None
+    if args.sensitivity:
+        raise ConfigError("--sensitivity is read by --recipe measure; the select recipe measures nothing ahead.")
+    preset = dict(run.get("selection") or {})
+    names = {f.name for f in dataclasses.fields(SelectOptions)}
+    unknown = sorted(set(preset) - names)
+    if unknown:
+        raise ConfigError(f"the preset's selection: has unknown key(s) {unknown}; allowed: {sorted(names)}.")
+    flags = {"generations": args.search, "samples": args.search_samples, "seqlen": args.search_seqlen,
+             "offspring": args.search_offspring, "screen": args.search_screen}
+    opts = SelectOptions(**{**preset, **{k: v for k, v in flags.items() if v is not None}})
+    opts.check()
+    return opts
+
+
+def print_selection(a: dict) -> None:
+    """The default recipe's choice beside every uniform scheme that fits, on the selection windows."""
+    print(f"mixed precision (KL-scored selection): {a['bpw']:.3f} bpw, started from {a['start']}")
+    print(f"  {'configuration':<28} {'bpw':>6} {'selection KL':>13}")
+    for r in a["uniform"]:
+        print(f"  {'uniform ' + r['label']:<28} {r['bpw']:>6.3f} {r['kl']:>13.4f}")
+    print(f"  {'chosen (search)':<28} {a['bpw']:>6.3f} {a['kl']:>13.4f}")
+    print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {a['measured_kl']:>13.4f}")
+    s = a["search"]
+    secs = a["seconds"]
+    print(f"  search: {s['evaluations']['full']} full + {s['evaluations']['screen']} screening passes; time: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()))
 
 
 def solver_line(config) -> str:

@@ -30,8 +30,8 @@ from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .curvature import fisher_traces, hutchinson_traces
 from .sensitivity import Sensitivity
-from .units import (Candidate, Unit, build_units, candidate_cost, fingerprint, member_weights, quantized_candidates,
-                    unit_weight, units_by_layer)
+from .units import (Candidate, Unit, build_units, candidate_cost, fingerprint, member_weights, overhead_bytes,
+                    quantized_candidates, unit_weight, units_by_layer)
 
 if TYPE_CHECKING:
     from quant.resume import LayerState
@@ -122,7 +122,8 @@ class _LayerErrors:
                 raise ConfigError(f"{u.name}: its linears do not share one input, so they cannot be one unit; "
                                   "use --units linear.")
         self.hx_trace[k] = float(torch.diagonal(H).sum())
-        for c, Wq in quantized_candidates(W, H, u, self.candidates, self.cost[k], self.config, self.method):
+        for c, qw in quantized_candidates(W, H, u, self.candidates, self.cost[k], self.config, self.method):
+            Wq = qw.dequantize(torch.float32)
             dW = Wq - W  # (out, in)
             per_row = ((dW @ H) * dW).sum(1)  # (out,) row r: ΔW_r H ΔW_rᵀ
             sq_row = dW.pow(2).sum(1)
@@ -243,7 +244,7 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
         raise ConfigError("sequential measurement quantizes each layer on the anchor model's inputs: give "
                           "context_bits or an anchor allocation with it.")
     cost = [[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units]
-    overhead = _overhead_bytes(model, units)
+    overhead = overhead_bytes(model, units)
     single_set = set(single_bits if single_bits is not None else widths) | ({pair_bits} if pair_bits is not None else set())
     keep_bits = set(widths) if anchor is not None else single_set  # widths whose weights are cached
 
@@ -319,11 +320,3 @@ def _check_options(config: QuantConfig, candidates: list[Candidate], context_met
         raise ConfigError(f"--context-bits {context_bits} must be one of the candidate widths {widths}.")
     if pair_bits is not None and pair_bits not in [c.bits for c in candidates]:
         raise ConfigError(f"--pair-bits {pair_bits} must be one of the candidate widths {[c.bits for c in candidates]}.")
-
-
-def _overhead_bytes(model, units) -> int:
-    """fp16 bytes of everything the allocation does not choose: embeddings, norms, head, biases."""
-    unit_params = {m for u in units for m in u.members}
-    overhead = sum(p.numel() * 2 for n, p in model.named_parameters() if n.removesuffix(".weight") not in unit_params)
-    return overhead + sum(model.get_submodule(m).bias.numel() * 2 for m in unit_params
-                          if model.get_submodule(m).bias is not None)

@@ -76,11 +76,11 @@ def latency_costs(sens: Sensitivity, table: dict) -> np.ndarray:
     return cost
 
 
-def expert_ties(sens: Sensitivity) -> list[tuple[int, int]]:
+def expert_ties(units) -> list[tuple[int, int]]:
     """Units that must take one candidate because the engine runs them as one module: every expert
     unit of one MoE block (vLLM's fused-MoE layers hold one scheme for all their experts)."""
     blocks: dict[tuple[int, str], list[int]] = {}
-    for k, u in enumerate(sens.units):
+    for k, u in enumerate(units):
         block = expert_block(u.kind)
         if block:
             blocks.setdefault((u.layer, block), []).append(k)

@@ -70,14 +70,18 @@ def model_label(model: str | None) -> str:
 def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str | None, overwrite: bool, fmt: str,
                  engine: str, budget: BudgetOptions, measure: MeasureOptions, alloc: AllocOptions,
                  sensitivity: str | None = None, search: SearchOptions | None = None,
-                 default_candidates: bool = True, restart: bool = False, progress: bool = True) -> QuantizeResult:
+                 default_candidates: bool = True, restart: bool = False, progress: bool = True,
+                 select=None) -> QuantizeResult:
     """Quantize ``run["model"]`` uniformly (no budget) or mixed, and write the checkpoint to ``out``
     (default ``out/<model>-<method>-<w..g..|mixed>``). ``default_candidates``: the measurement's
     candidates were not chosen by the user, so the engine's may narrow them silently.
 
     Resumable: each quantized layer is saved in ``<out>.partial`` as it is done, and a measurement
     in ``<out>.sens``; the same run started again after a kill goes on from there (``restart``:
-    discard them and start afresh)."""
+    discard them and start afresh).
+
+    ``select`` (:class:`calibration.select.SelectOptions`): a ``--budget``/``--budget-gb`` run takes
+    the default recipe, :func:`calibration.select.select_model`, in place of measure + ILP."""
     from calibration.data import DEFAULT_SOURCE, calibration_windows, own_text_split
     from quant.export import check_output_dir, save_quantized
     from quant.pipeline import load_resolved, quantize_model
@@ -99,6 +103,9 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
     tag = "mixed" if budget.mixed else f"w{config.bits}g{config.group_size}"
     out = check_output_dir(out or f"out/{name}-{config.method}-{tag}", overwrite)
     calib = run["calib"] or DEFAULT_SOURCE
+    if select is not None and budget.mixed:
+        return _select_run(run, config, explicit, model, tokenizer, arch, device, dtype, out, calib, budget, measure,
+                           select, fmt, engine, overwrite, restart, progress)
     shared = budget.max_ppl_increase is not None  # the bisection evaluates on the calibration source too
     sens = None
     if budget.mixed:
@@ -112,7 +119,7 @@ def quantize_run(run: dict, config: QuantConfig, explicit: set[str], *, out: str
 
             from .mixed import expert_ties
 
-            alloc = dataclasses.replace(alloc, ties=tuple(expert_ties(sens)))
+            alloc = dataclasses.replace(alloc, ties=tuple(expert_ties(sens.units)))
     # a user's own file is calibrated on whole, unless this run also evaluates on it (bisection)
     part = own_text_split(calib, "calib", shared=shared)
     log.info("calibration: %d × %d tokens of %s%s (seed %d)", run["nsamples"], run["seqlen"],
@@ -167,7 +174,7 @@ def _state_settings(run: dict, config: QuantConfig, model, arch, dtype, device, 
     settings = {"model": fingerprint(model, build_units(model, arch, "linear")), "config": config.to_dict(),
                 "calibration": {k: run[k] for k in ("calib", "nsamples", "seqlen", "seed", "batch_size")},
                 "compute": {"dtype": str(dtype), "device": torch.device(device).type}}
-    if budget.mixed:
+    if budget.mixed and sens is not None:
         settings["allocation"] = {"measurement": digest([sens.fingerprint, sens.settings]),
                                   "budget": digest(dataclasses.asdict(budget)),
                                   "objective": {k: v for k, v in dataclasses.asdict(alloc).items() if k != "ties"}
@@ -292,6 +299,49 @@ def _allocation(sens, budget: BudgetOptions, alloc: AllocOptions, search: Search
     new, record = dist.gather_all((new, record))[0]  # equal everywhere; the first process's, to be sure
     log.info("search: calibration loss %.4f -> %.4f; %.3f bpw", record["start_score"], record["score"], new.bpw)
     return new, record, saved
+
+
+def _select_run(run, config, explicit, model, tokenizer, arch, device, dtype, out: Path, calib: str, budget: BudgetOptions,
+                measure: MeasureOptions, select, fmt: str, engine: str, overwrite: bool, restart: bool,
+                progress: bool) -> QuantizeResult:
+    """The default recipe (:mod:`calibration.select`): calibration from the calibration part of the
+    text, the search scored on its selection part, the chosen model written."""
+    import dataclasses
+
+    from calibration.data import calibration_windows
+    from quant.export import save_quantized
+
+    from .select import SelectRun, select_model
+
+    if budget.latency is not None or budget.max_ppl_increase is not None:
+        raise ConfigError("the default recipe takes --budget or --budget-gb; for --budget-latency or "
+                          "--max-ppl-increase add --recipe measure.")
+    items = [c.strip() for c in measure.candidates.split(",") if c.strip()]
+    if not all(c.isdigit() for c in items):
+        raise ConfigError(f"--candidates {measure.candidates}: the default recipe takes bit widths at --group-size "
+                          "(e.g. 2,3,4,8); for candidates with their own group size add --recipe measure.")
+    for w in sorted({int(c) for c in items}):  # the export's engine rules, before any work
+        check_engine_early(model, arch, dataclasses.replace(config, bits=w), fmt, engine)
+    log.info("calibration: %d × %d tokens of the calibration part of %s (seed %d); selection: %d × %d tokens of "
+             "its selection part", run["nsamples"], run["seqlen"], calib, run["seed"], select.samples, select.seqlen)
+    windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], "calib")
+    select_windows = calibration_windows(tokenizer, calib, select.samples, select.seqlen, run["seed"], "select")
+    identity = _state_settings(run, config, model, arch, dtype, device, budget, None, None, None)
+    identity["selection"] = {"budget": dataclasses.asdict(budget), "candidates": measure.candidates,
+                             "keep": measure.keep, "units": measure.units, "engine": engine}
+    srun = SelectRun(budget.bpw, budget.gb, ",".join(items), measure.keep, measure.units, engine == "vllm",
+                     f"{out}.select.partial", identity, restart)
+    torch.manual_seed(run["seed"])
+    report, config, record = select_model(model, arch, config, windows, select_windows, device, srun, select,
+                                          seed=run["seed"], batch_size=run["batch_size"], progress=progress)
+    check_engine_early(model, arch, config, fmt, engine)
+    allocation = {**record, "objective": "kl"}
+    extra = {"source_model": run["model"], "calibration": {k: run[k] for k in ("nsamples", "seqlen", "seed")}
+             | {"source": calib}, "quantize_seconds": report.seconds, "allocation": allocation}
+    if dist.is_main():
+        save_quantized(model, tokenizer, out, config, overwrite=overwrite, extra=extra, fmt=fmt, engine=engine)
+    dist.barrier()
+    return QuantizeResult(out, report, config, allocation)
 
 
 def _search_folder(state: LayerState) -> Path:

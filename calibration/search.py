@@ -19,13 +19,14 @@ from quant import dist
 from quant.arch import Arch, decoder_layers
 from quant.capture import collect_hessians, run_layer
 from quant.config import QuantConfig
-from quant.engine import sweep
+from quant.engine import head_logits, head_on, sweep
+from quant.evaluate import top_k_kl, top_k_reference
 from quant.methods import get_method
 from quant.resume import layer_key, placed
 from quant.variants import Reference, WeightCache, swapped, variant_nlls
 
 from .measure import anchor_swap
-from .units import Candidate, Unit, member_weights, quantized_candidates, unit_weight, units_by_layer
+from .units import Candidate, Unit, member_codes, member_weights, quantized_candidates, unit_weight, units_by_layer
 
 if TYPE_CHECKING:
     from quant.resume import LayerState
@@ -37,12 +38,17 @@ log = logging.getLogger("hmq")
 def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidates: list[Candidate],
                        cost: list[list[float]], windows: torch.Tensor, config: QuantConfig, device: torch.device,
                        anchor: list[int], batch_size: int = 8, progress: bool = True,
-                       state: "LayerState | None" = None) -> WeightCache:
+                       state: "LayerState | None" = None, codes: WeightCache | None = None,
+                       errors: dict[tuple[int, int], float] | None = None) -> WeightCache:
     """Every (unit, candidate)'s quantized member weights (in the model's dtype), in a
     :class:`quant.variants.WeightCache` on disk (the caller closes it), each quantized on the inputs
     of the ``anchor`` model (candidate index per unit): the layers in front, and the linears of
     earlier sequential steps of its own layer, at their anchor candidates. ``state``: each finished
-    layer is saved there (its weights in its folder), and a rerun goes on after the saved layers."""
+    layer is saved there (its weights in its folder), and a rerun goes on after the saved layers.
+    ``codes`` (another cache): each candidate's integer codes and group parameters too, members
+    ``<name>.intweight``, ``.scales``, ``.zeros``, ``.g_idx``, to build the checkpoint from
+    (:func:`calibration.select.assemble`). ``errors`` receives each (unit, candidate)'s relative
+    output error on its inputs, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) (kept in ``state`` with the layer)."""
     method = get_method(config.method)
     dtype = next(p for p in model.parameters()).dtype  # the weights quantize would run with, bit for bit
     by_layer = units_by_layer(units)
@@ -51,6 +57,11 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     start = state.done if state is not None else 0
     for i in range(start):
         db.adopt(layer_key(i))
+        if codes is not None:
+            codes.adopt(layer_key(i))
+        if errors is not None:
+            errors.update({(int(k), int(c)): e for k, row in state.saved(i)[1].get("errors", {}).items()
+                           for c, e in row.items()})
     if start:
         log.info("resuming the candidate database from %s: %d of %d decoder layers were done", state.folder, start,
                  len(decoder_layers(model, arch)))
@@ -58,6 +69,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
     def step(i, layer, inputs):
         prefix, here = f"{arch.layers}.{i}.", arch.at(layer)
         done: list[int] = []
+        errs: dict[str, dict[str, float]] = {}
         for names in here.sequential if config.true_sequential else (here.linears,):
             ks = [k for k in by_layer.get(i, []) if units[k].members[0].removeprefix(prefix) in names]
             if not ks:
@@ -68,15 +80,25 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
                 u = units[k]
                 W = unit_weight(model, u)  # (out, in) fp32
                 H = hessians[u.members[0].removeprefix(prefix)]
-                for c, Wq in quantized_candidates(W, H, u, candidates, cost[k], config, method):
+                energy = float(((W @ H) * W).sum())  # tr(W H Wᵀ)
+                for c, qw in quantized_candidates(W, H, u, candidates, cost[k], config, method):
+                    Wq = qw.dequantize(torch.float32)  # (out, in)
                     db.put(k, c, member_weights(model, u, Wq, dtype))
+                    if codes is not None:
+                        codes.put(k, c, member_codes(u, qw))
+                    dW = Wq - W
+                    errs.setdefault(str(k), {})[str(c)] = float(((dW @ H) * dW).sum()) / max(energy, 1e-30)
             done += ks
             del hessians
         db.flush(layer_key(i))
+        if codes is not None:
+            codes.flush(layer_key(i))
+        if errors is not None:
+            errors.update({(int(k), int(c)): e for k, row in errs.items() for c, e in row.items()})
         with swapped(layer, prefix, anchor_swap(db, anchor, by_layer.get(i, []))):
             outputs = run_layer(layer, inputs)
         if state is not None:
-            state.save(i, {}, {}, {"hidden": [o.hidden for o in outputs]})
+            state.save(i, {}, {"errors": errs}, {"hidden": [o.hidden for o in outputs]})
         return outputs
 
     try:
@@ -94,10 +116,11 @@ class StitchedLoss:
     candidate ``choice[k]`` from ``database`` (fp weights for keep-16 candidates); on the first
     ``screen`` windows only when ``full`` is false. The best configuration scored on the full set so far
     is the reference: its decoder-layer boundaries are kept (:class:`quant.variants.Reference`), and a
-    configuration that differs from it only from layer ``i`` on is computed from layer ``i``."""
+    configuration that differs from it only from layer ``i`` on is computed from layer ``i``.
+    ``score`` (:class:`KLScore` on the same windows): the value is that, not the NLL."""
 
     def __init__(self, model: nn.Module, arch: Arch, units: list[Unit], database: WeightCache, windows: torch.Tensor,
-                 device: torch.device, screen: int = 1):
+                 device: torch.device, screen: int = 1, score=None):
         self.units, self.db = units, database
         self.layers = len(decoder_layers(model, arch))
         self.by_layer = units_by_layer(units)
@@ -105,6 +128,7 @@ class StitchedLoss:
         self.screen = max(1, min(screen, len(windows)))
         self.ref: list[int] | None = None
         self.best = math.inf
+        self.score = score
         # the first layer's inputs (embeddings, masks, positions) do not depend on any unit: captured once
         self.reference = Reference(model, arch, windows, device)
 
@@ -130,7 +154,7 @@ class StitchedLoss:
         choices = [list(c) for c in choices]
         starts = [self._start(c) for c in choices]
         losses = variant_nlls(self.reference, [(s, self.swap(c)) for s, c in zip(starts, choices)],
-                              self.n if full else self.screen)
+                              self.n if full else self.screen, score=self.score)
         if full and choices:
             j = min(range(len(choices)), key=lambda j: losses[j])
             if losses[j] < self.best:
@@ -138,3 +162,39 @@ class StitchedLoss:
                 self.reference.build(self.swap(choices[j]), starts[j])  # those in front of the start are kept
                 self.ref = choices[j]
         return losses
+
+
+class KLScore:
+    """``score(hidden, n)``: mean KL(fp ‖ model) per predicted token on the first ``n`` of ``windows``
+    (n, seq), from a model's last decoder-layer output ``hidden`` (n, seq, hidden), with the fp
+    model's next-token distributions kept as their top ``k`` plus the rest as one outcome
+    (:func:`quant.evaluate.top_k_kl`): (windows, seq - 1, k) indices and log-probabilities, a few MB
+    where the whole distributions would take windows × seq × vocab. The fp side costs one sweep of
+    the fp model over ``windows`` here; nothing of it stays on the device."""
+
+    def __init__(self, model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, k: int = 128,
+                 chunk: int = 256):
+        self.model, self.arch, self.device, self.chunk = model, arch, device, chunk
+        fp = Reference(model, arch, windows, device).build()
+        last = fp.inputs[-1]  # (n, seq, hidden) on the CPU
+        del fp
+        self.seq = windows.shape[1]
+        idx, top = [], []
+        with head_on(model, arch, device):
+            for a, b in self._chunks():
+                i, t = top_k_reference(head_logits(model, arch, last[:, a:b].to(device)).flatten(0, 1), k)
+                idx.append(i.view(len(windows), b - a, -1).cpu())
+                top.append(t.view(len(windows), b - a, -1).cpu())
+        self.idx, self.top = torch.cat(idx, 1), torch.cat(top, 1)  # (n, seq - 1, k)
+
+    def _chunks(self):
+        for a in range(0, self.seq - 1, self.chunk):
+            yield a, min(a + self.chunk, self.seq - 1)
+
+    def __call__(self, hidden: torch.Tensor, n: int) -> float:
+        total = 0.0
+        for a, b in self._chunks():
+            logits = head_logits(self.model, self.arch, hidden[:n, a:b].to(self.device)).flatten(0, 1)
+            total += float(top_k_kl(logits, self.idx[:n, a:b].flatten(0, 1).to(logits.device),
+                                    self.top[:n, a:b].flatten(0, 1).to(logits.device)).sum())
+        return total / (n * (self.seq - 1))

@@ -124,6 +124,15 @@ def candidate_cost(unit: Unit, cand: Candidate, partial_groups: bool) -> float:
     return float(storage_bytes(unit.out_features, unit.in_features, cand.bits, cand.group_size))
 
 
+def overhead_bytes(model, units) -> int:
+    """fp16 bytes of everything the allocation does not choose: embeddings, norms, head, biases."""
+    unit_params = {m for u in units for m in u.members}
+    overhead = sum(p.numel() * 2 for n, p in model.named_parameters() if n.removesuffix(".weight") not in unit_params)
+    return overhead + sum(model.get_submodule(m).bias.numel() * 2 for m in unit_params
+                          if model.get_submodule(m).bias is not None)
+
+
+
 def unit_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
     """The unit's member weights stacked along the output dimension, fp32: (out, in)."""
     return torch.cat([model.get_submodule(m).weight.detach().to(torch.float32) for m in unit.members])
@@ -131,14 +140,14 @@ def unit_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
 
 def quantized_candidates(W: torch.Tensor, H: torch.Tensor, unit: Unit, candidates: list[Candidate], costs: list[float],
                          config: QuantConfig, method):
-    """Yield (candidate index, dequantized fp32 weight (out, in)) for every quantized candidate that
+    """Yield (candidate index, :class:`quant.quantizer.QuantizedWeight` (out, in)) for every quantized candidate that
     applies to ``unit`` (finite cost), each quantized from ``W`` by ``method`` with input Hessian ``H``."""
     for c, cand in enumerate(candidates):
         if cand.bits == 16 or not math.isfinite(costs[c]):
             continue
         spec = ModuleSpec(cand.bits, cand.group_size, config.sym)
         qw = solve(method, W, H if method.needs_hessian else None, spec, config, unit.name)  # rows split over processes
-        yield c, qw.dequantize(torch.float32)
+        yield c, qw
 
 
 def member_weights(model: nn.Module, unit: Unit, W: torch.Tensor, dtype: torch.dtype = torch.float16
@@ -149,4 +158,16 @@ def member_weights(model: nn.Module, unit: Unit, W: torch.Tensor, dtype: torch.d
         rows = model.get_submodule(m).out_features
         out[m] = W[row : row + rows].to("cpu", dtype)
         row += rows
+    return out
+
+
+def member_codes(unit: Unit, qw) -> dict[str, torch.Tensor]:
+    """A unit-shaped :class:`quant.quantizer.QuantizedWeight` split back into its members' codes and
+    group parameters, ``<member>.intweight`` / ``.scales`` / ``.zeros`` / ``.g_idx``, on the CPU."""
+    out, row = {}, 0
+    for m, rows in zip(unit.members, unit.member_out):
+        part = qw.rows(row, row + rows)
+        row += rows
+        for field in ("intweight", "scales", "zeros", "g_idx"):
+            out[f"{m}.{field}"] = getattr(part, field).cpu().clone()  # members share g_idx: one copy each
     return out

@@ -153,9 +153,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # the run's own settings (what to quantize, on what text, where), beside QuantConfig's fields
-RUN_KEYS = {"model", "calib", "nsamples", "seqlen", "seed", "dtype", "device", "batch_size"}
+RUN_KEYS = {"model", "calib", "nsamples", "seqlen", "seed", "dtype", "device", "batch_size", "selection"}
 RUN_DEFAULTS = {"model": None, "calib": None, "nsamples": 32, "seqlen": 512, "seed": 0, "dtype": "auto",
-                "device": "auto", "batch_size": 8}
+                "device": "auto", "batch_size": 8, "selection": {}}  # selection: the mixed search's effort
 
 
 def parse_overrides(items: list[str] | None) -> dict:

@@ -30,6 +30,30 @@ def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor) -> tuple[torch.Tensor, 
     return kl.clamp_min(0.0), logp.argmax(-1) == ref.argmax(-1)
 
 
+def top_k_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's ``k`` most likely tokens per position and their log-probabilities, from its
+    ``logits`` (tokens, vocab): what :func:`top_k_kl` needs, (tokens, k) int32 and float32, instead of
+    the whole (tokens, vocab) distribution."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top, idx = logp.topk(min(k, logp.shape[-1]), -1)  # (tokens, k)
+    return idx.to(torch.int32), top
+
+
+def top_k_kl(logits: torch.Tensor, idx: torch.Tensor, ref_top: torch.Tensor) -> torch.Tensor:
+    """Per token, KL(ref ‖ model) in nats with the reference kept as its top ``k`` (:func:`top_k_reference`)
+    and the rest of the vocabulary as one more outcome, the "tail": the KL of the two distributions
+    coarsened to k + 1 outcomes. Never above the full KL (coarsening loses information, the
+    data-processing inequality) and equal to it when k covers the vocabulary or the tail is empty.
+    ``logits``: the model's (tokens, vocab)."""
+    logq = torch.log_softmax(logits.float(), -1).gather(-1, idx.long())  # (tokens, k)
+    p = ref_top.exp()
+    head = (p * (ref_top - logq)).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp_min(0.0)
+    q_tail = (1 - logq.exp().sum(-1)).clamp_min(1e-30)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), torch.zeros_like(p_tail))
+    return (head + tail).clamp_min(0.0)
+
+
 def _leading_bos(model: nn.Module, ids: torch.Tensor) -> int | None:
     """The BOS id when the stream starts with the model's BOS token (the tokenizer adds one, as
     Gemma's and Llama's do): then every window starts with it, as the model saw text in training

@@ -236,7 +236,8 @@ def _first(v, n: int, total: int):
 @torch.no_grad()
 def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int], Swap]]]", windows: int | None = None, group: int = 64,
                  progress: bool = False, desc: str = "variants", known: dict[int, float] | None = None,
-                 on_batch: Callable[[dict[int, float]], None] | None = None) -> list[float]:
+                 on_batch: Callable[[dict[int, float]], None] | None = None,
+                 score: "Callable[[torch.Tensor, int], float] | None" = None) -> list[float]:
     """Mean NLL of each variant ``(start, swap)`` on the reference's first ``windows`` windows: layers
     ``< start`` replayed from ``ref``, ``swap``'s weights in the layers from ``start`` on (``swap(i)``:
     a function giving layer ``i``'s, asked for when the layer runs, so a variant's weights are read
@@ -245,7 +246,8 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
     several processes each runs a share of every round of ``group`` per process, and all receive
     every result. ``known``: variants (by index) an earlier start measured, not run again;
     ``on_batch`` receives each round's results as they finish (each variant runs on its own: the
-    values do not depend on the grouping)."""
+    values do not depend on the grouping). ``score(hidden, n)``: a variant's value from its last
+    layer's output on the first ``n`` windows, in place of the mean NLL (with the head on the device)."""
     n = windows or len(ref.ids)
     ids = ref.ids[:n]
     count = n * (ids.shape[1] - 1)
@@ -271,7 +273,8 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
                         states[s] = run_layer(layer, [LayerInput(states[s], kwargs)])[0].hidden
             with head_on(ref.model, ref.arch, ref.device):
                 for s, v in enumerate(todo):
-                    results[v] = head_nll(ref.model, ref.arch, states[s], ids) / count
+                    results[v] = (score(states[s], n) if score is not None
+                                  else head_nll(ref.model, ref.arch, states[s], ids) / count)
         for part in dist.gather_all(results):
             results.update(part)
         for v, x in results.items():

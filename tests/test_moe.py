@@ -205,7 +205,6 @@ def test_an_adapted_mixtral_copies_and_keeps_its_block_under_both_names():
 
 
 def test_vllm_ties_every_expert_unit_of_a_layer_and_nothing_else():
-    from types import SimpleNamespace
 
     from calibration.mixed import expert_ties
     from calibration.units import build_units
@@ -214,7 +213,7 @@ def test_vllm_ties_every_expert_unit_of_a_layer_and_nothing_else():
     model, arch = build_tiny("deepseek_v2"), get_arch("deepseek_v2")
     arch.adapt(model.get_submodule(arch.layers))
     units = build_units(model, arch)
-    groups = [g for g in tie_groups(len(units), expert_ties(SimpleNamespace(units=units))) if len(g) > 1]
+    groups = [g for g in tie_groups(len(units), expert_ties(units)) if len(g) > 1]
     assert len(groups) == 1  # layer 0 is dense; layer 1's 4 experts × (gate+up, down) are one group
     assert sorted(units[k].kind for k in groups[0]) == sorted(
         f"mlp.experts.{e}.{k}" for e in range(4) for k in ("gate+up", "down_proj"))

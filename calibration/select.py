@@ -1,0 +1,317 @@
+"""The default mixed-precision recipe of ``hmq quantize --budget B``: choose each unit's width by the
+KL divergence of the whole quantized model from the fp model, on selection text, in the spirit of
+EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
+
+1. **Database** (:func:`calibration.search.candidate_database`): one layer sweep quantizes every
+   unit at every candidate width with GPTQ, each layer on the inputs of the *anchor* model (the
+   uniform scheme nearest the budget from above), true-sequential inside a layer as `quantize` is,
+   keeping each candidate's codes. At the anchor the stitched model *is* uniform GPTQ.
+2. **Scores** (:class:`calibration.search.KLScore`): the fp model's next-token distributions on the
+   selection windows (top-k kept), from one more sweep; a configuration's score is the mean KL of
+   the model stitched from the database.
+3. **Start**: every uniform scheme that fits the budget and the integer program on the database's
+   own relative output errors are scored on all selection windows; the best is the start.
+4. **Search** (:func:`quant.search.evolve`): (1 + λ) evolution with level-switch mutations under
+   the budget; children screened on a few windows, the best scored on all (multi-step selection),
+   a child kept only when its full score is lower. So the choice never scores worse than the start,
+   and so never worse than any uniform scheme that fits, on the selection windows.
+5. **Assembly** (:func:`assemble`): the chosen candidates' codes become the checkpoint's modules: the
+   model written is bit for bit the one whose KL was measured.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from quant.allocate import Problem, solve
+from quant.arch import Arch, decoder_layers, set_submodule
+from quant.config import ConfigError, QuantConfig
+from quant.engine import head_on, visit
+from quant.pipeline import ModuleResult, QuantReport, fp16_bytes
+from quant.qlinear import QuantLinear
+from quant.quantizer import QuantizedWeight
+from quant.search import evolve
+from quant.stream import detach_store
+from quant.variants import WeightCache
+
+from .units import Candidate, Unit
+
+log = logging.getLogger("hmq")
+
+
+@dataclass
+class SelectOptions:
+    """The search's effort (``configs/{fast,default,thorough}.yaml`` set these)."""
+
+    generations: int = 16
+    offspring: int = 8
+    survivors: int = 2
+    samples: int = 8  # selection windows every finalist is scored on
+    seqlen: int = 512
+    screen: int = 2  # windows every child is screened on
+    top_k: int = 128  # fp next-token probabilities kept per position
+
+    def check(self) -> None:
+        if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors) < 1 \
+                or self.offspring < self.survivors or self.screen > self.samples:
+            raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
+                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, and --search-offspring ≥ 2.")
+
+
+@dataclass
+class Selection:
+    choice: list[int]  # candidate index per unit
+    labels: list[str]  # candidate label per unit
+    bpw: float  # real bits per weight of the decoder linears
+    kl: float  # selection KL of the chosen (stitched = shipped) model
+    start: str  # what the search started from
+    uniform: list[dict]  # each uniform scheme that fits: label, bpw, kl (on the same windows)
+    search: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, unit_names: list[str]) -> dict:
+        return {"recipe": "select", "bpw": self.bpw, "kl": self.kl, "start": self.start, "uniform": self.uniform,
+                "search": self.search, "seconds": self.seconds, "units": dict(zip(unit_names, self.labels))}
+
+
+def uniform_schemes(cost: np.ndarray, candidates: list[Candidate]) -> list[tuple[int, float]]:
+    """(candidate, total cost) of every quantized candidate that every unit can take, cheapest first."""
+    out = [(c, float(cost[:, c].sum())) for c, cand in enumerate(candidates)
+           if cand.bits != 16 and np.isfinite(cost[:, c]).all()]
+    return sorted(out, key=lambda t: t[1])
+
+
+def pick_widths(totals: dict[int, float], budget: float) -> list[int]:
+    """The widths worth quantizing every unit at for ``budget`` (``totals``: the bytes of the uniform
+    model at each width): the widest that fits, the narrowest above, and one more each side."""
+    widths = sorted(totals)
+    below = [w for w in widths if totals[w] <= budget * (1 + 1e-9)]
+    lo = widths.index(below[-1]) if below else 0
+    hi = min(lo + 1, len(widths) - 1) if below else 0
+    return widths[max(0, lo - 1) : hi + 2]
+
+
+def anchor_of(uniform: list[tuple[int, float]], budget: float) -> int:
+    """The uniform scheme nearest the budget from above (the database's inputs come from it): the
+    model the search ends near; the widest one when the budget is above them all."""
+    above = [c for c, total in uniform if total >= budget * (1 - 1e-9)]
+    return above[0] if above else uniform[-1][0]
+
+
+def error_start(errors: dict[tuple[int, int], float], cost: np.ndarray, allowed: np.ndarray, budget: float,
+                ties: list[tuple[int, int]]) -> list[int] | None:
+    """The integer program's choice on the summed relative output errors (keeping 16 bits: none);
+    None when nothing fits."""
+    U, C = cost.shape
+    D = np.full((U, C), np.inf)
+    for k in range(U):
+        for c in range(C):
+            if allowed[k, c] and np.isfinite(cost[k, c]):
+                D[k, c] = errors.get((k, c), 0.0)
+    problem = Problem(D, np.where(np.isfinite(D), cost, np.inf), ties=list(ties))
+    if problem.min_cost() > budget:
+        return None
+    return list(solve(problem, budget).choice)
+
+
+def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, budget: float, database: WeightCache,
+           errors: dict, fitness, *, opts: SelectOptions, ties: list[tuple[int, int]] = (), seed: int = 0,
+           progress: bool = True, checkpoint=None, resume: dict | None = None) -> Selection:
+    """Steps 3 and 4 of the module docstring on a built ``database`` and ``fitness`` (a
+    :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`)."""
+    t0 = time.perf_counter()
+    U = len(units)
+    allowed = np.isfinite(cost)
+    uniform = [(c, total) for c, total in uniform_schemes(cost, candidates) if total <= budget * (1 + 1e-9)]
+    starts = [(candidates[c].label, [c] * U) for c, _ in uniform]
+    ilp = error_start(errors, cost, allowed & np.array([[cand.bits != 16 for cand in candidates]] * U), budget, list(ties))
+    if ilp is not None:
+        starts.append(("ILP on output errors", ilp))
+    if not starts:
+        raise ConfigError("no configuration of the candidate widths fits this budget: raise it.")
+    if resume is None:
+        scores = fitness.many([s for _, s in starts], True)
+        record = [{"label": label, "bpw": _bpw(cost, s, units), "kl": kl} for (label, s), kl in zip(starts, scores)]
+        best = min(range(len(starts)), key=lambda j: scores[j])
+        begin = {"label": starts[best][0], "choice": starts[best][1], "scored": record}
+    else:
+        begin = resume["begin"]
+    log.info("selection: %s", ", ".join(f"{r['label']} KL {r['kl']:.4f}" for r in begin["scored"]))
+    res = evolve(cost, budget, begin["choice"], fitness, generations=opts.generations, offspring=opts.offspring,
+                 survivors=opts.survivors, ties=list(ties), allowed=allowed, seed=seed, progress=progress,
+                 checkpoint=(lambda st: checkpoint({"begin": begin, "search": st})) if checkpoint else None,
+                 resume=resume["search"] if resume else None)
+    uniform_rows = [r for r in begin["scored"] if r["label"] != "ILP on output errors"]
+    return Selection(res.choice, [candidates[c].label for c in res.choice], _bpw(cost, res.choice, units), res.score,
+                     begin["label"], uniform_rows, res.to_dict(), {"select": time.perf_counter() - t0})
+
+
+def _bpw(cost: np.ndarray, choice: list[int], units: list[Unit]) -> float:
+    return 8 * float(sum(cost[k, c] for k, c in enumerate(choice))) / sum(u.params for u in units)
+
+
+def selection_config(units: list[Unit], candidates: list[Candidate], choice: list[int], base: QuantConfig) -> QuantConfig:
+    """``base`` with one exact-name override per linear carrying its unit's chosen width and group."""
+    import dataclasses
+
+    overrides = dict(base.overrides)
+    for u, c in zip(units, choice):
+        for m in u.members:
+            overrides[f"^{re.escape(m)}$"] = {"bits": candidates[c].bits, "group_size": candidates[c].group_size}
+    return dataclasses.replace(base, overrides=overrides)
+
+
+@torch.no_grad()
+def assemble(model: nn.Module, arch: Arch, units: list[Unit], candidates: list[Candidate], choice: list[int],
+             codes: WeightCache, config: QuantConfig, progress: bool = True) -> QuantReport:
+    """Put each unit's chosen codes into ``model`` as :class:`quant.qlinear.QuantLinear` modules (a
+    keep-16 unit keeps its weights), layer by layer, and return the report `quantize` gives."""
+    t0 = time.perf_counter()
+    report = QuantReport()
+    by_member = {m: (k, u) for k, u in enumerate(units) for m in u.members}
+    for i, layer in visit(model, arch, range(len(decoder_layers(model, arch))), torch.device("cpu"), keep=True,
+                          progress=progress, desc="assemble"):
+        prefix = f"{arch.layers}.{i}."
+        for name in arch.at(layer).linears:
+            full = prefix + name
+            linear = layer.get_submodule(name)
+            k, u = by_member[full]
+            cand = candidates[choice[k]]
+            if cand.bits == 16:
+                report.modules.append(ModuleResult(full, 16, -1, linear.weight.numel(), fp16_bytes(linear), 0.0))
+                continue
+            got = codes[(k, choice[k])]
+            qw = QuantizedWeight(got[f"{full}.intweight"], got[f"{full}.scales"], got[f"{full}.zeros"],
+                                 got[f"{full}.g_idx"], cand.bits, cand.group_size, config.sym)
+            q = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
+            set_submodule(layer, name, q)
+            report.modules.append(ModuleResult(full, cand.bits, cand.group_size, linear.weight.numel(),
+                                               q.storage_bytes, 0.0))
+    detach_store(model)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def kl_line(sel: Selection) -> str:
+    best = min(sel.uniform, key=lambda r: r["kl"]) if sel.uniform else None
+    than = (f"; best uniform that fits: {best['label']} at {best['bpw']:.3f} bpw, KL {best['kl']:.4f}" if best
+            else "; no uniform scheme fits this budget")
+    return f"selection KL {sel.kl:.4f} at {sel.bpw:.3f} bpw (started from {sel.start}){than}"
+
+
+@dataclass
+class SelectRun:
+    """What :func:`select_model` needs beyond the model: the budget (one of the two), the widths and
+    units measured, the engine's ties, and where its progress is saved."""
+
+    bpw: float | None
+    gb: float | None
+    widths: str = "2,3,4,8"
+    keep: bool = True
+    granularity: str = "fused"
+    ties_for_experts: bool = False
+    folder: str | None = None  # a resume folder: the database's layers and the search's generations
+    settings: dict = field(default_factory=dict)  # what identifies the run (a rerun with others starts afresh)
+    restart: bool = False
+
+
+def budget_bytes(params: int, overhead: int, bpw: float | None, gb: float | None) -> float:
+    """Bytes of the decoder linears under ``--budget`` (bits per weight) or ``--budget-gb`` (the whole checkpoint)."""
+    if (bpw is None) == (gb is None):
+        raise ConfigError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-gb GB.")
+    if bpw is not None:
+        if not bpw > 0:
+            raise ConfigError(f"--budget {bpw} must be a positive number of bits per weight, e.g. 3.0.")
+        return bpw * params / 8
+    rest = gb * 1e9 - overhead
+    if rest <= 0:
+        raise ConfigError(f"--budget-gb {gb} does not even hold the unquantized embeddings, norms and lm_head "
+                          f"({overhead / 1e9:.3f} GB).")
+    return rest
+
+
+def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: torch.Tensor, select_windows: torch.Tensor,
+                 device: torch.device, run: SelectRun, opts: SelectOptions, *, seed: int = 0, batch_size: int = 8,
+                 progress: bool = True) -> tuple[QuantReport, QuantConfig, dict]:
+    """The whole recipe (module docstring) on ``model``, quantized in place: returns its report, the
+    per-module config it was quantized with and the allocation record (the selection KL of the
+    written model, re-measured on it, beside the uniform schemes')."""
+    from quant.resume import LayerState
+
+    from .mixed import expert_ties
+    from .search import KLScore, StitchedLoss, candidate_database
+    from .units import build_units, candidate_cost, overhead_bytes, parse_candidates
+
+    opts.check()
+    units = build_units(model, arch, run.granularity)
+    widths = sorted({int(w) for w in run.widths.split(",")})
+    every = parse_candidates([str(w) for w in widths], config.group_size, False)
+    cost_all = np.array([[candidate_cost(u, c, config.partial_groups) for c in every] for u in units])
+    budget = budget_bytes(sum(u.params for u in units), overhead_bytes(model, units), run.bpw, run.gb)
+    totals = {every[c].bits: total for c, total in uniform_schemes(cost_all, every)}
+    if not totals:
+        raise ConfigError(f"no candidate width ({run.widths}) at group size {config.group_size} fits every linear of "
+                          "this model: pass --group-size that divides them.")
+    narrowest = min(totals.values())
+    if budget < narrowest * (1 - 1e-9):
+        need = math.ceil(8000 * narrowest / sum(u.params for u in units)) / 1000
+        raise ConfigError(f"the budget is below the smallest model of these widths ({min(totals)}-bit everywhere, "
+                          f"{need:.3f} bits per weight): raise it to at least --budget {need:.3f}.")
+    chosen_widths = pick_widths(totals, budget)
+    candidates = parse_candidates([str(w) for w in chosen_widths], config.group_size, run.keep)
+    cost = np.array([[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units])
+    anchor = anchor_of(uniform_schemes(cost, candidates), budget)
+    ties = expert_ties(units) if run.ties_for_experts else []
+    log.info("selection: widths %s at group %d around %.3f bpw, database on the inputs of uniform %s",
+             "/".join(map(str, chosen_widths)), config.group_size, 8 * budget / sum(u.params for u in units),
+             candidates[anchor].label)
+    settings = {**run.settings, "widths": chosen_widths, "anchor": anchor, "options": vars(opts), "budget": budget}
+    state = LayerState(run.folder, settings, run.restart, "selection") if run.folder else None
+    codes = WeightCache(state.folder / "codes" if state is not None else None)
+    errors: dict = {}
+    secs = {}
+    t0 = time.perf_counter()
+    db = candidate_database(model, arch, units, candidates, cost.tolist(), windows, config, device,
+                            [anchor] * len(units), batch_size=batch_size, progress=progress, state=state, codes=codes,
+                            errors=errors)
+    try:
+        secs["database"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        score = KLScore(model, arch, select_windows, device, opts.top_k)
+        fitness = StitchedLoss(model, arch, units, db, select_windows, device, opts.screen, score=score)
+        secs["fp_reference"] = time.perf_counter() - t0
+        sel = select(units, candidates, cost, budget, db, errors, fitness, opts=opts, ties=ties, seed=seed,
+                     progress=progress, checkpoint=(lambda st: state.record("select", st)) if state else None,
+                     resume=state.extra.get("select") if state else None)
+        secs.update(sel.seconds)
+        t0 = time.perf_counter()
+        report = assemble(model, arch, units, candidates, sel.choice, codes, config, progress)
+        secs["assemble"] = time.perf_counter() - t0
+    finally:
+        db.close()
+        codes.close()
+    t0 = time.perf_counter()
+    measured = written_kl(model, arch, select_windows, device, score)
+    secs["check"] = time.perf_counter() - t0
+    record = sel.to_dict([u.name for u in units]) | {"measured_kl": measured, "seconds": secs}
+    report.seconds = sum(secs.values())
+    if state is not None:
+        state.finish()
+    return report, selection_config(units, candidates, sel.choice, config), record
+
+
+@torch.no_grad()
+def written_kl(model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, score) -> float:
+    """The selection KL of ``model`` as it now is (its quantized modules), in one more sweep."""
+    from quant.variants import Reference
+
+    last = Reference(model, arch, windows, device).build().inputs[-1]  # (n, seq, hidden) on the CPU
+    with head_on(model, arch, device):
+        return score(last, len(windows))
