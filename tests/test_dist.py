@@ -47,7 +47,7 @@ def test_two_processes_write_the_checkpoint_one_writes(model_dir, text_file, tmp
     assert two.stdout.count("wrote") == 1  # one process reports and writes
 
 
-MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,4", "--pair-bits", 2]
+MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,4", "--pair-bits", 2]
 
 
 def measured(path) -> dict:

@@ -14,7 +14,7 @@ def run(*argv):
 
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
-MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 4, "--candidates", "2,3,4,8"]
+MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 4, "--candidates", "2,3,4,8"]
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def test_state_round_trip_restores_layer_inputs_and_rng(tmp_path):
 
 def test_a_killed_budget_run_keeps_its_measurement(deep_model_dir, text_file, tmp_path, monkeypatch, caplog):
     """The measurement (most of a default --budget run) is kept beside the output and used again."""
-    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, "--budget", 3.5, "--loss-samples", 2,
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, "--recipe", "measure", "--budget", 3.5, "--loss-samples", 2,
             "--loss-seqlen", 32, "--probes", 2, "--pair-bits", 0]
     assert run(*args, "--out", tmp_path / "whole") == 0
     heal = kill_after(monkeypatch, 3)

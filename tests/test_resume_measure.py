@@ -15,7 +15,7 @@ from quant.export import read_tensors
 from .conftest import Killed, run, run_logged
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
-MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
+MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
 
 
 

@@ -2,7 +2,7 @@
 GPTQ at the same real size, on the reporting text, over calibration seeds; and its wall time beside
 uniform GPTQ's in the same run.
 
-    python bench/select.py --budgets w3g64 3.0 --seeds 0 1 2 --json docs/results/select_smollm2.json
+    python bench/default_mixed.py --budgets w3g64 3.0 --seeds 0 1 2 --json docs/results/select_smollm2.json
 
 A budget is bits per weight, or a uniform scheme's label (its real bits per weight, measured here).
 Calibration: the same windows as ``bench/peers.py`` (the calibration part of the default corpus,

@@ -1,0 +1,172 @@
+"""The default mixed recipe (calibration/select.py): the KL it scores, the widths and anchor it
+takes, never worse than a uniform scheme that fits, the model written is the one scored, the
+stitched anchor is uniform GPTQ, and the command line runs it (presets, resume after a kill)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import Killed, build_tiny, run, windows
+
+COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
+SEARCH = ["--search", 3, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 4, "--search-screen", 1]
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_top_k_kl_is_the_kl_of_the_coarsened_distributions():
+    from quant.evaluate import kl_terms, top_k_kl, top_k_reference
+
+    p, q = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.5, 0.3, 0.2]])
+    idx, top = top_k_reference(p.log(), 1)
+    # by hand: outcomes {first, rest}: (0.7, 0.3) against (0.5, 0.5)
+    assert float(top_k_kl(q.log(), idx, top)) == pytest.approx(0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5),
+                                                                rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 50, generator=g) * 3
+    b = a + torch.randn(40, 50, generator=g)
+    full, _ = kl_terms(torch.log_softmax(b, -1), torch.log_softmax(a, -1))
+    whole = top_k_kl(b, *top_k_reference(a, 50))
+    assert torch.allclose(whole, full, atol=1e-5)  # k = vocabulary: the KL itself
+    kls = [float(top_k_kl(b, *top_k_reference(a, k)).mean()) for k in (1, 4, 16, 50)]
+    assert all(x <= y + 1e-6 for x, y in zip(kls, kls[1:])) and kls[0] < kls[-1]  # coarser: never more
+
+
+def test_widths_around_the_budget_and_the_anchor_above_it():
+    from calibration.select import anchor_of, pick_widths
+
+    totals = {2: 2.3, 3: 3.3, 4: 4.3, 8: 8.3}
+    assert pick_widths(totals, 3.0) == [2, 3, 4]
+    assert pick_widths(totals, 3.3) == [2, 3, 4, 8]  # w3 fits: one narrower, and two wider
+    assert pick_widths(totals, 4.3) == [3, 4, 8]
+    assert pick_widths(totals, 9.0) == [4, 8]
+    uniform = [(0, 2.3), (1, 3.3), (2, 4.3)]
+    assert [anchor_of(uniform, b) for b in (2.0, 3.0, 3.3, 4.0, 9.0)] == [0, 1, 1, 2, 2]
+
+
+def _selected(budget: float, generations: int = 3, seed: int = 0):
+    """The recipe on a tiny random Llama (in memory), with its fp copy and the windows it used."""
+    from calibration.select import SelectOptions, SelectRun, select_model
+    from quant.arch import get_arch
+    from quant.config import QuantConfig
+
+    fp = build_tiny("llama")
+    model = copy.deepcopy(fp)
+    arch = get_arch("llama")
+    opts = SelectOptions(generations=generations, offspring=4, samples=4, seqlen=32, screen=1, top_k=32)
+    calib, select = windows(8, 32, seed), windows(4, 32, seed + 100)
+    report, config, rec = select_model(model, arch, QuantConfig(bits=3, group_size=32), calib, select,
+                                       torch.device("cpu"), SelectRun(budget, None), opts, progress=False)
+    return fp, model, arch, report, config, rec, calib, select
+
+
+@pytest.mark.parametrize("budget", [2.7, 3.25])
+def test_never_worse_than_uniform_and_the_written_model_is_the_scored_one(budget):
+    from quant.qlinear import QuantLinear
+
+    _, model, _, report, config, rec, _, _ = _selected(budget)
+    assert report.bpw <= budget + 1e-9 and rec["bpw"] == pytest.approx(report.bpw)
+    assert rec["uniform"] and all(rec["kl"] <= u["kl"] + 1e-12 for u in rec["uniform"])
+    assert rec["search"]["score"] <= rec["search"]["start_score"]
+    assert rec["measured_kl"] == pytest.approx(rec["kl"], rel=1e-5, abs=1e-9)  # re-measured on the model as written
+    for name, label in rec["units"].items():
+        for m in [n for n, _ in model.named_modules() if n.startswith(name.rpartition(".")[0] + ".")]:
+            mod = model.get_submodule(m)
+            if isinstance(mod, QuantLinear) and m.rpartition(".")[2].removesuffix("_proj") in name.rpartition(".")[2]:
+                assert label == f"w{mod.bits}g{mod.group_size}", m
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    assert set(config.overrides) and all(v["bits"] in (2, 3, 4, 8, 16) for v in config.overrides.values())
+
+
+def test_the_stitched_anchor_is_uniform_gptq():
+    """At the budget of uniform w3g32 the database's inputs come from uniform w3g32, so its uniform
+    configuration scores exactly what `quantize --bits 3` builds."""
+    from calibration.search import KLScore
+    from calibration.select import written_kl
+    from quant.config import QuantConfig
+    from quant.pipeline import quantize_model
+
+    from quant.arch import get_arch
+
+    fp = build_tiny("llama")
+    arch = get_arch("llama")
+    uniform = copy.deepcopy(fp)
+    calib = windows(8, 32, 0)
+    report = quantize_model(uniform, arch, calib, QuantConfig(bits=3, group_size=32), torch.device("cpu"), progress=False)
+    _, _, _, _, _, rec, _, select = _selected(report.bpw, generations=1)
+    score = KLScore(fp, arch, select, torch.device("cpu"), 32)
+    w3 = [u for u in rec["uniform"] if u["label"] == "w3g32"]
+    assert len(w3) == 1
+    assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, select, torch.device("cpu"), score), rel=1e-5)
+
+
+def test_the_default_budget_run(tiny_model_dir, text_file, tmp_path, capsys):
+    from quant.export import load_quantized
+
+    out = tmp_path / "mixed"
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *SEARCH, "--budget", 3.0,
+               "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "KL-scored selection" in printed and "chosen, as written" in printed and "uniform w2g32" in printed
+    a = json.loads((out / "hmq.json").read_text())["allocation"]
+    assert a["recipe"] == "select" and a["objective"] == "kl" and a["bpw"] <= 3.0 + 1e-9
+    assert not (tmp_path / "mixed.sens").exists() and not (tmp_path / "mixed.select.partial").exists()
+    assert run("inspect", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["bpw"] == pytest.approx(a["bpw"])
+    model = load_quantized(out)
+    bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "bits")}
+    assert set(bits.values()) == {int(label[1]) for label in a["units"].values() if label != "fp16"}
+
+
+def test_presets_and_bad_input(tiny_model_dir, text_file, tmp_path, capsys):
+    import cli
+    from calibration.select import SelectOptions
+    from quant.config import load_yaml
+
+    assert SelectOptions(**load_yaml(CONFIGS / "mixed-default.yaml")["selection"]) == SelectOptions()
+    args = cli.build_parser().parse_args(["quantize", "--config", str(CONFIGS / "mixed-fast.yaml"), "--budget", "3",
+                                          "--search-screen", "2"])
+    run_settings, _, _ = cli.resolve_settings(args)
+    opts = cli._select_options(args, run_settings, cli._budget_options(args))
+    assert opts.generations == 6 and opts.screen == 2  # the preset, and the flag over it
+    assert cli._select_options(args := cli.build_parser().parse_args(["quantize", "--budget", "3", "--recipe", "measure"]),
+                               cli.resolve_settings(args)[0], cli._budget_options(args)) is None
+    for extra, message in ((["--budget", 1.0], "raise it to at least --budget"),
+                           (["--budget", 3.0, "--candidates", "2,3g-1"], "--recipe measure"),
+                           (["--budget", 3.0, "--search-screen", 9], "--search-screen ≤ --search-samples")):
+        assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *extra,
+                   "--out", tmp_path / "no") == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "no").exists()
+
+
+def test_a_killed_selection_resumes_to_the_same_checkpoint(deep_model_dir, text_file, tmp_path, monkeypatch):
+    import calibration.select
+    import quant.search
+
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *SEARCH, "--budget", 3.0]
+    assert run(*args, "--out", tmp_path / "whole") == 0
+    real = quant.search.evolve
+    monkeypatch.setattr(calibration.select, "evolve", lambda *a, checkpoint=None, **k: real(
+        *a, checkpoint=_dying(checkpoint), **k))
+    with pytest.raises(Killed):
+        run(*args, "--out", tmp_path / "resumed")
+    monkeypatch.setattr(calibration.select, "evolve", real)
+    assert (tmp_path / "resumed.select.partial").is_dir()
+    assert run(*args, "--out", tmp_path / "resumed") == 0
+    digests = [json.loads((tmp_path / k / "hmq.json").read_text())["shard_sha256"] for k in ("whole", "resumed")]
+    assert digests[0] == digests[1]
+
+
+def _dying(checkpoint):
+    """``checkpoint`` that dies (as a kill would) once the second generation is saved."""
+    def save(state):
+        checkpoint(state)
+        if state["generation"] == 2:
+            raise Killed()
+    return save
