@@ -90,12 +90,12 @@ def uniform_schemes(cost: np.ndarray, candidates: list[Candidate]) -> list[tuple
 
 def pick_widths(totals: dict[int, float], budget: float) -> list[int]:
     """The widths worth quantizing every unit at for ``budget`` (``totals``: the bytes of the uniform
-    model at each width): the widest that fits, the narrowest above, and one more each side."""
+    model at each width): the anchor's (the narrowest whose uniform model is not below the budget)
+    and its neighbours on each side, three at most: a unit rarely profits from a jump of two widths."""
     widths = sorted(totals)
-    below = [w for w in widths if totals[w] <= budget * (1 + 1e-9)]
-    lo = widths.index(below[-1]) if below else 0
-    hi = min(lo + 1, len(widths) - 1) if below else 0
-    return widths[max(0, lo - 1) : hi + 2]
+    above = [i for i, w in enumerate(widths) if totals[w] >= budget * (1 - 1e-9)]
+    at = above[0] if above else len(widths) - 1
+    return widths[max(0, at - 1) : at + 2]
 
 
 def anchor_of(uniform: list[tuple[int, float]], budget: float) -> int:
@@ -105,16 +105,27 @@ def anchor_of(uniform: list[tuple[int, float]], budget: float) -> int:
     return above[0] if above else uniform[-1][0]
 
 
-def error_start(errors: dict[tuple[int, int], float], cost: np.ndarray, allowed: np.ndarray, budget: float,
-                ties: list[tuple[int, int]]) -> list[int] | None:
-    """The integer program's choice on the summed relative output errors (keeping 16 bits: none);
-    None when nothing fits."""
+def calibrated_errors(errors: dict[tuple[int, int], float], cost: np.ndarray, anchor: int, probe: list[int],
+                      base: float, single: list[float]) -> np.ndarray:
+    """(units, candidates) predicted KL increase over the anchor model: each unit's relative output
+    errors (``errors``) scaled by one measured point, the KL of the anchor with that unit alone at
+    candidate ``probe[k]`` (``single[k]``; ``base``: the anchor's own KL), so
+    ``D[k, c] = α_k (e[k, c] - e[k, anchor])`` with ``α_k`` from that point (never below zero: a
+    unit whose narrowing did not measurably hurt costs nearly nothing). Keeping 16 bits: e = 0."""
     U, C = cost.shape
     D = np.full((U, C), np.inf)
     for k in range(U):
+        e = [errors.get((k, c), 0.0) for c in range(C)]
+        span = e[probe[k]] - e[anchor]
+        alpha = max(single[k] - base, 0.0) / span if span > 0 else 0.0
         for c in range(C):
-            if allowed[k, c] and np.isfinite(cost[k, c]):
-                D[k, c] = errors.get((k, c), 0.0)
+            if np.isfinite(cost[k, c]):
+                D[k, c] = alpha * (e[c] - e[anchor])
+    return D
+
+
+def ilp_start(D: np.ndarray, cost: np.ndarray, budget: float, ties: list[tuple[int, int]]) -> list[int] | None:
+    """The integer program's choice on the table ``D`` under ``budget``; None when nothing fits."""
     problem = Problem(D, np.where(np.isfinite(D), cost, np.inf), ties=list(ties))
     if problem.min_cost() > budget:
         return None
@@ -130,27 +141,61 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
     U = len(units)
     allowed = np.isfinite(cost)
     uniform = [(c, total) for c, total in uniform_schemes(cost, candidates) if total <= budget * (1 + 1e-9)]
-    starts = [(candidates[c].label, [c] * U) for c, _ in uniform]
-    ilp = error_start(errors, cost, allowed & np.array([[cand.bits != 16 for cand in candidates]] * U), budget, list(ties))
-    if ilp is not None:
-        starts.append(("ILP on output errors", ilp))
-    if not starts:
-        raise ConfigError("no configuration of the candidate widths fits this budget: raise it.")
     if resume is None:
-        scores = fitness.many([s for _, s in starts], True)
+        anchor = anchor_of(uniform_schemes(cost, candidates), budget)
+        starts = [(candidates[c].label, [c] * U) for c, _ in uniform if c != anchor]
+        # the anchor first: the reference the single-unit passes share their front layers with
+        scores = fitness.many([[anchor] * U] + [s for _, s in starts], True)
+        base_full, scores = scores[0], scores[1:]
+        if any(c == anchor for c, _ in uniform):
+            starts.insert(0, (candidates[anchor].label, [anchor] * U))
+            scores.insert(0, base_full)
+        D = _calibrated_table(units, candidates, cost, anchor, errors, fitness, ties)
+        ilp = ilp_start(D, cost, budget, list(ties))
+        if ilp is not None:
+            starts.append(("ILP on calibrated errors", ilp))
+            scores.append(fitness.many([ilp], True)[0])
+        if not starts:
+            raise ConfigError("no configuration of the candidate widths fits this budget: raise it.")
         record = [{"label": label, "bpw": _bpw(cost, s, units), "kl": kl} for (label, s), kl in zip(starts, scores)]
         best = min(range(len(starts)), key=lambda j: scores[j])
-        begin = {"label": starts[best][0], "choice": starts[best][1], "scored": record}
+        begin = {"label": starts[best][0], "choice": starts[best][1], "scored": record,
+                 "seconds": time.perf_counter() - t0}
     else:
         begin = resume["begin"]
-    log.info("selection: %s", ", ".join(f"{r['label']} KL {r['kl']:.4f}" for r in begin["scored"]))
+    log.info("selection starts: %s", ", ".join(f"{r['label']} KL {r['kl']:.4f}" for r in begin["scored"]))
     res = evolve(cost, budget, begin["choice"], fitness, generations=opts.generations, offspring=opts.offspring,
                  survivors=opts.survivors, ties=list(ties), allowed=allowed, seed=seed, progress=progress,
                  checkpoint=(lambda st: checkpoint({"begin": begin, "search": st})) if checkpoint else None,
                  resume=resume["search"] if resume else None)
-    uniform_rows = [r for r in begin["scored"] if r["label"] != "ILP on output errors"]
+    uniform_rows = [r for r in begin["scored"] if not r["label"].startswith("ILP")]
     return Selection(res.choice, [candidates[c].label for c in res.choice], _bpw(cost, res.choice, units), res.score,
-                     begin["label"], uniform_rows, res.to_dict(), {"select": time.perf_counter() - t0})
+                     begin["label"], uniform_rows, res.to_dict() | {"starts": begin["scored"]},
+                     {"starts": begin["seconds"], "search": res.seconds})
+
+
+def _calibrated_table(units, candidates, cost, anchor: int, errors: dict, fitness, ties) -> np.ndarray:
+    """:func:`calibrated_errors` with its single-unit passes: each unit (each tie group together) at
+    the narrowest candidate, the rest at the anchor, scored on the screening windows."""
+    from quant.allocate import tie_groups
+
+    U = len(units)
+    narrow = min((c for c, cand in enumerate(candidates) if cand.bits != 16), key=lambda c: candidates[c].bits)
+    groups = tie_groups(U, list(ties))
+    probes = []
+    for g in groups:
+        choice = [anchor] * U
+        for k in g:
+            choice[k] = narrow if np.isfinite(cost[k, narrow]) else anchor
+        probes.append(choice)
+    base = fitness.many([[anchor] * U], False)[0]
+    got = fitness.many(probes, False)
+    single = [0.0] * U
+    for g, kl in zip(groups, got):
+        for k in g:  # a tie group's damage split by its units' errors
+            share = errors.get((k, narrow), 0.0) / max(sum(errors.get((j, narrow), 0.0) for j in g), 1e-30)
+            single[k] = base + (kl - base) * share
+    return calibrated_errors(errors, cost, anchor, [narrow] * U, base, single)
 
 
 def _bpw(cost: np.ndarray, choice: list[int], units: list[Unit]) -> float:

@@ -41,8 +41,9 @@ def test_widths_around_the_budget_and_the_anchor_above_it():
 
     totals = {2: 2.3, 3: 3.3, 4: 4.3, 8: 8.3}
     assert pick_widths(totals, 3.0) == [2, 3, 4]
-    assert pick_widths(totals, 3.3) == [2, 3, 4, 8]  # w3 fits: one narrower, and two wider
-    assert pick_widths(totals, 4.3) == [3, 4, 8]
+    assert pick_widths(totals, 3.3) == [2, 3, 4]  # the anchor w3 and its neighbours
+    assert pick_widths(totals, 3.5) == [3, 4, 8]
+    assert pick_widths(totals, 2.0) == [2, 3]
     assert pick_widths(totals, 9.0) == [4, 8]
     uniform = [(0, 2.3), (1, 3.3), (2, 4.3)]
     assert [anchor_of(uniform, b) for b in (2.0, 3.0, 3.3, 4.0, 9.0)] == [0, 1, 1, 2, 2]
