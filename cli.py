@@ -477,9 +477,12 @@ def print_selection(a: dict) -> None:
     print(f"  {'chosen (search)':<28} {a['bpw']:>6.3f} {a['kl']:>13.4f}")
     print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {a['measured_kl']:>13.4f}")
     s = a["search"]
-    secs = a["seconds"]
+    if "confirm" in s:
+        c = s["confirm"]
+        print(f"  confirmation windows: search's choice KL {c['searched']:.4f} against its start's {c['start']:.4f}: "
+              + ("kept" if c["kept"] else "the start is kept"))
     print(f"  search: {s['evaluations']['full']} full + {s['evaluations']['screen']} screening passes; time: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()))
+          + ", ".join(f"{k} {v:.0f} s" for k, v in a["seconds"].items()))
 
 
 def solver_line(config) -> str:

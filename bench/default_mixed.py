@@ -75,7 +75,7 @@ def main() -> None:
                 "bpw": report.bpw, **common.evaluate(model, rep, device)})
         del model
         uniform_bpw = {args.uniform: report.bpw}
-        select_windows = calibration_windows(tok, None, opts.samples, opts.seqlen, seed, "select")
+        select_windows = calibration_windows(tok, None, opts.samples + opts.confirm, opts.seqlen, seed, "select")
         for b in args.budgets:
             bpw = uniform_bpw[b] if b in uniform_bpw else float(b)
             model = copy.deepcopy(base)

@@ -323,9 +323,11 @@ def _select_run(run, config, explicit, model, tokenizer, arch, device, dtype, ou
     for w in sorted({int(c) for c in items}):  # the export's engine rules, before any work
         check_engine_early(model, arch, dataclasses.replace(config, bits=w), fmt, engine)
     log.info("calibration: %d × %d tokens of the calibration part of %s (seed %d); selection: %d × %d tokens of "
-             "its selection part", run["nsamples"], run["seqlen"], calib, run["seed"], select.samples, select.seqlen)
+             "its selection part", run["nsamples"], run["seqlen"], calib, run["seed"], select.samples + select.confirm,
+             select.seqlen)
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], "calib")
-    select_windows = calibration_windows(tokenizer, calib, select.samples, select.seqlen, run["seed"], "select")
+    select_windows = calibration_windows(tokenizer, calib, select.samples + select.confirm, select.seqlen, run["seed"],
+                                         "select")
     identity = _state_settings(run, config, model, arch, dtype, device, budget, None, None, None)
     identity["selection"] = {"budget": dataclasses.asdict(budget), "candidates": measure.candidates,
                              "keep": measure.keep, "units": measure.units, "engine": engine}

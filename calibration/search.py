@@ -170,14 +170,19 @@ class KLScore:
     model's next-token distributions kept as their top ``k`` plus the rest as one outcome
     (:func:`quant.evaluate.top_k_kl`): (windows, seq - 1, k) indices and log-probabilities, a few MB
     where the whole distributions would take windows × seq × vocab. The fp side costs one sweep of
-    the fp model over ``windows`` here; nothing of it stays on the device."""
+    the fp model over ``windows`` here, keeping no layer boundary but the last."""
 
     def __init__(self, model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, k: int = 128,
                  chunk: int = 256):
         self.model, self.arch, self.device, self.chunk = model, arch, device, chunk
-        fp = Reference(model, arch, windows, device).build()
-        last = fp.inputs[-1]  # (n, seq, hidden) on the CPU
-        del fp
+        kept = {}
+
+        def keep(hidden, n):  # the fp model's last boundary, from one pass that keeps no other
+            kept["last"] = hidden.cpu()
+            return 0.0
+
+        variant_nlls(Reference(model, arch, windows, device), [(0, {})], score=keep)
+        last = kept.pop("last")  # (n, seq, hidden) on the CPU
         self.seq = windows.shape[1]
         idx, top = [], []
         with head_on(model, arch, device):

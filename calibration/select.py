@@ -33,7 +33,7 @@ from torch import nn
 from quant.allocate import Problem, solve
 from quant.arch import Arch, decoder_layers, set_submodule
 from quant.config import ConfigError, QuantConfig
-from quant.engine import head_on, visit
+from quant.engine import visit
 from quant.pipeline import ModuleResult, QuantReport, fp16_bytes
 from quant.qlinear import QuantLinear
 from quant.quantizer import QuantizedWeight
@@ -57,9 +57,11 @@ class SelectOptions:
     seqlen: int = 512
     screen: int = 2  # windows every child is screened on
     top_k: int = 128  # fp next-token probabilities kept per position
+    confirm: int = 24  # more selection windows (apart from those) on which the search's last choice must beat its start
 
     def check(self) -> None:
         if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors) < 1 \
+                or self.confirm < 0 \
                 or self.offspring < self.survivors or self.screen > self.samples:
             raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
                               "--search-screen ≥ 1 with --search-screen ≤ --search-samples, and --search-offspring ≥ 2.")
@@ -134,9 +136,11 @@ def ilp_start(D: np.ndarray, cost: np.ndarray, budget: float, ties: list[tuple[i
 
 def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, budget: float, database: WeightCache,
            errors: dict, fitness, *, opts: SelectOptions, ties: list[tuple[int, int]] = (), seed: int = 0,
-           progress: bool = True, checkpoint=None, resume: dict | None = None) -> Selection:
+           progress: bool = True, checkpoint=None, resume: dict | None = None, confirm=None) -> Selection:
     """Steps 3 and 4 of the module docstring on a built ``database`` and ``fitness`` (a
-    :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`)."""
+    :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`). ``confirm``
+    (configurations -> their KL on other selection windows): the search's choice is kept only if it
+    scores below its start there too, else the start is (a few windows cannot overfit the choice)."""
     t0 = time.perf_counter()
     U = len(units)
     allowed = np.isfinite(cost)
@@ -169,9 +173,20 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
                  checkpoint=(lambda st: checkpoint({"begin": begin, "search": st})) if checkpoint else None,
                  resume=resume["search"] if resume else None)
     uniform_rows = [r for r in begin["scored"] if not r["label"].startswith("ILP")]
-    return Selection(res.choice, [candidates[c].label for c in res.choice], _bpw(cost, res.choice, units), res.score,
-                     begin["label"], uniform_rows, res.to_dict() | {"starts": begin["scored"]},
-                     {"starts": begin["seconds"], "search": res.seconds})
+    record = res.to_dict() | {"starts": begin["scored"]}
+    choice, score = res.choice, res.score
+    t1 = time.perf_counter()
+    if confirm is not None and list(choice) != list(begin["choice"]):
+        was, now = confirm([begin["choice"], choice])
+        record["confirm"] = {"start": was, "searched": now, "kept": now < was}
+        if not now < was:
+            log.info("selection: the search's choice did not beat its start on the confirmation windows "
+                     "(KL %.4f against %.4f): keeping the start", now, was)
+            choice = begin["choice"]
+            score = min(r["kl"] for r in begin["scored"] if r["label"] == begin["label"])
+    return Selection(choice, [candidates[c].label for c in choice], _bpw(cost, choice, units), score,
+                     begin["label"], uniform_rows, record,
+                     {"starts": begin["seconds"], "search": res.seconds, "confirm": time.perf_counter() - t1})
 
 
 def _calibrated_table(units, candidates, cost, anchor: int, errors: dict, fitness, ties) -> np.ndarray:
@@ -329,12 +344,16 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     try:
         secs["database"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        score = KLScore(model, arch, select_windows, device, opts.top_k)
-        fitness = StitchedLoss(model, arch, units, db, select_windows, device, opts.screen, score=score)
+        search_windows, confirm_windows = select_windows[: opts.samples], select_windows[opts.samples :]
+        score = KLScore(model, arch, search_windows, device, opts.top_k)
+        fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
+        confirm = None
+        if len(confirm_windows):
+            confirm = _confirmation(model, arch, units, db, confirm_windows, device, opts.top_k)
         secs["fp_reference"] = time.perf_counter() - t0
         sel = select(units, candidates, cost, budget, db, errors, fitness, opts=opts, ties=ties, seed=seed,
                      progress=progress, checkpoint=(lambda st: state.record("select", st)) if state else None,
-                     resume=state.extra.get("select") if state else None)
+                     resume=state.extra.get("select") if state else None, confirm=confirm)
         secs.update(sel.seconds)
         t0 = time.perf_counter()
         report = assemble(model, arch, units, candidates, sel.choice, codes, config, progress)
@@ -343,7 +362,7 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
         db.close()
         codes.close()
     t0 = time.perf_counter()
-    measured = written_kl(model, arch, select_windows, device, score)
+    measured = written_kl(model, arch, search_windows, device, score)
     secs["check"] = time.perf_counter() - t0
     record = sel.to_dict([u.name for u in units]) | {"measured_kl": measured, "seconds": secs}
     report.seconds = sum(secs.values())
@@ -352,11 +371,27 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     return report, selection_config(units, candidates, sel.choice, config), record
 
 
+def _confirmation(model, arch, units, db, windows, device, top_k: int):
+    """configurations -> their KL on ``windows``, each computed from the first layer (no boundary kept)."""
+    from quant.variants import Reference, variant_nlls
+
+    from .search import KLScore
+    from .measure import anchor_swap
+    from .units import units_by_layer
+
+    score = KLScore(model, arch, windows, device, top_k)
+    ref = Reference(model, arch, windows, device)
+    by_layer = units_by_layer(units)
+
+    def run(choices):
+        return variant_nlls(ref, [(0, (lambda i, c=c: anchor_swap(db, c, by_layer.get(i, [])))) for c in choices],
+                            score=score)
+    return run
+
+
 @torch.no_grad()
 def written_kl(model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, score) -> float:
     """The selection KL of ``model`` as it now is (its quantized modules), in one more sweep."""
-    from quant.variants import Reference
+    from quant.variants import Reference, variant_nlls
 
-    last = Reference(model, arch, windows, device).build().inputs[-1]  # (n, seq, hidden) on the CPU
-    with head_on(model, arch, device):
-        return score(last, len(windows))
+    return variant_nlls(Reference(model, arch, windows, device), [(0, {})], score=score)[0]

@@ -196,3 +196,20 @@ def test_two_processes_measure_search_and_quantize_a_moe_model_as_one(tokenizer_
     a = budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
                            "--search", 2, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 2], tmp_path)
     assert "model.layers.1.mlp.experts.3.down_proj.qweight" in a
+
+
+def test_two_processes_select_as_one(model_dir, text_file, tmp_path):
+    """The default recipe: database rows, single-unit passes and children spread over two processes
+    write the checkpoint one process writes, after the same search."""
+    import json
+
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, "--search", 2,
+            "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 4, "--search-screen", 1]
+    one = hmq([*args, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = hmq([*args, "--out", tmp_path / "two"], 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one, two = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"] for d in ("one", "two"))
+    assert one["search"]["history"] == two["search"]["history"] and one["units"] == two["units"]

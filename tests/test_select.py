@@ -49,6 +49,65 @@ def test_widths_around_the_budget_and_the_anchor_above_it():
     assert [anchor_of(uniform, b) for b in (2.0, 3.0, 3.3, 4.0, 9.0)] == [0, 1, 1, 2, 2]
 
 
+def test_errors_calibrated_by_one_measured_point():
+    import numpy as np
+
+    from calibration.select import calibrated_errors
+
+    cost = np.array([[2.0, 3.0, 4.0, 16.0], [2.0, 3.0, 4.0, 16.0], [np.inf, 3.0, 4.0, 16.0]])
+    errors = {(0, 0): 0.3, (0, 1): 0.1, (0, 2): 0.02, (1, 0): 0.4, (1, 1): 0.2, (1, 2): 0.05, (2, 1): 0.1, (2, 2): 0.01}
+    D = calibrated_errors(errors, cost, anchor=1, probe=[0, 0, 1], base=0.5, single=[0.8, 0.45, 0.5])
+    # unit 0: α = (0.8 - 0.5) / (0.3 - 0.1) = 1.5; keeping 16 bits has no error
+    assert D[0] == pytest.approx([0.3, 0.0, -0.12, -0.15])
+    assert D[1] == pytest.approx([0.0, 0.0, 0.0, 0.0])  # narrowing it measured no harm: α = 0
+    assert np.isinf(D[2, 0]) and D[2, 1:] == pytest.approx([0.0, 0.0, 0.0])  # no probe width: α = 0
+
+
+class AddedUp:
+    """A fitness on plain data: a configuration's score is the sum of a per-unit, per-candidate table
+    (screened with noise), with the ``many`` method :func:`calibration.select.select` calls."""
+
+    def __init__(self, table, noise=0.0):
+        import numpy as np
+
+        self.table, self.rng, self.noise = table, np.random.default_rng(0), noise
+
+    def many(self, choices, full):
+        return [float(sum(self.table[k][c] for k, c in enumerate(ch))) + (0 if full else self.noise * self.rng.random())
+                for ch in choices]
+
+    def __call__(self, choice, full):
+        return self.many([choice], full)[0]
+
+
+@pytest.mark.parametrize("rejected", [False, True])
+def test_select_starts_from_the_best_that_fits_and_confirms_its_choice(rejected):
+    import numpy as np
+
+    from calibration.select import SelectOptions, select
+    from calibration.units import Candidate, Unit
+
+    units = [Unit(f"u{k}", (f"u{k}",), k, "mlp.down_proj", 64, 64, (64,)) for k in range(6)]
+    candidates = [Candidate(2, 32), Candidate(3, 32), Candidate(4, 32), Candidate(16, -1)]
+    cost = np.array([[2.0, 3.0, 4.0, 16.0]] * 6) * 512
+    # units 0-2 care much about their width, units 3-5 hardly
+    table = [[1.0, 0.3, 0.1, 0.0]] * 3 + [[0.05, 0.04, 0.03, 0.0]] * 3
+    errors = {}  # no output errors: the integer program's start knows nothing, the search must find it
+    opts = SelectOptions(generations=20, offspring=6, samples=2, screen=1)
+    seen = []
+    confirm = (lambda chs: seen.append(chs) or ([0.0, 1.0] if rejected else [1.0, 0.0]))
+    sel = select(units, candidates, cost, 3.0 * 512 * 6, None, errors, AddedUp(table), opts=opts, confirm=confirm,
+                 progress=False)
+    uniform = {r["label"]: r["kl"] for r in sel.uniform}
+    assert set(uniform) == {"w2g32", "w3g32"} and uniform["w3g32"] == pytest.approx(sum(t[1] for t in table))
+    assert sel.bpw <= 3.0 + 1e-9
+    if rejected:  # the confirmation windows disagreed: the start is kept, with its own score
+        assert sel.choice == seen[0][0] and sel.kl == pytest.approx(min(r["kl"] for r in sel.search["starts"]))
+    else:  # the sensitive units wider than the rest
+        assert sel.kl < uniform["w3g32"] and min(sel.choice[:3]) >= max(sel.choice[3:])
+        assert sel.search["confirm"]["kept"]
+
+
 def _selected(budget: float, generations: int = 3, seed: int = 0):
     """The recipe on a tiny random Llama (in memory), with its fp copy and the windows it used."""
     from calibration.select import SelectOptions, SelectRun, select_model
@@ -58,8 +117,8 @@ def _selected(budget: float, generations: int = 3, seed: int = 0):
     fp = build_tiny("llama")
     model = copy.deepcopy(fp)
     arch = get_arch("llama")
-    opts = SelectOptions(generations=generations, offspring=4, samples=4, seqlen=32, screen=1, top_k=32)
-    calib, select = windows(8, 32, seed), windows(4, 32, seed + 100)
+    opts = SelectOptions(generations=generations, offspring=4, samples=4, seqlen=32, screen=1, top_k=32, confirm=4)
+    calib, select = windows(8, 32, seed), windows(8, 32, seed + 100)
     report, config, rec = select_model(model, arch, QuantConfig(bits=3, group_size=32), calib, select,
                                        torch.device("cpu"), SelectRun(budget, None), opts, progress=False)
     return fp, model, arch, report, config, rec, calib, select
@@ -73,6 +132,7 @@ def test_never_worse_than_uniform_and_the_written_model_is_the_scored_one(budget
     assert report.bpw <= budget + 1e-9 and rec["bpw"] == pytest.approx(report.bpw)
     assert rec["uniform"] and all(rec["kl"] <= u["kl"] + 1e-12 for u in rec["uniform"])
     assert rec["search"]["score"] <= rec["search"]["start_score"]
+    assert [r["label"] for r in rec["search"]["starts"]][-1] == "ILP on calibrated errors"
     assert rec["measured_kl"] == pytest.approx(rec["kl"], rel=1e-5, abs=1e-9)  # re-measured on the model as written
     for name, label in rec["units"].items():
         for m in [n for n, _ in model.named_modules() if n.startswith(name.rpartition(".")[0] + ".")]:
@@ -99,10 +159,10 @@ def test_the_stitched_anchor_is_uniform_gptq():
     calib = windows(8, 32, 0)
     report = quantize_model(uniform, arch, calib, QuantConfig(bits=3, group_size=32), torch.device("cpu"), progress=False)
     _, _, _, _, _, rec, _, select = _selected(report.bpw, generations=1)
-    score = KLScore(fp, arch, select, torch.device("cpu"), 32)
+    score = KLScore(fp, arch, select[:4], torch.device("cpu"), 32)
     w3 = [u for u in rec["uniform"] if u["label"] == "w3g32"]
     assert len(w3) == 1
-    assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, select, torch.device("cpu"), score), rel=1e-5)
+    assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, select[:4], torch.device("cpu"), score), rel=1e-5)
 
 
 def test_the_default_budget_run(tiny_model_dir, text_file, tmp_path, capsys):
