@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="reporting windows")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--preset", default="configs/mixed-default.yaml", help="the selection: section of this preset")
-    ap.add_argument("--uniform-json", default="docs/results/uniform.json")
+    ap.add_argument("--uniform-json", default="")
     ap.add_argument("--json", default="docs/results/select.json")
     args = ap.parse_args()
 
@@ -93,9 +93,10 @@ def main() -> None:
     uniform_rows = []
     if Path(args.uniform_json).is_file():
         u = json.loads(Path(args.uniform_json).read_text())
+        u = u if isinstance(u, dict) else {"fp": {"ppl": math.nan}, "rows": []}  # a table of rows, not a run
         if math.isclose(u["fp"]["ppl"], fp, rel_tol=1e-6):
             uniform_rows = [r for r in u["rows"] if r.get("tool") == "hmq"]
-        else:
+        elif u["rows"]:
             print(f"not reading {args.uniform_json}: its fp perplexity {u['fp']['ppl']:.3f} says other windows")
     print(f"\n{args.model or 'SmolLM2-135M-Instruct'}; calibration {args.nsamples}×{args.seqlen}, seeds {args.seeds}; "
           f"reporting {args.windows}×{args.eval_seqlen} tokens (fp {fp:.2f}); mean ± sd over seeds; {common.machine()}")
