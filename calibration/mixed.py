@@ -43,16 +43,22 @@ def total_params(sens: Sensitivity) -> int:
 def budget_to_bytes(sens: Sensitivity, bpw: float | None = None, gb: float | None = None) -> float:
     """``bpw``: average bits per weight of the decoder linears (scales and zeros included).
     ``gb``: the whole checkpoint in 10⁹ bytes; embeddings, norms and lm_head count at 16 bits."""
+    return budget_bytes(total_params(sens), sens.overhead_bytes, bpw, gb)
+
+
+def budget_bytes(params: int, overhead: float, bpw: float | None = None, gb: float | None = None) -> float:
+    """Bytes of the decoder linears (``params`` weights) under ``bpw`` or ``gb`` (the whole checkpoint,
+    ``overhead``: the bytes of what stays in 16 bits)."""
     if (bpw is None) == (gb is None):
         raise BudgetError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-gb GB.")
     if bpw is not None:
         if not bpw > 0:
             raise BudgetError(f"--budget {bpw} must be a positive number of bits per weight, e.g. 3.0.")
-        return bpw * total_params(sens) / 8
-    rest = gb * 1e9 - sens.overhead_bytes
+        return bpw * params / 8
+    rest = gb * 1e9 - overhead
     if rest <= 0:
         raise BudgetError(f"--budget-gb {gb} does not even hold the unquantized embeddings, norms and lm_head "
-                          f"({sens.overhead_bytes / 1e9:.3f} GB).")
+                          f"({overhead / 1e9:.3f} GB).")
     return rest
 
 

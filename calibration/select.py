@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quant import dist
 from quant.allocate import Problem, solve
 from quant.arch import Arch, decoder_layers, set_submodule
 from quant.config import ConfigError, QuantConfig
@@ -155,7 +156,8 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
             starts.insert(0, (candidates[anchor].label, [anchor] * U))
             scores.insert(0, base_full)
         D = _calibrated_table(units, candidates, cost, anchor, errors, fitness, ties)
-        ilp = ilp_start(D, cost, budget, list(ties))
+        # one solve, on the first process, for all of them (under a time limit two need not agree)
+        ilp = dist.gather_all(ilp_start(D, cost, budget, list(ties)) if dist.is_main() else None)[0]
         if ilp is not None:
             starts.append(("ILP on calibrated errors", ilp))
             scores.append(fitness.many([ilp], True)[0])
@@ -282,21 +284,6 @@ class SelectRun:
     restart: bool = False
 
 
-def budget_bytes(params: int, overhead: int, bpw: float | None, gb: float | None) -> float:
-    """Bytes of the decoder linears under ``--budget`` (bits per weight) or ``--budget-gb`` (the whole checkpoint)."""
-    if (bpw is None) == (gb is None):
-        raise ConfigError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-gb GB.")
-    if bpw is not None:
-        if not bpw > 0:
-            raise ConfigError(f"--budget {bpw} must be a positive number of bits per weight, e.g. 3.0.")
-        return bpw * params / 8
-    rest = gb * 1e9 - overhead
-    if rest <= 0:
-        raise ConfigError(f"--budget-gb {gb} does not even hold the unquantized embeddings, norms and lm_head "
-                          f"({overhead / 1e9:.3f} GB).")
-    return rest
-
-
 def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: torch.Tensor, select_windows: torch.Tensor,
                  device: torch.device, run: SelectRun, opts: SelectOptions, *, seed: int = 0, batch_size: int = 8,
                  progress: bool = True) -> tuple[QuantReport, QuantConfig, dict]:
@@ -305,7 +292,7 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     written model, re-measured on it, beside the uniform schemes')."""
     from quant.resume import LayerState
 
-    from .mixed import expert_ties
+    from .mixed import budget_bytes, expert_ties
     from .search import KLScore, StitchedLoss, candidate_database
     from .units import build_units, candidate_cost, overhead_bytes, parse_candidates
 
