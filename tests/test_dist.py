@@ -47,7 +47,7 @@ def test_two_processes_write_the_checkpoint_one_writes(model_dir, text_file, tmp
     assert two.stdout.count("wrote") == 1  # one process reports and writes
 
 
-MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,4", "--pair-bits", 2]
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,4", "--pair-bits", 2]
 
 
 def measured(path) -> dict:
@@ -99,7 +99,7 @@ def budget_run_as_one(args, tmp_path) -> dict:
                                          "--search-offspring", 4]])
 def test_two_processes_measure_and_quantize_under_a_budget_as_one(model_dir, text_file, tmp_path, search):
     """Measured, allocated, searched (the children spread over the processes) and quantized."""
-    budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
+    budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE, "--recipe", "measure",
                        *search], tmp_path)
     if search:
         import json
@@ -175,7 +175,7 @@ def test_two_processes_bisect_as_one(model_dir, text_file, tmp_path):
     """The perplexity bisection: measured, then each step quantized and evaluated across the processes."""
     import json
 
-    args = ["quantize", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--max-ppl-increase", "50%",
+    args = ["quantize", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--recipe", "measure", "--max-ppl-increase", "50%",
             "--bisect-steps", 2, "--eval-windows", 4, "--eval-seqlen", 32]
     one = hmq([*args, "--out", tmp_path / "one"], 1)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -193,7 +193,7 @@ def test_two_processes_measure_search_and_quantize_a_moe_model_as_one(tokenizer_
     from .conftest import save_tiny
 
     model_dir = save_tiny(tmp_path / "moe", tokenizer_dir, model_type="qwen2_moe")
-    a = budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE,
+    a = budget_run_as_one(["quantize", "--model", model_dir, "--calib", text_file, "--budget", 3.0, *COMMON, *MEASURE, "--recipe", "measure",
                            "--search", 2, "--search-samples", 4, "--search-seqlen", 32, "--search-offspring", 2], tmp_path)
     assert "model.layers.1.mlp.experts.3.down_proj.qweight" in a
 

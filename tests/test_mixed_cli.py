@@ -14,7 +14,7 @@ def run(*argv):
 
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
-MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 4, "--candidates", "2,3,4,8"]
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 4, "--candidates", "2,3,4,8"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_infeasible_budget_and_wrong_model_are_clear(sens_file, tiny_model_dir, 
 
 def test_budget_without_sensitivity_measures_and_keeps_it(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "auto"
-    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--objective", "output",
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--recipe", "measure", "--objective", "output",
                "--budget", 3.5, "--out", out) == 0
     assert (tmp_path / "auto.sens").is_file() and (out / "model.safetensors").is_file()
 
@@ -114,7 +114,7 @@ def test_frontier_writes_json_and_png(sens_file, tiny_model_dir, tmp_path, capsy
 
 def test_linear_units_may_split_fused_groups(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "linear"
-    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--units", "linear", "--engine", "hmq",
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--recipe", "measure", "--units", "linear", "--engine", "hmq",
                "--pair-bits", 0, "--budget", 3.0, "--out", out) == 0
     sens = json.loads((tmp_path / "linear.sens").read_text())
     assert len(sens["units"]) == 14 and sens["pairs"] == []
@@ -155,7 +155,7 @@ def test_candidates_with_their_own_group_size(tiny_model_dir, text_file, tmp_pat
     cands = "2,3,3g-1,4"
     # natural column order: on this random tiny model the Hessian order makes w3g-1 lose to a 2/4-bit mix;
     # 3.05 bpw: since the whole text file calibrates (not nine tenths of it) 3.1 buys a 2/3/4-bit g32 mix
-    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--candidates", cands,
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--recipe", "measure", "--candidates", cands,
                "--budget", 3.05, "--no-act-order", "--out", out) == 0
     sens = json.loads((tmp_path / "groups.sens").read_text())
     assert [(c["bits"], c["group_size"]) for c in sens["candidates"]] == [(2, 32), (3, 32), (3, -1), (4, 32), (16, -1)]
@@ -260,13 +260,13 @@ def test_only_candidates_the_engine_runs_are_measured(tiny_model_dir, text_file,
     monkeypatch.setattr(calibration.measure, "measure_sensitivity",
                         lambda *a, **k: measured.append([c.label for c in a[4]]) or real(*a, **k))
     out = tmp_path / "ct"
-    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--budget", 6,
+    assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--recipe", "measure", "--budget", 6,
                "--format", "compressed-tensors", "--out", out) == 0
     assert measured == [["w4g32", "w8g32", "fp16"]]
     sens = json.loads((tmp_path / "ct.sens").read_text())
     assert sens["settings"]["pair_bits"] == 4
     assert {m["bits"] for m in json.loads((out / "hmq.json").read_text())["modules"].values() if m} <= {4, 8}
     for extra in (["--candidates", "3,4"], ["--units", "linear"]):
-        assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], *extra,
+        assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *MEASURE[:-2], "--recipe", "measure", *extra,
                    "--budget", 6, "--format", "compressed-tensors", "--out", tmp_path / "no") == 2
     assert len(measured) == 1 and not (tmp_path / "no").exists()

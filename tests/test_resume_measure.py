@@ -15,7 +15,7 @@ from quant.export import read_tensors
 from .conftest import Killed, run, run_logged
 
 COMMON = ["--nsamples", 4, "--seqlen", 32, "--group-size", 32, "--no-progress"]
-MEASURE = ["--recipe", "measure", "--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
+MEASURE = ["--loss-samples", 2, "--loss-seqlen", 32, "--probes", 2, "--candidates", "2,3,4"]
 
 
 
@@ -111,7 +111,7 @@ def test_a_measure_state_from_other_settings_is_refused_then_restarted(deep_mode
 
 def test_a_budget_run_killed_while_measuring_goes_on_with_the_measurement(deep_model_dir, text_file, tmp_path,
                                                                           monkeypatch, caplog):
-    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--budget", 3.0,
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--recipe", "measure", "--budget", 3.0,
             "--pair-bits", 0]
     assert run(*args, "--out", tmp_path / "whole") == 0
     with monkeypatch.context() as m:
@@ -131,7 +131,7 @@ def test_a_budget_run_killed_while_measuring_goes_on_with_the_measurement(deep_m
 def test_a_killed_search_goes_on_to_the_same_allocation(deep_model_dir, text_file, tmp_path, monkeypatch, caplog,
                                                         where, after):
     """--search saves its candidate database layer by layer and its state after every generation."""
-    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--budget", 3.0,
+    args = ["quantize", "--model", deep_model_dir, "--calib", text_file, *COMMON, *MEASURE, "--recipe", "measure", "--budget", 3.0,
             "--pair-bits", 0, "--search", 4, "--search-samples", 2, "--search-seqlen", 32, "--search-offspring", 3]
     assert run(*args, "--out", tmp_path / "whole") == 0
     with monkeypatch.context() as m:
