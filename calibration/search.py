@@ -17,9 +17,9 @@ from torch import nn
 
 from quant import dist
 from quant.arch import Arch, decoder_layers
-from quant.capture import collect_hessians, run_layer
+from quant.capture import LayerInput, collect_hessians, run_layer
 from quant.config import QuantConfig
-from quant.engine import head_logits, head_on, sweep
+from quant.engine import head_logits, head_on, sweep, visit
 from quant.evaluate import top_k_kl, top_k_reference
 from quant.methods import get_method
 from quant.resume import layer_key, placed
@@ -175,14 +175,7 @@ class KLScore:
     def __init__(self, model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, k: int = 128,
                  chunk: int = 256):
         self.model, self.arch, self.device, self.chunk = model, arch, device, chunk
-        kept = {}
-
-        def keep(hidden, n):  # the fp model's last boundary, from one pass that keeps no other
-            kept["last"] = hidden.cpu()
-            return 0.0
-
-        variant_nlls(Reference(model, arch, windows, device), [(0, {})], score=keep)
-        last = kept.pop("last")  # (n, seq, hidden) on the CPU
+        last = last_boundary(model, arch, windows, device)  # (n, seq, hidden) on the CPU
         self.seq = windows.shape[1]
         idx, top = [], []
         with head_on(model, arch, device):
@@ -203,3 +196,14 @@ class KLScore:
             total += float(top_k_kl(logits, self.idx[:n, a:b].flatten(0, 1).to(logits.device),
                                     self.top[:n, a:b].flatten(0, 1).to(logits.device)).sum())
         return total / (n * (self.seq - 1))
+
+
+@torch.no_grad()
+def last_boundary(model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The last decoder layer's output on ``windows`` (n, seq), on the CPU, from one sweep that keeps
+    no other boundary; every process computes it whole."""
+    ref = Reference(model, arch, windows, device)
+    x = ref.inputs[0].to(device)
+    for _, layer in visit(model, arch, range(ref.layers), device, keep=False, progress=False):
+        x = run_layer(layer, [LayerInput(x, ref.kwargs)])[0].hidden
+    return x.cpu()

@@ -321,7 +321,8 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
              candidates[anchor].label)
     settings = {**run.settings, "widths": chosen_widths, "anchor": anchor, "options": vars(opts), "budget": budget}
     state = LayerState(run.folder, settings, run.restart, "selection") if run.folder else None
-    codes = WeightCache(state.folder / "codes" if state is not None else None)
+    part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process keeps every candidate's codes
+    codes = WeightCache(state.folder / f"codes{part}" if state is not None else None)
     errors: dict = {}
     secs = {}
     t0 = time.perf_counter()
