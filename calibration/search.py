@@ -60,8 +60,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
         if codes is not None:
             codes.adopt(layer_key(i))
         if errors is not None:
-            errors.update({(int(k), int(c)): e for k, row in state.saved(i)[1].get("errors", {}).items()
-                           for c, e in row.items()})
+            errors.update(_error_keys(state.saved(i)[1].get("errors", {})))
     if start:
         log.info("resuming the candidate database from %s: %d of %d decoder layers were done", state.folder, start,
                  len(decoder_layers(model, arch)))
@@ -94,7 +93,7 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
         if codes is not None:
             codes.flush(layer_key(i))
         if errors is not None:
-            errors.update({(int(k), int(c)): e for k, row in errs.items() for c, e in row.items()})
+            errors.update(_error_keys(errs))
         with swapped(layer, prefix, anchor_swap(db, anchor, by_layer.get(i, []))):
             outputs = run_layer(layer, inputs)
         if state is not None:
@@ -109,6 +108,11 @@ def candidate_database(model: nn.Module, arch: Arch, units: list[Unit], candidat
         db.close()
         raise
     return db
+
+
+def _error_keys(errs: dict[str, dict[str, float]]) -> dict[tuple[int, int], float]:
+    """A layer's errors as kept in its saved meta (JSON keys) -> {(unit, candidate): error}."""
+    return {(int(k), int(c)): e for k, row in errs.items() for c, e in row.items()}
 
 
 class StitchedLoss:

@@ -25,6 +25,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -135,10 +136,10 @@ def ilp_start(D: np.ndarray, cost: np.ndarray, budget: float, ties: list[tuple[i
     return list(solve(problem, budget).choice)
 
 
-def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, budget: float, database: WeightCache,
-           errors: dict, fitness, *, opts: SelectOptions, ties: list[tuple[int, int]] = (), seed: int = 0,
+def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, budget: float, errors: dict, fitness, *,
+           opts: SelectOptions, ties: list[tuple[int, int]] = (), seed: int = 0,
            progress: bool = True, checkpoint=None, resume: dict | None = None, confirm=None) -> Selection:
-    """Steps 3 and 4 of the module docstring on a built ``database`` and ``fitness`` (a
+    """Steps 4 and 5 of the module docstring with ``fitness`` over a built database (a
     :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`). ``confirm``
     (configurations -> their KL on other selection windows): the search's choice is kept only if it
     scores below its start there too, else the start is (a few windows cannot overfit the choice)."""
@@ -261,13 +262,6 @@ def assemble(model: nn.Module, arch: Arch, units: list[Unit], candidates: list[C
     return report
 
 
-def kl_line(sel: Selection) -> str:
-    best = min(sel.uniform, key=lambda r: r["kl"]) if sel.uniform else None
-    than = (f"; best uniform that fits: {best['label']} at {best['bpw']:.3f} bpw, KL {best['kl']:.4f}" if best
-            else "; no uniform scheme fits this budget")
-    return f"selection KL {sel.kl:.4f} at {sel.bpw:.3f} bpw (started from {sel.start}){than}"
-
-
 @dataclass
 class SelectRun:
     """What :func:`select_model` needs beyond the model: the budget (one of the two), the widths and
@@ -336,10 +330,12 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
         score = KLScore(model, arch, search_windows, device, opts.top_k)
         fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
         confirm = None
-        if len(confirm_windows):
-            confirm = _confirmation(model, arch, units, db, confirm_windows, device, opts.top_k)
+        if len(confirm_windows):  # screening on all its windows: each from the first layer, no boundary kept
+            confirm = partial(StitchedLoss(model, arch, units, db, confirm_windows, device, len(confirm_windows),
+                                           score=KLScore(model, arch, confirm_windows, device, opts.top_k)).many,
+                              full=False)
         secs["fp_reference"] = time.perf_counter() - t0
-        sel = select(units, candidates, cost, budget, db, errors, fitness, opts=opts, ties=ties, seed=seed,
+        sel = select(units, candidates, cost, budget, errors, fitness, opts=opts, ties=ties, seed=seed,
                      progress=progress, checkpoint=(lambda st: state.record("select", st)) if state else None,
                      resume=state.extra.get("select") if state else None, confirm=confirm)
         secs.update(sel.seconds)
@@ -359,27 +355,13 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     return report, selection_config(units, candidates, sel.choice, config), record
 
 
-def _confirmation(model, arch, units, db, windows, device, top_k: int):
-    """configurations -> their KL on ``windows``, each computed from the first layer (no boundary kept)."""
-    from quant.variants import Reference, variant_nlls
-
-    from .search import KLScore
-    from .measure import anchor_swap
-    from .units import units_by_layer
-
-    score = KLScore(model, arch, windows, device, top_k)
-    ref = Reference(model, arch, windows, device)
-    by_layer = units_by_layer(units)
-
-    def run(choices):
-        return variant_nlls(ref, [(0, (lambda i, c=c: anchor_swap(db, c, by_layer.get(i, [])))) for c in choices],
-                            score=score)
-    return run
-
-
 @torch.no_grad()
 def written_kl(model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, score) -> float:
     """The selection KL of ``model`` as it now is (its quantized modules), in one more sweep."""
-    from quant.variants import Reference, variant_nlls
+    from quant.engine import head_on
 
-    return variant_nlls(Reference(model, arch, windows, device), [(0, {})], score=score)[0]
+    from .search import last_boundary
+
+    last = last_boundary(model, arch, windows, device)
+    with head_on(model, arch, device):
+        return score(last, len(windows))

@@ -96,7 +96,7 @@ def test_select_starts_from_the_best_that_fits_and_confirms_its_choice(rejected)
     opts = SelectOptions(generations=20, offspring=6, samples=2, screen=1)
     seen = []
     confirm = (lambda chs: seen.append(chs) or ([0.0, 1.0] if rejected else [1.0, 0.0]))
-    sel = select(units, candidates, cost, 3.0 * 512 * 6, None, errors, AddedUp(table), opts=opts, confirm=confirm,
+    sel = select(units, candidates, cost, 3.0 * 512 * 6, errors, AddedUp(table), opts=opts, confirm=confirm,
                  progress=False)
     uniform = {r["label"]: r["kl"] for r in sel.uniform}
     assert set(uniform) == {"w2g32", "w3g32"} and uniform["w3g32"] == pytest.approx(sum(t[1] for t in table))
