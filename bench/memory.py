@@ -9,6 +9,9 @@ the kernel (``wait4``), so the benchmark's own memory is not counted.
 Targets (issue 22): memory flat in depth (the 32-layer peak ≤ 1.25× the 4-layer peak) for every command.
 A Mixtral-shaped model with 8 experts (``moe8-d4-h1024``) is set beside the dense model of its active
 size (``d4-h1024``): ``--shapes d4-h1024 moe8-d4-h1024 --json docs/results/memory_moe.json``.
+``select`` is ``quantize --budget 3.0`` as a user runs it (the KL-scored default recipe), with its
+default windows and one generation; ``budget``/``search`` are the measurement recipe (``--recipe measure``):
+``--shapes d4-h1024 d32-h1024 --commands select --json docs/results/memory_select.json``.
 """
 from __future__ import annotations
 
@@ -87,12 +90,15 @@ def commands(model: Path, work: Path, args) -> dict[str, list[str]]:
         # the measurement and a mixed run with a measurement; --measure-flags (the same at every depth)
         # keeps random models' runs short: memory, not the measurement's cost, is what this compares
         "measure": ["measure", "--model", str(model), *calib, *args.measure_flags.split(), "--out", str(work / "m.sens")],
-        "budget": ["quantize", "--model", str(model), "--budget", "3.0", *calib, *args.measure_flags.split(),
+        "budget": ["quantize", "--model", str(model), "--budget", "3.0", "--recipe", "measure", *calib, *args.measure_flags.split(),
                    "--out", str(work / "b"), "--overwrite", "--restart"],
         # a few generations of the search on top: its candidate database and stitched-model losses
-        "search": ["quantize", "--model", str(model), "--budget", "3.0", "--search", "2", "--search-samples", "2",
+        "search": ["quantize", "--model", str(model), "--budget", "3.0", "--recipe", "measure", "--search", "2", "--search-samples", "2",
                    "--search-seqlen", "256", "--search-offspring", "2", *calib, *args.measure_flags.split(),
                    "--out", str(work / "s"), "--overwrite", "--restart"],
+        # the default recipe (KL-scored selection) with its default windows, fewer generations
+        "select": ["quantize", "--model", str(model), "--budget", "3.0", *calib, *args.select_flags.split(),
+                   "--out", str(work / "k"), "--overwrite", "--restart"],
     }
 
 
@@ -104,10 +110,12 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4, help="evaluation windows")
     p.add_argument("--method", default="gptq", help="hmq's --method for quantize")
     p.add_argument("--dtype", default="auto", help="hmq's --dtype (auto: float32 on a CPU)")
-    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget", "search"])
+    p.add_argument("--commands", nargs="+", default=["quantize", "eval"], choices=["quantize", "eval", "measure", "budget", "search", "select"])
     p.add_argument("--quantize-flags", default="", help="extra flags of the quantize command (e.g. --no-clip)")
     p.add_argument("--measure-flags", default="--candidates 2,4 --probes 2 --single-bits 2 --pair-bits 2 --loss-samples 2",
                    help="flags of the measure and budget commands (default: a light measurement)")
+    p.add_argument("--select-flags", default="--search 1 --search-offspring 2",
+                   help="flags of the select command, the default recipe (default: its selection windows, one generation)")
     p.add_argument("--before", type=Path, help="another hmq checkout to run the same commands from, side by side")
     p.add_argument("--codes", nargs="+", default=["now", "before"], choices=["now", "before"],
                    help="which code runs (before: only with --before)")
@@ -146,7 +154,7 @@ def main() -> None:
         print(f"{r['model']:<10} {r['params'] / 1e6:>7.0f}M {r['fp16_gb']:>8.2f} {r['code']:<7} {r['command']:<9} "
               f"{r['rss_gb']:>11.2f} {r['seconds']:>7.1f}")
     for label in sources:
-        for cmd in ("quantize", "eval", "measure", "budget", "search"):
+        for cmd in ("quantize", "eval", "measure", "budget", "search", "select"):
             peak = {r["model"]: r["rss_gb"] for r in rows if r["code"] == label and r["command"] == cmd}
             if "d4-h1024" in peak and "d32-h1024" in peak:
                 ratio = peak["d32-h1024"] / peak["d4-h1024"]

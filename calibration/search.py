@@ -19,7 +19,7 @@ from quant import dist
 from quant.arch import Arch, decoder_layers
 from quant.capture import LayerInput, collect_hessians, run_layer
 from quant.config import QuantConfig
-from quant.engine import head_logits, head_on, sweep, visit
+from quant.engine import head_blocks, head_logits, head_on, sweep, visit
 from quant.evaluate import top_k_kl, top_k_reference
 from quant.methods import get_method
 from quant.resume import layer_key, placed
@@ -176,29 +176,25 @@ class KLScore:
     where the whole distributions would take windows × seq × vocab. The fp side costs one sweep of
     the fp model over ``windows`` here, keeping no layer boundary but the last."""
 
-    def __init__(self, model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, k: int = 128,
-                 chunk: int = 256):
-        self.model, self.arch, self.device, self.chunk = model, arch, device, chunk
+    def __init__(self, model: nn.Module, arch: Arch, windows: torch.Tensor, device: torch.device, k: int = 128):
+        self.model, self.arch, self.device = model, arch, device
         last = last_boundary(model, arch, windows, device)  # (n, seq, hidden) on the CPU
-        self.seq = windows.shape[1]
-        idx, top = [], []
+        n, self.seq = windows.shape
+        k = min(k, model.get_output_embeddings().weight.shape[0])
+        self.idx = torch.empty(n, self.seq - 1, k, dtype=torch.int32)
+        self.top = torch.empty(n, self.seq - 1, k)
         with head_on(model, arch, device):
-            for a, b in self._chunks():
-                i, t = top_k_reference(head_logits(model, arch, last[:, a:b].to(device)).flatten(0, 1), k)
-                idx.append(i.view(len(windows), b - a, -1).cpu())
-                top.append(t.view(len(windows), b - a, -1).cpu())
-        self.idx, self.top = torch.cat(idx, 1), torch.cat(top, 1)  # (n, seq - 1, k)
-
-    def _chunks(self):
-        for a in range(0, self.seq - 1, self.chunk):
-            yield a, min(a + self.chunk, self.seq - 1)
+            for w, a, b in head_blocks(n, self.seq - 1):
+                i, t = top_k_reference(head_logits(model, arch, last[w, a:b].to(device)).flatten(0, 1), k)
+                self.idx[w, a:b] = i.view(-1, b - a, k).cpu()
+                self.top[w, a:b] = t.view(-1, b - a, k).cpu()
 
     def __call__(self, hidden: torch.Tensor, n: int) -> float:
         total = 0.0
-        for a, b in self._chunks():
-            logits = head_logits(self.model, self.arch, hidden[:n, a:b].to(self.device)).flatten(0, 1)
-            total += float(top_k_kl(logits, self.idx[:n, a:b].flatten(0, 1).to(logits.device),
-                                    self.top[:n, a:b].flatten(0, 1).to(logits.device)).sum())
+        for w, a, b in head_blocks(n, self.seq - 1):
+            logits = head_logits(self.model, self.arch, hidden[w, a:b].to(self.device)).flatten(0, 1)
+            total += float(top_k_kl(logits, self.idx[w, a:b].flatten(0, 1).to(logits.device),
+                                    self.top[w, a:b].flatten(0, 1).to(logits.device)).sum())
         return total / (n * (self.seq - 1))
 
 

@@ -161,6 +161,19 @@ def head_logits(model: nn.Module, arch: Arch, hidden: torch.Tensor) -> torch.Ten
     return logits if not cap else torch.tanh(logits / cap) * cap  # Gemma-2's soft cap, where a config sets one
 
 
+HEAD_TOKENS = 512  # positions per lm_head call: (512, vocab) fp32 logits, 100 MB at a 49k vocabulary
+
+
+def head_blocks(windows: int, positions: int, tokens: int = HEAD_TOKENS):
+    """(window slice, first, last position) blocks covering ``windows`` × ``positions`` with at most
+    ``tokens`` positions each: the head's logits stay (tokens, vocab) however many windows are scored."""
+    step = min(positions, tokens)
+    per = max(1, tokens // step)  # windows per block
+    for w in range(0, windows, per):
+        for a in range(0, positions, step):
+            yield slice(w, min(w + per, windows)), a, min(a + step, positions)
+
+
 @contextlib.contextmanager
 def head_on(model: nn.Module, arch: Arch, device: torch.device):
     """The final norm and ``lm_head`` on ``device`` for the duration."""

@@ -17,19 +17,20 @@ import os
 import shutil
 import socket
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import dist
 from .arch import Arch, decoder_layers
 from .capture import LayerInput, capture_layer_inputs, run_layer
-from .engine import head_logits, head_on, visit
+from .engine import head_blocks, head_logits, head_on, visit
 
 Swap = dict[str, torch.Tensor]  # full linear name -> weight (out, in)
 
@@ -126,6 +127,44 @@ class WeightCache:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class Boundaries:
+    """Layer-boundary activations, a list kept on disk: one safetensors file per boundary in a cache
+    folder (removed when the list goes away, or by the next cache made on this host should the process
+    die first), only the last one appended also in RAM. A model's depth costs disk, not memory: at 70B
+    with 8 × 512 windows the 81 boundaries take 11 GB. ``len``, ``[i]`` (negative too), ``append`` and
+    :meth:`truncate`."""
+
+    def __init__(self):
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(root)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{_ORPHAN_PREFIX}{os.getpid()}-", dir=root))
+        weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self._n = 0
+        self._last: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i}.safetensors"
+
+    def append(self, x: torch.Tensor) -> None:
+        x = x.detach().cpu().contiguous()
+        save_file({"x": x}, str(self._path(self._n)))
+        self._n, self._last = self._n + 1, x
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = range(self._n)[i]  # an IndexError past the end, as a list's
+        return self._last if i == self._n - 1 else load_file(str(self._path(i)))["x"]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` boundaries."""
+        if n < self._n:
+            self._n = n
+            self._last = load_file(str(self._path(n - 1)))["x"] if n else None
+
+
 # then the pid of the process that made it; "_" after the host, so host "gpu" never takes "gpu-3"'s folders
 _ORPHAN_PREFIX = f"weights-{socket.gethostname()}_"
 
@@ -166,30 +205,30 @@ def swapped(layer: nn.Module, prefix: str, swap: Swap):
 
 
 @torch.no_grad()
-def head_nll(model: nn.Module, arch: Arch, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> float:
+def head_nll(model: nn.Module, arch: Arch, hidden: torch.Tensor, ids: torch.Tensor) -> float:
     """Summed next-token NLL of ``ids`` (b, seq) from the last decoder layer's output ``hidden``
-    (b, seq, hidden), the head run ``chunk`` positions at a time."""
+    (b, seq, hidden), the head run a block of positions at a time (:func:`quant.engine.head_blocks`)."""
     device = model.get_output_embeddings().weight.device
     total = 0.0
-    for a in range(0, ids.shape[1] - 1, chunk):
-        b = min(a + chunk, ids.shape[1] - 1)
-        logits = head_logits(model, arch, hidden[:, a:b].to(device)).float()  # (batch, b-a, vocab)
+    for w, a, b in head_blocks(ids.shape[0], ids.shape[1] - 1):
+        logits = head_logits(model, arch, hidden[w, a:b].to(device)).float()  # (windows, b-a, vocab)
         total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                   ids[:, a + 1 : b + 1].reshape(-1).to(logits.device), reduction="sum"))
+                                                   ids[w, a + 1 : b + 1].reshape(-1).to(logits.device), reduction="sum"))
     return total
 
 
 class Reference:
     """A model's boundary activations on ``ids`` (n, seq), one batch: ``inputs[i]`` is what decoder
     layer ``i`` receives, ``inputs[L]`` the last layer's output, with ``swap`` applied (the fp model
-    when empty). Boundaries are kept on the CPU."""
+    when empty). Boundaries are kept on disk (:class:`Boundaries`), so RAM does not grow with depth."""
 
     def __init__(self, model: nn.Module, arch: Arch, ids: torch.Tensor, device: torch.device):
         self.model, self.arch, self.device = model, arch, device
         self.ids = ids.to(device)
         first = capture_layer_inputs(model, decoder_layers(model, arch), self.ids, device, len(ids))[0]
         self.kwargs = first.kwargs
-        self.inputs: list[torch.Tensor] = [first.hidden.cpu()]
+        self.inputs = Boundaries()
+        self.inputs.append(first.hidden)
 
     @property
     def layers(self) -> int:
@@ -206,7 +245,7 @@ class Reference:
               progress: bool = False) -> "Reference":
         """Boundaries from layer ``start`` on, with ``swap`` (or ``swap(i)`` for layer ``i``); those
         in front are kept."""
-        del self.inputs[start + 1 :]
+        self.inputs.truncate(start + 1)
         for i, layer in visit(self.model, self.arch, range(start, self.layers), self.device, keep=False,
                               progress=progress, desc="reference"):
             self.extend(i, layer, swap(i) if callable(swap) else swap)
@@ -264,7 +303,8 @@ def variant_nlls(ref: Reference, variants: "list[tuple[int, Swap | Callable[[int
         results: dict[int, float] = {}
         for start in sorted({start_of[v] for v in mine}):  # those with the same start share the visit
             todo = [v for v in mine if start_of[v] == start]
-            states = [ref.inputs[start][:n].to(ref.device) for _ in todo]
+            x = ref.inputs[start][:n]
+            states = [x.to(ref.device) for _ in todo]
             for i, layer in visit(ref.model, ref.arch, range(start, ref.layers), ref.device, keep=False, progress=False):
                 prefix = f"{ref.arch.layers}.{i}."
                 for s, v in enumerate(todo):

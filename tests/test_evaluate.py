@@ -109,3 +109,14 @@ def test_a_reference_model_of_another_vocabulary_is_refused_before_the_sweep():
     ids = torch.randint(0, 256, (2 * 32,))
     with pytest.raises(ValueError, match="vocabulary"):
         perplexity(model, ids, 32, progress=False, reference_model=other)
+
+
+@pytest.mark.parametrize("windows,positions,tokens", [(8, 511, 512), (24, 511, 128), (3, 1023, 512), (5, 7, 512), (1, 1, 4)])
+def test_head_blocks_cover_every_position_once_within_the_token_cap(windows, positions, tokens):
+    from quant.engine import head_blocks
+
+    seen = torch.zeros(windows, positions, dtype=torch.int64)
+    for w, a, b in head_blocks(windows, positions, tokens):
+        assert (w.stop - w.start) * (b - a) <= max(tokens, 1) and b > a and w.stop > w.start
+        seen[w, a:b] += 1
+    assert bool((seen == 1).all())

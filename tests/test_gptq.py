@@ -168,6 +168,36 @@ def test_clip_search_never_worse_and_clips_outliers(bits, sym):
         assert (after <= _norm_err(w, s, z, bits) + 1e-12).all()
 
 
+def _textbook_search(w, bits, sym, clip):
+    """The range search as its docstring says, shrink by shrink with torch.round: the fast one must equal it."""
+    from quant.quantizer import max_code, range_qparams
+
+    lo, hi = w.amin(1), w.amax(1)
+    best, scale, zero = torch.full((w.shape[0],), float("inf")), None, None
+    for i in range(int(clip.maxshrink * clip.grid)):
+        s, z = range_qparams((1 - i / clip.grid) * lo, (1 - i / clip.grid) * hi, bits, sym)
+        q = (torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, max_code(bits)) - z[:, None]) * s[:, None]
+        e = (q - w).abs().pow(clip.norm).sum(1)
+        if scale is None:
+            scale, zero = s, z
+        better = e < best
+        best, scale, zero = torch.where(better, e, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_equals_the_textbook_search_bit_for_bit(bits, sym):
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((3000, 64)) * 0.02  # more rows than one chunk
+    w[0] = 0.0  # a constant row
+    w[1, :8] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 0.25, 0.75, 1.0])  # values on half steps
+    w[2, 0] = 1e6  # a far outlier: codes beyond the magic number's exact range
+    got = search_qparams(w, bits, sym, ClipSearch())
+    want = _textbook_search(w, bits, sym, ClipSearch())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("group_size", [-1, 32])
 def test_clip_reaches_gptq_and_rtn(group_size):
     torch.manual_seed(0)

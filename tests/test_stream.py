@@ -202,3 +202,36 @@ def test_strided_sample_in_every_stored_dtype(tmp_path, dtype):
     store = ShardStore(tmp_path)
     got = store.strided("a.weight", 5, 100)
     assert got.dtype == dtype and torch.equal(got, t.reshape(-1)[::5][:100])
+
+
+def test_reference_boundaries_live_on_disk_and_equal_the_models_hidden_states(tmp_path, monkeypatch):
+    """The layer boundaries the search and measurement replay from are kept on disk, one file each,
+    and read back bit for bit: the fp model's own hidden states; truncating and rebuilding from a
+    layer gives them again; the folder goes with the object."""
+    import gc
+
+    from quant.arch import get_arch
+    from quant.variants import Reference
+
+    from .conftest import build_tiny
+
+    monkeypatch.setenv("HMQ_DATA_DIR", str(tmp_path))
+    model = build_tiny(num_hidden_layers=3).eval()
+    ids = windows(2, 16)
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True).hidden_states  # [embeddings, layer 0's output, ...]
+    ref = Reference(model, get_arch("llama"), ids, CPU).build()
+    assert len(ref.inputs) == 4 and len(list(ref.inputs.folder.glob("*.safetensors"))) == 4
+    for i in range(3):  # the last entry of hidden_states is after the final norm
+        assert torch.equal(ref.inputs[i], want[i]), i
+    last = ref.inputs[-1].clone()
+    ref.build(start=1)
+    assert len(ref.inputs) == 4 and torch.equal(ref.inputs[-1], last) and torch.equal(ref.inputs[1], want[1])
+    ref.inputs.truncate(2)
+    assert len(ref.inputs) == 2 and torch.equal(ref.inputs[-1], want[1])
+    with pytest.raises(IndexError):
+        ref.inputs[2]
+    folder = ref.inputs.folder
+    del ref
+    gc.collect()
+    assert not folder.exists()
