@@ -60,9 +60,12 @@ class SelectOptions:
     screen: int = 2  # windows every child is screened on
     top_k: int = 128  # fp next-token probabilities kept per position
     confirm: int = 24  # more selection windows (apart from those) on which the search's last choice must beat its start
+    ladder: bool = True  # each width also per output channel and at half the group size: steps of ~0.3 bpw
+    neighbours: int = 2  # candidates each side of the anchor on that ladder
 
     def check(self) -> None:
-        if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors) < 1 \
+        if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors,
+               self.neighbours) < 1 \
                 or self.confirm < 0 \
                 or self.offspring < self.survivors or self.screen > self.samples:
             raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
@@ -92,14 +95,24 @@ def uniform_schemes(cost: np.ndarray, candidates: list[Candidate]) -> list[tuple
     return sorted(out, key=lambda t: t[1])
 
 
-def pick_widths(totals: dict[int, float], budget: float) -> list[int]:
-    """The widths worth quantizing every unit at for ``budget`` (``totals``: the bytes of the uniform
-    model at each width): the anchor's (the narrowest whose uniform model is not below the budget)
-    and its neighbours on each side, three at most: a unit rarely profits from a jump of two widths."""
-    widths = sorted(totals)
-    above = [i for i, w in enumerate(widths) if totals[w] >= budget * (1 - 1e-9)]
-    at = above[0] if above else len(widths) - 1
-    return widths[max(0, at - 1) : at + 2]
+def ladder(widths: list[int], group_size: int, on: bool = True) -> list[str]:
+    """Candidate labels for ``widths``: each at ``group_size``, and with ``on`` also per output channel
+    and at half the group (from 64 up): on a 576-wide model 2.03, 2.28, 2.56, 3.03, 3.30, 3.59, 4.03 …
+    bits per weight, steps a unit can take at a fraction of a width's price."""
+    labels = [str(w) for w in widths]
+    if on and group_size != -1:
+        labels += [f"{w}g-1" for w in widths] + ([f"{w}g{group_size // 2}" for w in widths] if group_size >= 64 else [])
+    return labels
+
+
+def pick_widths(totals: dict, budget: float, neighbours: int = 1) -> list:
+    """The candidates worth quantizing every unit at for ``budget`` (``totals``: candidate -> the bytes
+    of the uniform model at it): the anchor (the cheapest whose uniform model is not below the budget)
+    and ``neighbours`` on each side in price: a unit rarely profits from a longer jump."""
+    keys = sorted(totals, key=lambda c: totals[c])
+    above = [i for i, c in enumerate(keys) if totals[c] >= budget * (1 - 1e-9)]
+    at = above[0] if above else len(keys) - 1
+    return keys[max(0, at - neighbours) : at + neighbours + 1]
 
 
 def anchor_of(uniform: list[tuple[int, float]], budget: float) -> int:
@@ -198,7 +211,7 @@ def _calibrated_table(units, candidates, cost, anchor: int, errors: dict, fitnes
     from quant.allocate import tie_groups
 
     U = len(units)
-    narrow = min((c for c, cand in enumerate(candidates) if cand.bits != 16), key=lambda c: candidates[c].bits)
+    narrow = uniform_schemes(cost, candidates)[0][0]  # the cheapest
     groups = tie_groups(U, list(ties))
     probes = []
     for g in groups:
@@ -293,27 +306,27 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     opts.check()
     units = build_units(model, arch, run.granularity)
     widths = sorted({int(w) for w in run.widths.split(",")})
-    every = parse_candidates([str(w) for w in widths], config.group_size, False)
+    every = parse_candidates(ladder(widths, config.group_size, opts.ladder), config.group_size, False)
     cost_all = np.array([[candidate_cost(u, c, config.partial_groups) for c in every] for u in units])
     budget = budget_bytes(sum(u.params for u in units), overhead_bytes(model, units), run.bpw, run.gb)
-    totals = {every[c].bits: total for c, total in uniform_schemes(cost_all, every)}
+    totals = {c: total for c, total in uniform_schemes(cost_all, every)}
     if not totals:
         raise ConfigError(f"no candidate width ({run.widths}) at group size {config.group_size} fits every linear of "
                           "this model: pass --group-size that divides them.")
-    narrowest = min(totals.values())
-    if budget < narrowest * (1 - 1e-9):
-        need = math.ceil(8000 * narrowest / sum(u.params for u in units)) / 1000
-        raise ConfigError(f"the budget is below the smallest model of these widths ({min(totals)}-bit everywhere, "
+    narrowest = min(totals, key=lambda c: totals[c])
+    if budget < totals[narrowest] * (1 - 1e-9):
+        need = math.ceil(8000 * totals[narrowest] / sum(u.params for u in units)) / 1000
+        raise ConfigError(f"the budget is below the smallest model of these widths ({every[narrowest].label} everywhere, "
                           f"{need:.3f} bits per weight): raise it to at least --budget {need:.3f}.")
-    chosen_widths = pick_widths(totals, budget)
-    candidates = parse_candidates([str(w) for w in chosen_widths], config.group_size, run.keep)
+    chosen = [every[c] for c in pick_widths(totals, budget, opts.neighbours)]
+    candidates = parse_candidates([f"{c.bits}g{c.group_size}" for c in chosen], config.group_size, run.keep)
     cost = np.array([[candidate_cost(u, c, config.partial_groups) for c in candidates] for u in units])
     anchor = anchor_of(uniform_schemes(cost, candidates), budget)
     ties = expert_ties(units) if run.ties_for_experts else []
-    log.info("selection: widths %s at group %d around %.3f bpw, database on the inputs of uniform %s",
-             "/".join(map(str, chosen_widths)), config.group_size, 8 * budget / sum(u.params for u in units),
-             candidates[anchor].label)
-    settings = {**run.settings, "widths": chosen_widths, "anchor": anchor, "options": vars(opts), "budget": budget}
+    log.info("selection: candidates %s around %.3f bpw, database on the inputs of uniform %s",
+             " ".join(c.label for c in candidates), 8 * budget / sum(u.params for u in units), candidates[anchor].label)
+    settings = {**run.settings, "candidates": [c.label for c in candidates], "anchor": anchor, "options": vars(opts),
+                "budget": budget}
     state = LayerState(run.folder, settings, run.restart, "selection") if run.folder else None
     part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process keeps every candidate's codes
     codes = WeightCache(state.folder / f"codes{part}" if state is not None else None)

@@ -49,6 +49,23 @@ def test_widths_around_the_budget_and_the_anchor_above_it():
     assert [anchor_of(uniform, b) for b in (2.0, 3.0, 3.3, 4.0, 9.0)] == [0, 1, 1, 2, 2]
 
 
+def test_the_ladder_of_group_sizes_and_the_candidates_around_the_budget():
+    from calibration.select import ladder, pick_widths
+    from calibration.units import parse_candidates
+
+    labels = ladder([2, 3, 4], 64)
+    assert sorted(labels) == sorted(["2", "3", "4", "2g-1", "3g-1", "4g-1", "2g32", "3g32", "4g32"])
+    assert ladder([2, 3], 32) == ["2", "3", "2g-1", "3g-1"] and ladder([2, 3], -1) == ["2", "3"]
+    assert ladder([2, 3], 64, on=False) == ["2", "3"]
+    # SmolLM2's prices (bpw): two each side of the anchor, in price order, whatever the label order
+    bpw = {"w2g-1": 2.03, "w2g64": 2.28, "w2g32": 2.56, "w3g-1": 3.03, "w3g64": 3.30, "w3g32": 3.59, "w4g-1": 4.03}
+    cands = {c.label: c for c in parse_candidates(list(bpw), 64, False)}
+    totals = {cands[k]: v for k, v in reversed(bpw.items())}
+    assert [c.label for c in pick_widths(totals, 3.0, 2)] == ["w2g64", "w2g32", "w3g-1", "w3g64", "w3g32"]
+    assert [c.label for c in pick_widths(totals, 3.297, 2)] == ["w2g32", "w3g-1", "w3g64", "w3g32", "w4g-1"]
+    assert [c.label for c in pick_widths(totals, 2.0, 2)] == ["w2g-1", "w2g64", "w2g32"]
+
+
 def test_errors_calibrated_by_one_measured_point():
     import numpy as np
 
