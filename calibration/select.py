@@ -60,8 +60,8 @@ class SelectOptions:
     screen: int = 2  # windows every child is screened on
     top_k: int = 128  # fp next-token probabilities kept per position
     confirm: int = 24  # more selection windows (apart from those) on which the search's last choice must beat its start
-    ladder: bool = True  # each width also per output channel and at half the group size: steps of ~0.3 bpw
-    neighbours: int = 2  # candidates each side of the anchor on that ladder
+    ladder: bool = False  # each width also per output channel and at half the group size: steps of ~0.3 bpw
+    neighbours: int = 1  # candidates each side of the anchor (in price)
 
     def check(self) -> None:
         if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors,
