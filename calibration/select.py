@@ -66,10 +66,10 @@ class SelectOptions:
     def check(self) -> None:
         if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors,
                self.neighbours) < 1 \
-                or self.confirm < 0 \
+                or self.seqlen < 2 or self.confirm < 0 \
                 or self.offspring < self.survivors or self.screen > self.samples:
             raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
-                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, and --search-offspring ≥ 2.")
+                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, --search-seqlen ≥ 2 and --search-offspring ≥ 2.")
 
 
 @dataclass

@@ -145,7 +145,7 @@ def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | Non
         # round half to even as torch.round, by the fp32 magic number (exact below 2**22; beyond, the
         # clamp gives the same code): a third of round's time
         q = (x / s).add_(_MAGIC).sub_(_MAGIC).add_(z).clamp_(0, max_code(bits)).sub_(z).mul_(s)
-        err = q.sub_(x).abs_().pow_(clip.norm).sum(2).nan_to_num_(nan=math.inf)  # (shrinks, rows)
+        err = q.sub_(x).abs_().pow_(clip.norm).sum(2).nan_to_num_(nan=math.inf, posinf=math.inf)  # (shrinks, rows)
         # the first (widest) of equal errors; never a shrink whose scale overflows fp16 (inf: a NaN error)
         pick[a : a + chunk] = err.argmin(0)
     idx = torch.arange(rows, device=w.device)

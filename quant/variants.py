@@ -151,7 +151,10 @@ class Boundaries:
 
     def append(self, x: torch.Tensor) -> None:
         x = x.detach().cpu().contiguous()
-        save_file({"x": x}, str(self._path(self._n)))
+        path = self._path(self._n)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"x": x}, str(tmp))
+        os.replace(tmp, path)  # a new file: a tensor read from the old one (memory-mapped) keeps its values
         self._n, self._last = self._n + 1, x
 
     def __getitem__(self, i: int) -> torch.Tensor:

@@ -173,7 +173,7 @@ def _textbook_search(w, bits, sym, clip):
     from quant.quantizer import max_code, range_qparams
 
     lo, hi = w.amin(1), w.amax(1)
-    best, scale, zero = torch.full((w.shape[0],), float("inf")), None, None
+    best, scale, zero = torch.full((w.shape[0],), float("inf"), device=w.device), None, None
     for i in range(int(clip.maxshrink * clip.grid)):
         s, z = range_qparams((1 - i / clip.grid) * lo, (1 - i / clip.grid) * hi, bits, sym)
         q = (torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, max_code(bits)) - z[:, None]) * s[:, None]
@@ -185,16 +185,18 @@ def _textbook_search(w, bits, sym, clip):
     return scale, zero
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [False, True])
-def test_clip_search_equals_the_textbook_search_bit_for_bit(bits, sym):
+def test_clip_search_equals_the_textbook_search_bit_for_bit(bits, sym, device):
     torch.manual_seed(bits)
     w = torch.distributions.StudentT(3.0).sample((3000, 64)) * 0.02  # more rows than one chunk
     w[0] = 0.0  # a constant row
     w[1, :8] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 0.25, 0.75, 1.0])  # values on half steps
     w[2, 0] = 1e6  # a far outlier: codes beyond the magic number's exact range
-    got = search_qparams(w, bits, sym, ClipSearch())
-    want = _textbook_search(w, bits, sym, ClipSearch())
+    got = [t.cpu() for t in search_qparams(w.to(device), bits, sym, ClipSearch())]
+    want = [t.cpu() for t in _textbook_search(w.to(device), bits, sym, ClipSearch())]  # on the same device
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
