@@ -41,6 +41,13 @@ def cache_root() -> Path:
     return data_dir() / "work"
 
 
+def _save_whole(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``tensors`` to the safetensors file ``path`` by a temporary name and a rename: a file there is always whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 class WeightCache:
     """``(unit, candidate) -> {member name: weight}`` kept on disk: :meth:`put` buffers, :meth:`flush`
     writes the buffer as one safetensors file (call it once per decoder layer), :meth:`get` reads one
@@ -76,9 +83,7 @@ class WeightCache:
         if not self._buffer:
             return
         path = self.folder / f"{name or f'{self._files:05d}'}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self._buffer, str(tmp))
-        os.replace(tmp, path)
+        _save_whole(self._buffer, path)
         self._files += 1
         for kc, (where, members) in self._where.items():
             if where is None:
@@ -151,10 +156,7 @@ class Boundaries:
 
     def append(self, x: torch.Tensor) -> None:
         x = x.detach().cpu().contiguous()
-        path = self._path(self._n)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"x": x}, str(tmp))
-        os.replace(tmp, path)  # a new file: a tensor read from the old one (memory-mapped) keeps its values
+        _save_whole({"x": x}, self._path(self._n))  # a new file: a tensor read from the old one (memory-mapped) keeps its values
         self._n, self._last = self._n + 1, x
 
     def __getitem__(self, i: int) -> torch.Tensor:
