@@ -228,6 +228,8 @@ def _budget_flags(q) -> None:
                          "allocation on the calibration loss, default 0: off)")
     mp.add_argument("--search-samples", type=int, help="windows each configuration is scored on (select: selection "
                                                        "text, default 8; measure: calibration text, default 4)")
+    mp.add_argument("--search-pool", type=int, help="select: selection windows each generation draws its "
+                                                    "--search-samples from afresh (default 32; ≤ samples: the same ones)")
     mp.add_argument("--search-seqlen", type=int, help="tokens per scored window (default 512)")
     mp.add_argument("--search-offspring", type=int, help="children per generation (default 8)")
     mp.add_argument("--search-screen", type=int, help="windows each child is screened on before the best two are "
@@ -462,25 +464,24 @@ def _select_options(args, run: dict, budget):
     if unknown:
         raise ConfigError(f"the preset's selection: has unknown key(s) {unknown}; allowed: {sorted(names)}.")
     flags = {"generations": args.search, "samples": args.search_samples, "seqlen": args.search_seqlen,
-             "offspring": args.search_offspring, "screen": args.search_screen}
+             "offspring": args.search_offspring, "screen": args.search_screen, "pool": args.search_pool}
     opts = SelectOptions(**{**preset, **{k: v for k, v in flags.items() if v is not None}})
     opts.check()
     return opts
 
 
 def print_selection(a: dict) -> None:
-    """The default recipe's choice beside every uniform scheme that fits, on the selection windows."""
-    print(f"mixed precision (KL-scored selection): {a['bpw']:.3f} bpw, started from {a['start']}")
-    print(f"  {'configuration':<28} {'bpw':>6} {'selection KL':>13}")
-    for r in a["uniform"]:
-        print(f"  {'uniform ' + r['label']:<28} {r['bpw']:>6.3f} {r['kl']:>13.4f}")
-    print(f"  {'chosen (search)':<28} {a['bpw']:>6.3f} {a['kl']:>13.4f}")
-    print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {a['measured_kl']:>13.4f}")
+    """The default recipe's choice beside every uniform scheme that fits, on the windows it was chosen on."""
     s = a["search"]
-    if "confirm" in s:
-        c = s["confirm"]
-        print(f"  confirmation windows: search's choice KL {c['searched']:.4f} against its start's {c['start']:.4f}: "
-              + ("kept" if c["kept"] else "the start is kept"))
+    final = s.get("final") or {"windows": "search", "scored": a["uniform"], "chosen": "search"}
+    print(f"mixed precision (KL-scored selection): {a['bpw']:.3f} bpw; the search started from {a['start']}")
+    print(f"  {'configuration':<28} {'bpw':>6} {'KL, ' + final['windows'] + ' windows':>26}")
+    for r in final["scored"]:
+        label = r["label"] if r["label"].startswith("ILP") or r["label"] == "search" else "uniform " + r["label"]
+        label = "search's choice" if label == "search" else label
+        mark = "  <- chosen" if r["label"] == final["chosen"] else ""
+        print(f"  {label:<28} {r['bpw']:>6.3f} {r['kl']:>26.4f}{mark}")
+    print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {a['measured_kl']:>26.4f}")
     print(f"  search: {s['evaluations']['full']} full + {s['evaluations']['screen']} screening passes; time: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in a["seconds"].items()))
 

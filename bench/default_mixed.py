@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from calibration.data import calibration_windows  # noqa: E402
-from calibration.select import SelectOptions, SelectRun, select_model  # noqa: E402
+from calibration.search import KLScore  # noqa: E402
+from calibration.select import (POOL_SEED, SelectOptions, SelectRun, select_model, selection_windows,  # noqa: E402
+                                written_kl)
 from quant.config import QuantConfig  # noqa: E402
 from quant.model_io import load_model  # noqa: E402
 
@@ -48,6 +51,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="reporting windows")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--preset", default="configs/mixed-default.yaml", help="the selection: section of this preset")
+    ap.add_argument("--pools", type=int, nargs="+", default=None,
+                    help="run each budget with each of these search pools (default: the preset's); 0: fixed windows")
+    ap.add_argument("--heldout", type=int, default=32,
+                    help="more selection windows, drawn apart, on which every model's KL is also measured: what a "
+                         "choice between recipes may be made on (the reporting text may not)")
     ap.add_argument("--uniform-json", default="")
     ap.add_argument("--json", default="docs/results/select.json")
     args = ap.parse_args()
@@ -68,27 +76,40 @@ def main() -> None:
         common.write_json(args.json, args, rep.fp, rows, quiet=True)
 
     uspec = common.parse_scheme(args.uniform)
+    pools = args.pools if args.pools is not None else [opts.pool]
+    references = {}
+
+    def held(model, seed: int) -> float:
+        """KL on ``--heldout`` selection windows none of the recipe's own draws take (another seed)."""
+        if seed not in references:
+            ids = calibration_windows(tok, None, args.heldout, opts.seqlen, seed + 2 * POOL_SEED, "select")
+            references[seed] = ids, KLScore(base, arch, ids, device, opts.top_k)
+        ids, score = references[seed]
+        return written_kl(model, arch, ids, device, score)
+
     for seed in args.seeds:
         windows = common.calib(tok, args.nsamples, args.seqlen, seed)
         model, report = common.hmq_quantize(base, arch, windows, uspec, device)
         record({"tool": "hmq uniform", "scheme": args.uniform, "seed": seed, "seconds": report.seconds,
-                "bpw": report.bpw, **common.evaluate(model, rep, device)})
+                "bpw": report.bpw, **common.evaluate(model, rep, device), "heldout_kl": held(model, seed)})
         del model
         uniform_bpw = {args.uniform: report.bpw}
-        select_windows = calibration_windows(tok, None, opts.samples + opts.confirm, opts.seqlen, seed, "select")
         for b in args.budgets:
-            bpw = uniform_bpw[b] if b in uniform_bpw else float(b)
-            model = copy.deepcopy(base)
-            config = QuantConfig(bits=uspec.bits, group_size=args.group_size)
-            t0 = time.perf_counter()
-            report, _, rec = select_model(model, arch, config, windows, select_windows, device,
-                                          SelectRun(bpw, None), opts, seed=seed, progress=False)
-            seconds = time.perf_counter() - t0
-            record({"tool": "hmq select", "scheme": f"mixed@{b}", "budget": bpw, "seed": seed, "seconds": seconds,
-                    "bpw": report.bpw, **common.evaluate(model, rep, device), "selection_kl": rec["kl"],
-                    "written_kl": rec["measured_kl"], "start": rec["start"], "uniform_selection": rec["uniform"],
-                    "search": rec["search"], "time": rec["seconds"], "units": rec["units"]})
-            del model
+            for pool in pools:
+                arm = dataclasses.replace(opts, pool=pool)
+                bpw = uniform_bpw[b] if b in uniform_bpw else float(b)
+                model = copy.deepcopy(base)
+                config = QuantConfig(bits=uspec.bits, group_size=args.group_size)
+                t0 = time.perf_counter()
+                report, _, rec = select_model(model, arch, config, windows, selection_windows(tok, None, arm, seed),
+                                              device, SelectRun(bpw, None), arm, seed=seed, progress=False)
+                seconds = time.perf_counter() - t0
+                record({"tool": "hmq select", "scheme": f"mixed@{b}", "pool": pool, "budget": bpw, "seed": seed,
+                        "seconds": seconds, "bpw": report.bpw, **common.evaluate(model, rep, device),
+                        "heldout_kl": held(model, seed), "selection_kl": rec["kl"], "written_kl": rec["measured_kl"],
+                        "start": rec["start"], "uniform_selection": rec["uniform"], "search": rec["search"],
+                        "time": rec["seconds"], "units": rec["units"]})
+                del model
 
     uniform_rows = []
     if Path(args.uniform_json).is_file():
@@ -100,20 +121,23 @@ def main() -> None:
             print(f"not reading {args.uniform_json}: its fp perplexity {u['fp']['ppl']:.3f} says other windows")
     print(f"\n{args.model or 'SmolLM2-135M-Instruct'}; calibration {args.nsamples}×{args.seqlen}, seeds {args.seeds}; "
           f"reporting {args.windows}×{args.eval_seqlen} tokens (fp {fp:.2f}); mean ± sd over seeds; {common.machine()}")
-    print(f"| {'configuration':<22} | {'bpw':>6} | {'perplexity':>16} | {'KL (nats)':>18} | {'s':>6} |")
-    print(f"|{'-' * 24}|{'-' * 8}|{'-' * 18}|{'-' * 20}|{'-' * 8}|")
-    labels = [("hmq uniform", args.uniform)] + [("hmq select", f"mixed@{b}") for b in args.budgets]
-    for tool, label in labels:
-        rs = [r for r in rows if r["tool"] == tool and r["scheme"] == label]
-        print(f"| {label:<22} | {common.mean_sd([r['bpw'] for r in rs])[0]:>6.3f} | {common.fmt([r['ppl'] for r in rs]):>16} | "
-              f"{common.fmt([r['kl'] for r in rs], 4):>18} | {common.mean_sd([r['seconds'] for r in rs])[0]:>6.0f} |")
+    print(f"| {'configuration':<22} | {'bpw':>6} | {'perplexity':>16} | {'KL (nats)':>18} | {'held-out sel. KL':>18} "
+          f"| {'s':>6} |")
+    print(f"|{'-' * 24}|{'-' * 8}|{'-' * 18}|{'-' * 20}|{'-' * 20}|{'-' * 8}|")
+    groups = [("hmq uniform", args.uniform, None)] + [("hmq select", f"mixed@{b}", pool) for b in args.budgets
+                                                      for pool in pools]
     u_rows = [r for r in rows if r["tool"] == "hmq uniform"]
-    for b in args.budgets:
-        rs = [r for r in rows if r["scheme"] == f"mixed@{b}"]
-        shares = [closed(r["ppl"], u["ppl"], fp) for r, u in zip(rs, u_rows)]
-        ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
-        print(f"mixed@{b}: closes {common.fmt([100 * s for s in shares], 0)}% of uniform {args.uniform}'s gap to fp "
-              f"(same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s")
+    for tool, label, pool in groups:
+        rs = [r for r in rows if r["tool"] == tool and r["scheme"] == label and r.get("pool") == pool]
+        name = label if pool is None or len(pools) == 1 else f"{label} pool {pool}"
+        print(f"| {name:<22} | {common.mean_sd([r['bpw'] for r in rs])[0]:>6.3f} | {common.fmt([r['ppl'] for r in rs]):>16} | "
+              f"{common.fmt([r['kl'] for r in rs], 4):>18} | {common.fmt([r['heldout_kl'] for r in rs], 4):>18} | "
+              f"{common.mean_sd([r['seconds'] for r in rs])[0]:>6.0f} |")
+        if pool is not None:
+            shares = [closed(r["ppl"], u["ppl"], fp) for r, u in zip(rs, u_rows)]
+            ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
+            print(f"    {name}: closes {common.fmt([100 * s for s in shares], 0)}% of uniform {args.uniform}'s gap to "
+                  f"fp (same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s")
     common.write_json(args.json, args, rep.fp, rows + [{"tool": "uniform table", **r} for r in uniform_rows], quiet=False)
 
 

@@ -311,7 +311,7 @@ def _select_run(run, config, explicit, model, tokenizer, arch, device, dtype, ou
     from calibration.data import calibration_windows
     from quant.export import save_quantized
 
-    from .select import SelectRun, select_model
+    from .select import SelectRun, select_model, selection_windows
 
     if budget.latency is not None or budget.max_ppl_increase is not None:
         raise ConfigError("the default recipe takes --budget or --budget-gb; for --budget-latency or "
@@ -323,11 +323,10 @@ def _select_run(run, config, explicit, model, tokenizer, arch, device, dtype, ou
     for w in sorted({int(c) for c in items}):  # the export's engine rules, before any work
         check_engine_early(model, arch, dataclasses.replace(config, bits=w), fmt, engine)
     log.info("calibration: %d × %d tokens of the calibration part of %s (seed %d); selection: %d × %d tokens of "
-             "its selection part", run["nsamples"], run["seqlen"], calib, run["seed"], select.samples + select.confirm,
+             "its selection part", run["nsamples"], run["seqlen"], calib, run["seed"], select.pool_size + select.confirm,
              select.seqlen)
     windows = calibration_windows(tokenizer, calib, run["nsamples"], run["seqlen"], run["seed"], "calib")
-    select_windows = calibration_windows(tokenizer, calib, select.samples + select.confirm, select.seqlen, run["seed"],
-                                         "select")
+    select_windows = selection_windows(tokenizer, calib, select, run["seed"])
     identity = _state_settings(run, config, model, arch, dtype, device, budget, None, None, None)
     identity["selection"] = {"budget": dataclasses.asdict(budget), "candidates": measure.candidates,
                              "keep": measure.keep, "units": measure.units, "engine": engine}

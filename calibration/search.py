@@ -8,10 +8,12 @@ builds, and a configuration near it is close to what quantize would build for it
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -156,6 +158,15 @@ class StitchedLoss:
         its visits, and with several processes each computes a share. Each is computed on its own, so
         a value does not depend on the others (nor on the layer it is computed from)."""
         choices = [list(c) for c in choices]
+        if full and self.ref is None and len(choices) == 1:  # nothing kept yet: one pass builds and scores
+            ref = self.reference.build(self.swap(choices[0]), 0)
+            if self.score is None:
+                loss = ref.nll(self.n)
+            else:
+                with head_on(ref.model, ref.arch, ref.device):
+                    loss = self.score(ref.inputs[-1].to(ref.device), self.n)
+            self.best, self.ref = loss, choices[0]
+            return [loss]
         starts = [self._start(c) for c in choices]
         losses = variant_nlls(self.reference, [(s, self.swap(c)) for s, c in zip(starts, choices)],
                               self.n if full else self.screen, score=self.score)
@@ -189,6 +200,12 @@ class KLScore:
                 self.idx[w, a:b] = i.view(-1, b - a, k).cpu()
                 self.top[w, a:b] = t.view(-1, b - a, k).cpu()
 
+    def rows(self, rows: torch.Tensor) -> "KLScore":
+        """The same score on those of its windows (by index), in that order."""
+        view = copy.copy(self)
+        view.idx, view.top = self.idx[rows], self.top[rows]
+        return view
+
     def __call__(self, hidden: torch.Tensor, n: int) -> float:
         total = 0.0
         for w, a, b in head_blocks(n, self.seq - 1):
@@ -196,6 +213,38 @@ class KLScore:
             total += float(top_k_kl(logits, self.idx[w, a:b].flatten(0, 1).to(logits.device),
                                     self.top[w, a:b].flatten(0, 1).to(logits.device)).sum())
         return total / (n * (self.seq - 1))
+
+
+class Redrawn:
+    """A :class:`StitchedLoss` whose windows are drawn afresh (``draw(d)``): set ``d`` takes
+    ``samples`` of the ``pool`` windows at random (seeded by ``seed`` and ``d``; set 0 is the first
+    ``samples``), their fp distributions from one :class:`KLScore` over the pool (``score``). Every
+    set's loss starts from nothing kept: the first full call on it builds its reference."""
+
+    def __init__(self, model: nn.Module, arch: Arch, units: list[Unit], database: WeightCache, pool: torch.Tensor,
+                 device: torch.device, samples: int, screen: int, score: KLScore, seed: int = 0):
+        self.args = (model, arch, units, database)
+        self.pool, self.device, self.samples, self.screen, self.pool_score, self.seed = (
+            pool, device, min(samples, len(pool)), screen, score, seed)
+        self.draw(0)
+
+    def draw(self, d: int) -> None:
+        n = len(self.pool)
+        rows = (torch.arange(self.samples) if d == 0 else
+                torch.from_numpy(np.random.default_rng([self.seed, d]).choice(n, self.samples, replace=False)))
+        self.rows = rows
+        self.score = self.pool_score.rows(rows)
+        self.loss = StitchedLoss(*self.args, self.pool[rows], self.device, self.screen, score=self.score)
+
+    @property
+    def windows(self) -> torch.Tensor:
+        return self.pool[self.rows]
+
+    def __call__(self, choice: list[int], full: bool) -> float:
+        return self.loss(choice, full)
+
+    def many(self, choices: list[list[int]], full: bool) -> list[float]:
+        return self.loss.many(choices, full)
 
 
 @torch.no_grad()

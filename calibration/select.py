@@ -12,9 +12,12 @@ EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
 3. **Start**: every uniform scheme that fits the budget and the integer program on the database's
    own relative output errors are scored on all selection windows; the best is the start.
 4. **Search** (:func:`quant.search.evolve`): (1 + λ) evolution with level-switch mutations under
-   the budget; children screened on a few windows, the best scored on all (multi-step selection),
-   a child kept only when its full score is lower. So the choice never scores worse than the start,
-   and so never worse than any uniform scheme that fits, on the selection windows.
+   the budget; each generation draws its windows afresh from a pool of selection windows (as
+   EvoPress draws fresh tokens), children are screened on a few of them, the best scored on all
+   (multi-step selection) beside the parent, and a child is kept only when lower. Last, the
+   search's choice, the starts and every uniform scheme that fits are scored on confirmation
+   windows the search never saw, and the lowest is the choice: never worse there than any uniform
+   scheme that fits, by construction.
 5. **Assembly** (:func:`assemble`): the chosen candidates' codes become the checkpoint's modules: the
    model written is bit for bit the one whose KL was measured.
 """
@@ -59,17 +62,24 @@ class SelectOptions:
     seqlen: int = 512
     screen: int = 2  # windows every child is screened on
     top_k: int = 128  # fp next-token probabilities kept per position
-    confirm: int = 24  # more selection windows (apart from those) on which the search's last choice must beat its start
+    confirm: int = 24  # more selection windows (apart from the pool) on which the search's choice, its starts and every
+                       # uniform scheme that fits are scored last: the lowest is the one written
+    pool: int = 32  # selection windows each generation draws its `samples` from afresh; ≤ samples: the same every time
     ladder: bool = False  # each width also per output channel and at half the group size: steps of ~0.3 bpw
     neighbours: int = 1  # candidates each side of the anchor (in price)
+
+    @property
+    def pool_size(self) -> int:
+        """Selection windows the search draws from (the confirmation windows come after them)."""
+        return max(self.pool, self.samples)
 
     def check(self) -> None:
         if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors,
                self.neighbours) < 1 \
-                or self.seqlen < 2 or self.confirm < 0 \
+                or self.seqlen < 2 or self.confirm < 0 or self.pool < 0 \
                 or self.offspring < self.survivors or self.screen > self.samples:
             raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
-                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, --search-seqlen ≥ 2 and --search-offspring ≥ 2.")
+                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, --search-seqlen ≥ 2, --search-offspring ≥ 2 and --search-pool ≥ 0.")
 
 
 @dataclass
@@ -152,10 +162,12 @@ def ilp_start(D: np.ndarray, cost: np.ndarray, budget: float, ties: list[tuple[i
 def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, budget: float, errors: dict, fitness, *,
            opts: SelectOptions, ties: list[tuple[int, int]] = (), seed: int = 0,
            progress: bool = True, checkpoint=None, resume: dict | None = None, confirm=None) -> Selection:
-    """Steps 4 and 5 of the module docstring with ``fitness`` over a built database (a
-    :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`). ``confirm``
-    (configurations -> their KL on other selection windows): the search's choice is kept only if it
-    scores below its start there too, else the start is (a few windows cannot overfit the choice)."""
+    """Steps 3 and 4 of the module docstring with ``fitness`` over a built database (a
+    :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`, or a
+    :class:`calibration.search.Redrawn` one, whose windows each generation draws afresh). ``confirm``
+    (configurations -> their KL on other selection windows): the search's choice, its starts and every
+    uniform scheme that fits are scored there last, and the lowest is the choice (so windows the
+    search has seen cannot have overfitted it); without ``confirm``, on the search's windows."""
     t0 = time.perf_counter()
     U = len(units)
     allowed = np.isfinite(cost)
@@ -180,27 +192,35 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
         record = [{"label": label, "bpw": _bpw(cost, s, units), "kl": kl} for (label, s), kl in zip(starts, scores)]
         best = min(range(len(starts)), key=lambda j: scores[j])
         begin = {"label": starts[best][0], "choice": starts[best][1], "scored": record,
-                 "seconds": time.perf_counter() - t0}
+                 "choices": [s for _, s in starts], "seconds": time.perf_counter() - t0}
     else:
         begin = resume["begin"]
     log.info("selection starts: %s", ", ".join(f"{r['label']} KL {r['kl']:.4f}" for r in begin["scored"]))
     res = evolve(cost, budget, begin["choice"], fitness, generations=opts.generations, offspring=opts.offspring,
                  survivors=opts.survivors, ties=list(ties), allowed=allowed, seed=seed, progress=progress,
                  checkpoint=(lambda st: checkpoint({"begin": begin, "search": st})) if checkpoint else None,
-                 resume=resume["search"] if resume else None)
-    uniform_rows = [r for r in begin["scored"] if not r["label"].startswith("ILP")]
+                 resume=resume["search"] if resume else None, redraw=getattr(fitness, "draw", None))
     record = res.to_dict() | {"starts": begin["scored"]}
-    choice, score = res.choice, res.score
     t1 = time.perf_counter()
-    if confirm is not None and list(choice) != list(begin["choice"]):
-        was, now = confirm([begin["choice"], choice])
-        record["confirm"] = {"start": was, "searched": now, "kept": now < was}
-        if not now < was:
-            log.info("selection: the search's choice did not beat its start on the confirmation windows "
-                     "(KL %.4f against %.4f): keeping the start", now, was)
-            choice = begin["choice"]
-            score = min(r["kl"] for r in begin["scored"] if r["label"] == begin["label"])
-    return Selection(choice, [candidates[c].label for c in choice], _bpw(cost, choice, units), score,
+    # the last word: the search's choice beside its starts (every uniform scheme that fits among
+    # them) on windows they share, the confirmation windows where there are any; the lowest is kept
+    final = [(r["label"], list(c)) for r, c in zip(begin["scored"], begin["choices"])] + [("search", list(res.choice))]
+    if confirm is None and getattr(fitness, "draw", None) is None:  # all were scored on the same windows already
+        kls, windows = [r["kl"] for r in begin["scored"]] + [res.score], "search"
+    else:  # each distinct configuration once
+        distinct = list({tuple(c): None for _, c in final})
+        got = dict(zip(distinct, confirm([list(c) for c in distinct]) if confirm is not None
+                       else fitness.many([list(c) for c in distinct], True)))
+        kls, windows = [got[tuple(c)] for _, c in final], "confirmation" if confirm is not None else "search"
+    pick = min(range(len(final)), key=lambda j: (kls[j], j != len(final) - 1))  # a tie goes to the search
+    label, choice = final[pick]
+    rows = [{"label": lab, "bpw": _bpw(cost, c, units), "kl": kl} for (lab, c), kl in zip(final, kls)]
+    record["final"] = {"windows": windows, "scored": rows, "chosen": label}
+    if label != "search":
+        log.info("selection: %s scores below the search's choice on the %s windows (KL %.4f against %.4f): "
+                 "it is kept", label, windows, kls[pick], kls[-1])
+    uniform_rows = [r for r in rows[:-1] if not r["label"].startswith("ILP")]
+    return Selection(choice, [candidates[c].label for c in choice], _bpw(cost, choice, units), kls[pick],
                      begin["label"], uniform_rows, record,
                      {"starts": begin["seconds"], "search": res.seconds, "confirm": time.perf_counter() - t1})
 
@@ -300,10 +320,13 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     from quant.resume import LayerState
 
     from .mixed import budget_bytes, expert_ties
-    from .search import KLScore, StitchedLoss, candidate_database
+    from .search import KLScore, Redrawn, StitchedLoss, candidate_database
     from .units import build_units, candidate_cost, overhead_bytes, parse_candidates
 
     opts.check()
+    if len(select_windows) != opts.pool_size + opts.confirm:
+        raise ValueError(f"{len(select_windows)} selection windows; these options take {opts.pool_size + opts.confirm} "
+                         "(selection_windows makes them)")
     units = build_units(model, arch, run.granularity)
     widths = sorted({int(w) for w in run.widths.split(",")})
     every = parse_candidates(ladder(widths, config.group_size, opts.ladder), config.group_size, False)
@@ -339,14 +362,21 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     try:
         secs["database"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        search_windows, confirm_windows = select_windows[: opts.samples], select_windows[opts.samples :]
+        # laid out as selection_windows makes them: the first draw, the confirmation windows, the rest of the pool
+        n, c = opts.samples, len(select_windows) - opts.pool_size
+        search_windows = torch.cat([select_windows[:n], select_windows[n + c:]])
+        confirm_windows = select_windows[n : n + c]
+        pool = len(search_windows)
         score = KLScore(model, arch, search_windows, device, opts.top_k)
-        fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
+        if pool > opts.samples:  # each generation on windows drawn afresh from the pool
+            fitness = Redrawn(model, arch, units, db, search_windows, device, opts.samples, opts.screen, score, seed)
+        else:
+            fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
         confirm = None
         if len(confirm_windows):  # screening on all its windows: each from the first layer, no boundary kept
+            final_score = KLScore(model, arch, confirm_windows, device, opts.top_k)
             confirm = partial(StitchedLoss(model, arch, units, db, confirm_windows, device, len(confirm_windows),
-                                           score=KLScore(model, arch, confirm_windows, device, opts.top_k)).many,
-                              full=False)
+                                           score=final_score).many, full=False)
         secs["fp_reference"] = time.perf_counter() - t0
         sel = select(units, candidates, cost, budget, errors, fitness, opts=opts, ties=ties, seed=seed,
                      progress=progress, checkpoint=(lambda st: state.record("select", st)) if state else None,
@@ -359,13 +389,33 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
         db.close()
         codes.close()
     t0 = time.perf_counter()
-    measured = written_kl(model, arch, search_windows, device, score)
+    if confirm is not None:  # where the choice was made
+        final_windows = confirm_windows
+    else:
+        final_windows, final_score = getattr(fitness, "windows", search_windows), fitness.score
+    measured = written_kl(model, arch, final_windows, device, final_score)
     secs["check"] = time.perf_counter() - t0
     record = sel.to_dict([u.name for u in units]) | {"measured_kl": measured, "seconds": secs}
     report.seconds = sum(secs.values())
     if state is not None:
         state.finish()
     return report, selection_config(units, candidates, sel.choice, config), record
+
+
+def selection_windows(tokenizer, source: str | None, opts: SelectOptions, seed: int) -> torch.Tensor:
+    """The selection windows :func:`select_model` takes (``opts.seqlen`` tokens each, from the
+    selection part of ``source``): the search's first ``samples`` and the ``confirm`` windows, as one
+    draw (the same windows whatever the pool), then the rest of the pool from a second draw."""
+    from .data import calibration_windows
+
+    first = calibration_windows(tokenizer, source, opts.samples + opts.confirm, opts.seqlen, seed, "select")
+    more = opts.pool_size - opts.samples
+    if more == 0:
+        return first
+    return torch.cat([first, calibration_windows(tokenizer, source, more, opts.seqlen, seed + POOL_SEED, "select")])
+
+
+POOL_SEED = 7919  # the rest of the pool is drawn with the run's seed plus this
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
            generations: int = 50, offspring: int = 8, survivors: int = 2, max_mutations: int = 3,
            ties: list[tuple[int, int]] | None = None, allowed: np.ndarray | None = None, seed: int = 0,
            progress: bool = True, checkpoint: Callable[[dict], None] | None = None,
-           resume: dict | None = None) -> SearchResult:
+           resume: dict | None = None, redraw: Callable[[int], None] | None = None) -> SearchResult:
     """Refine ``start`` (candidate index per unit, within ``budget``) by (1 + λ) evolution.
 
     Each generation makes ``offspring`` children of the current best, each by 1..``max_mutations``
@@ -106,10 +106,13 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     scored on the full set (``fitness(child, True)``), and the best of those replaces the parent if
     it is lower (a fitness with a ``many(children, full)`` method scores each set in one call, with
     the same values). ``allowed`` (units, candidates) bool masks candidates out (e.g. keeping 16 bits);
-    ``ties`` are units that always share one candidate. ``checkpoint`` receives the search's whole
-    state (plain data) after every generation; ``resume`` (such a state) goes on from there, with
-    one full-set call of ``fitness`` on the best so far to restore its reference, and ends as the
-    uninterrupted search would."""
+    ``ties`` are units that always share one candidate. ``redraw(d)``: the fitness moves to its
+    ``d``-th set of windows (EvoPress draws fresh tokens for every selection, so that no fixed few
+    can be overfitted); generation ``g`` then uses set ``g - 1``, the parent is scored again on it
+    (a full call) and a child replaces it only when lower on the same windows. ``checkpoint``
+    receives the search's whole state (plain data) after every generation; ``resume`` (such a state)
+    goes on from there, with one full-set call of ``fitness`` on the best so far to restore its
+    reference, and ends as the uninterrupted search would."""
     t0 = time.perf_counter()
     cost = np.asarray(cost, dtype=float)
     U, C = cost.shape
@@ -146,7 +149,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
         seen = {tuple(k) for k in resume["seen"]}
         calls, history, last, first = dict(resume["calls"]), list(resume["history"]), resume["last"], resume["generation"]
         rng.bit_generator.state = resume["rng"]
-        fitness(lv.choice(best), True)  # the fitness's reference is the best so far again
+        if redraw is None or first == 0:  # (a redraw scores the parent again anyway)
+            fitness(lv.choice(best), True)  # the fitness's reference is the best so far again
 
     def state(gen: int) -> dict:
         return {"generation": gen, "best": list(best), "best_score": best_score, "start_score": start_score,
@@ -156,6 +160,10 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     bar = tqdm(range(first + 1, generations + 1), desc="search", disable=not progress, unit="gen", initial=first,
                total=generations)
     for gen in bar:
+        if redraw is not None and gen > 1:  # fresh windows, and the parent's loss on them
+            redraw(gen - 1)
+            best_score = scores([lv.choice(best)], True)[0]
+            calls["full"] += 1
         # fresh children only; the longer no child has been better, the further they may jump
         most = max_mutations + (gen - 1 - last) // 10
         kids = []
@@ -177,7 +185,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
             calls["full"] += 1
             if s < best_score:
                 best, best_score, last = k, s, gen
-                history.append({"generation": gen, "score": s, "cost": lv.total(k)})
+                history.append({"generation": gen, "score": s, "cost": lv.total(k)}
+                               | ({"windows": gen - 1} if redraw is not None else {}))
         bar.set_postfix(loss=f"{best_score:.4f}")
         if checkpoint is not None:
             checkpoint(state(gen))

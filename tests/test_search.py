@@ -155,3 +155,74 @@ def test_stitched_loss_from_the_cached_prefix_equals_a_full_pass():
             assert fit(choice, full) == pytest.approx(fresh(choice, full), abs=1e-5)
     assert fit(anchor, False) != pytest.approx(fit(anchor, True), abs=1e-4)  # screening uses fewer windows
     db.close()
+
+
+def test_one_pass_for_a_first_full_score_and_windows_drawn_afresh():
+    """A loss's first full score builds its reference and scores from it in one pass: the value the
+    shared-visit path gives, bit for bit. :class:`Redrawn` set ``d`` is a loss on those windows of
+    its pool, with their fp distributions taken from the pool's: the value a loss built on just those
+    windows gives."""
+    from calibration.search import KLScore, Redrawn
+
+    model, arch, cands, units, cost = _tiny_units()
+    calib, pool = windows(4, 32), windows(6, 32, seed=7)
+    anchor = [1] * len(units)
+    cpu = torch.device("cpu")
+    db = candidate_database(model, arch, units, cands, cost, calib, QuantConfig(method="gptq", group_size=-1),
+                            cpu, anchor, progress=False)
+    other = [0] * len(units)
+    for score in (None, KLScore(model, arch, pool, cpu, 16)):
+        one = StitchedLoss(model, arch, units, db, pool, cpu, screen=1, score=score).many([anchor], True)[0]
+        shared = StitchedLoss(model, arch, units, db, pool, cpu, screen=1, score=score).many([anchor, other], True)[0]
+        assert one == shared
+    drawn = Redrawn(model, arch, units, db, pool, cpu, samples=3, screen=1, score=KLScore(model, arch, pool, cpu, 16),
+                    seed=5)
+    assert drawn.rows.tolist() == [0, 1, 2]  # set 0: the first windows
+    seen = set()
+    for d in (1, 2, 3):
+        drawn.draw(d)
+        rows = drawn.rows.tolist()
+        assert len(set(rows)) == 3 and all(0 <= r < 6 for r in rows)
+        seen.add(tuple(rows))
+        alone = StitchedLoss(model, arch, units, db, pool[drawn.rows], cpu, screen=1,
+                             score=KLScore(model, arch, pool[drawn.rows], cpu, 16))
+        for choice in (anchor, other):
+            assert drawn(choice, True) == pytest.approx(alone(choice, True), rel=1e-6)
+            assert drawn(choice, False) == pytest.approx(alone(choice, False), rel=1e-6)
+    assert len(seen) > 1  # the sets differ
+    again = Redrawn(model, arch, units, db, pool, cpu, samples=3, screen=1, score=KLScore(model, arch, pool, cpu, 16),
+                    seed=5)
+    again.draw(3)
+    assert again.rows.tolist() == drawn.rows.tolist()  # seeded: a resumed search draws the same
+    db.close()
+
+
+def test_evolve_on_windows_drawn_afresh():
+    """With ``redraw`` each generation after the first moves the fitness to new windows and scores the
+    parent there again; a child is kept only when lower than the parent on the same windows."""
+    cost, loss = _problem(0)
+    budget = 3.0 * cost[:, 0].sum() / 2.0
+    draws, log = [], []
+    state = {"d": 0}
+
+    def fitness(choice, full):
+        value = loss(choice) + 0.01 * state["d"]  # the same offset for every configuration on one set of windows
+        log.append((state["d"], list(choice), full, value))
+        return value
+
+    def redraw(d):
+        draws.append(d)
+        state["d"] = d
+
+    res = evolve(cost, budget, [1] * len(cost), fitness, generations=12, offspring=4, survivors=2, seed=1,
+                 progress=False, redraw=redraw)
+    assert draws == list(range(1, 12))
+    for d in draws:  # the first full call on each new set scores the parent
+        first = next(entry for entry in log if entry[0] == d)
+        assert first[2] is True
+    assert res.score == pytest.approx(loss(res.choice) + 0.01 * 11)  # the parent, on the last set
+    assert res.evaluations["full"] + res.evaluations["screen"] == len(log)
+    assert all(h["windows"] == h["generation"] - 1 for h in res.history[1:])  # kept on the set it was scored on
+    plain = evolve(cost, budget, [1] * len(cost), lambda c, f: loss(c), generations=12, offspring=4, survivors=2,
+                   seed=1, progress=False)
+    assert res.choice == plain.choice  # an offset shared on each set changes no comparison

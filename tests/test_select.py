@@ -98,7 +98,7 @@ class AddedUp:
 
 
 @pytest.mark.parametrize("rejected", [False, True])
-def test_select_starts_from_the_best_that_fits_and_confirms_its_choice(rejected):
+def test_select_starts_from_the_best_that_fits_and_keeps_the_lowest_on_the_confirmation_windows(rejected):
     import numpy as np
 
     from calibration.select import SelectOptions, select
@@ -112,17 +112,27 @@ def test_select_starts_from_the_best_that_fits_and_confirms_its_choice(rejected)
     errors = {}  # no output errors: the integer program's start knows nothing, the search must find it
     opts = SelectOptions(generations=20, offspring=6, samples=2, screen=1)
     seen = []
-    confirm = (lambda chs: seen.append(chs) or ([0.0, 1.0] if rejected else [1.0, 0.0]))
+
+    def confirm(chs):  # other windows: the same losses, except that they dislike the search's choice if rejected
+        seen.append([list(c) for c in chs])
+        kls = [sum(table[k][c] for k, c in enumerate(ch)) for ch in chs]
+        return kls[:-1] + [10.0] if rejected else kls
+
     sel = select(units, candidates, cost, 3.0 * 512 * 6, errors, AddedUp(table), opts=opts, confirm=confirm,
                  progress=False)
     uniform = {r["label"]: r["kl"] for r in sel.uniform}
     assert set(uniform) == {"w2g32", "w3g32"} and uniform["w3g32"] == pytest.approx(sum(t[1] for t in table))
     assert sel.bpw <= 3.0 + 1e-9
-    if rejected:  # the confirmation windows disagreed: the start is kept, with its own score
-        assert sel.choice == seen[0][0] and sel.kl == pytest.approx(min(r["kl"] for r in sel.search["starts"]))
+    assert len(seen) == 1 and [0] * 6 in seen[0] and [1] * 6 in seen[0]  # every uniform scheme that fits, once
+    final = sel.search["final"]
+    assert final["scored"][-1]["label"] == "search"  # the search's choice last
+    assert final["windows"] == "confirmation" and sel.kl == min(r["kl"] for r in final["scored"])
+    assert all(sel.kl <= u + 1e-12 for u in uniform.values())  # never worse than uniform there
+    if rejected:  # the confirmation windows disagreed with the search: the best start is kept
+        assert final["chosen"] != "search" and sel.choice in seen[0][:-1]
     else:  # the sensitive units wider than the rest
+        assert final["chosen"] == "search" and sel.choice == seen[0][-1]
         assert sel.kl < uniform["w3g32"] and min(sel.choice[:3]) >= max(sel.choice[3:])
-        assert sel.search["confirm"]["kept"]
 
 
 def _selected(budget: float, generations: int = 3, seed: int = 0):
@@ -134,8 +144,11 @@ def _selected(budget: float, generations: int = 3, seed: int = 0):
     fp = build_tiny("llama")
     model = copy.deepcopy(fp)
     arch = get_arch("llama")
-    opts = SelectOptions(generations=generations, offspring=4, samples=4, seqlen=32, screen=1, top_k=32, confirm=4)
-    calib, select = windows(8, 32, seed), windows(8, 32, seed + 100)
+    # each generation draws 4 of a pool of 7; laid out as selection_windows does: 4 of the pool, the 4 confirmation
+    # windows, the other 3 of the pool
+    opts = SelectOptions(generations=generations, offspring=4, samples=4, seqlen=32, screen=1, top_k=32, confirm=4,
+                         pool=7)
+    calib, select = windows(8, 32, seed), windows(11, 32, seed + 100)
     report, config, rec = select_model(model, arch, QuantConfig(bits=3, group_size=32), calib, select,
                                        torch.device("cpu"), SelectRun(budget, None), opts, progress=False)
     return fp, model, arch, report, config, rec, calib, select
@@ -148,7 +161,8 @@ def test_never_worse_than_uniform_and_the_written_model_is_the_scored_one(budget
     _, model, _, report, config, rec, _, _ = _selected(budget)
     assert report.bpw <= budget + 1e-9 and rec["bpw"] == pytest.approx(report.bpw)
     assert rec["uniform"] and all(rec["kl"] <= u["kl"] + 1e-12 for u in rec["uniform"])
-    assert rec["search"]["score"] <= rec["search"]["start_score"]
+    assert {h.get("windows") for h in rec["search"]["history"][1:]} <= set(range(3))  # drawn afresh
+    assert rec["search"]["final"]["windows"] == "confirmation"
     assert [r["label"] for r in rec["search"]["starts"]][-1] == "ILP on calibrated errors"
     assert rec["measured_kl"] == pytest.approx(rec["kl"], rel=1e-5, abs=1e-9)  # re-measured on the model as written
     for name, label in rec["units"].items():
@@ -176,10 +190,11 @@ def test_the_stitched_anchor_is_uniform_gptq():
     calib = windows(8, 32, 0)
     report = quantize_model(uniform, arch, calib, QuantConfig(bits=3, group_size=32), torch.device("cpu"), progress=False)
     _, _, _, _, _, rec, _, select = _selected(report.bpw, generations=1)
-    score = KLScore(fp, arch, select[:4], torch.device("cpu"), 32)
+    confirmation = select[4:8]  # where the last choice is made
+    score = KLScore(fp, arch, confirmation, torch.device("cpu"), 32)
     w3 = [u for u in rec["uniform"] if u["label"] == "w3g32"]
     assert len(w3) == 1
-    assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, select[:4], torch.device("cpu"), score), rel=1e-5)
+    assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, confirmation, torch.device("cpu"), score), rel=1e-5)
 
 
 def test_the_default_budget_run(tiny_model_dir, text_file, tmp_path, capsys):
