@@ -470,6 +470,10 @@ def _select_options(args, run: dict, budget):
     return opts
 
 
+def _kl(v: float) -> str:
+    return f"{v:.4f}" if v >= 1e-3 else f"{v:.3e}"
+
+
 def print_selection(a: dict) -> None:
     """The default recipe's choice beside every uniform scheme that fits, on the windows it was chosen on."""
     s = a["search"]
@@ -480,8 +484,8 @@ def print_selection(a: dict) -> None:
         label = r["label"] if r["label"].startswith("ILP") or r["label"] == "search" else "uniform " + r["label"]
         label = "search's choice" if label == "search" else label
         mark = "  <- chosen" if r["label"] == final["chosen"] else ""
-        print(f"  {label:<28} {r['bpw']:>6.3f} {r['kl']:>26.4f}{mark}")
-    print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {a['measured_kl']:>26.4f}")
+        print(f"  {label:<28} {r['bpw']:>6.3f} {_kl(r['kl']):>26}{mark}")
+    print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {_kl(a['measured_kl']):>26}")
     print(f"  search: {s['evaluations']['full']} full + {s['evaluations']['screen']} screening passes; time: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in a["seconds"].items()))
 

@@ -111,6 +111,12 @@ def main() -> None:
                         "time": rec["seconds"], "units": rec["units"]})
                 del model
 
+    uniform_rows = summary(args, rows, pools, fp)
+    common.write_json(args.json, args, rep.fp, rows + [{"tool": "uniform table", **r} for r in uniform_rows], quiet=False)
+
+
+def summary(args, rows: list[dict], pools: list[int], fp: float) -> list[dict]:
+    """Print the table; returns the uniform table's rows read from ``--uniform-json`` (on the same windows)."""
     uniform_rows = []
     if Path(args.uniform_json).is_file():
         u = json.loads(Path(args.uniform_json).read_text())
@@ -138,7 +144,7 @@ def main() -> None:
             ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
             print(f"    {name}: closes {common.fmt([100 * s for s in shares], 0)}% of uniform {args.uniform}'s gap to "
                   f"fp (same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s")
-    common.write_json(args.json, args, rep.fp, rows + [{"tool": "uniform table", **r} for r in uniform_rows], quiet=False)
+    return uniform_rows
 
 
 if __name__ == "__main__":

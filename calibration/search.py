@@ -156,7 +156,9 @@ class StitchedLoss:
     def many(self, choices: list[list[int]], full: bool) -> list[float]:
         """The loss of each configuration in ``choices``: those that start at the same layer share
         its visits, and with several processes each computes a share. Each is computed on its own, so
-        a value does not depend on the others (nor on the layer it is computed from)."""
+        a value does not depend on the others (nor on the layer it is computed from). A first full
+        score with nothing kept builds the reference and scores from it, in one pass (every process
+        runs it; the first one's value is everyone's)."""
         choices = [list(c) for c in choices]
         if full and self.ref is None and len(choices) == 1:  # nothing kept yet: one pass builds and scores
             ref = self.reference.build(self.swap(choices[0]), 0)
@@ -165,6 +167,7 @@ class StitchedLoss:
             else:
                 with head_on(ref.model, ref.arch, ref.device):
                     loss = self.score(ref.inputs[-1].to(ref.device), self.n)
+            loss = dist.gather_all(loss if dist.is_main() else None)[0]  # one value on every process, to compare
             self.best, self.ref = loss, choices[0]
             return [loss]
         starts = [self._start(c) for c in choices]

@@ -10,14 +10,14 @@ EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
    selection windows (top-k kept), from one more sweep; a configuration's score is the mean KL of
    the model stitched from the database.
 3. **Start**: every uniform scheme that fits the budget and the integer program on the database's
-   own relative output errors are scored on all selection windows; the best is the start.
+   own relative output errors are scored on the search's first windows; the best is the start.
 4. **Search** (:func:`quant.search.evolve`): (1 + λ) evolution with level-switch mutations under
    the budget; each generation draws its windows afresh from a pool of selection windows (as
    EvoPress draws fresh tokens), children are screened on a few of them, the best scored on all
    (multi-step selection) beside the parent, and a child is kept only when lower. Last, the
    search's choice, the starts and every uniform scheme that fits are scored on confirmation
-   windows the search never saw, and the lowest is the choice: never worse there than any uniform
-   scheme that fits, by construction.
+   windows drawn apart from the search's, and the lowest is the choice: never worse there than any
+   uniform scheme that fits, by construction.
 5. **Assembly** (:func:`assemble`): the chosen candidates' codes become the checkpoint's modules: the
    model written is bit for bit the one whose KL was measured.
 """
@@ -320,7 +320,7 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     from quant.resume import LayerState
 
     from .mixed import budget_bytes, expert_ties
-    from .search import KLScore, Redrawn, StitchedLoss, candidate_database
+    from .search import candidate_database
     from .units import build_units, candidate_cost, overhead_bytes, parse_candidates
 
     opts.check()
@@ -362,21 +362,7 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     try:
         secs["database"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        # laid out as selection_windows makes them: the first draw, the confirmation windows, the rest of the pool
-        n, c = opts.samples, len(select_windows) - opts.pool_size
-        search_windows = torch.cat([select_windows[:n], select_windows[n + c:]])
-        confirm_windows = select_windows[n : n + c]
-        pool = len(search_windows)
-        score = KLScore(model, arch, search_windows, device, opts.top_k)
-        if pool > opts.samples:  # each generation on windows drawn afresh from the pool
-            fitness = Redrawn(model, arch, units, db, search_windows, device, opts.samples, opts.screen, score, seed)
-        else:
-            fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
-        confirm = None
-        if len(confirm_windows):  # screening on all its windows: each from the first layer, no boundary kept
-            final_score = KLScore(model, arch, confirm_windows, device, opts.top_k)
-            confirm = partial(StitchedLoss(model, arch, units, db, confirm_windows, device, len(confirm_windows),
-                                           score=final_score).many, full=False)
+        fitness, confirm, final = _scores(model, arch, units, db, select_windows, device, opts, seed)
         secs["fp_reference"] = time.perf_counter() - t0
         sel = select(units, candidates, cost, budget, errors, fitness, opts=opts, ties=ties, seed=seed,
                      progress=progress, checkpoint=(lambda st: state.record("select", st)) if state else None,
@@ -389,10 +375,7 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
         db.close()
         codes.close()
     t0 = time.perf_counter()
-    if confirm is not None:  # where the choice was made
-        final_windows = confirm_windows
-    else:
-        final_windows, final_score = getattr(fitness, "windows", search_windows), fitness.score
+    final_windows, final_score = final()  # where the choice was made
     measured = written_kl(model, arch, final_windows, device, final_score)
     secs["check"] = time.perf_counter() - t0
     record = sel.to_dict([u.name for u in units]) | {"measured_kl": measured, "seconds": secs}
@@ -400,6 +383,34 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     if state is not None:
         state.finish()
     return report, selection_config(units, candidates, sel.choice, config), record
+
+
+POOL_SEED = 7919  # the rest of the selection pool is drawn with the run's seed plus this
+
+
+def _scores(model: nn.Module, arch: Arch, units: list[Unit], db: WeightCache, select_windows: torch.Tensor,
+            device: torch.device, opts: SelectOptions, seed: int):
+    """The search's fitness (on windows drawn afresh from the pool when it is larger than
+    ``samples``), the confirmation scorer (None without confirmation windows) and a function giving
+    the windows and score the last choice was made on, from ``select_windows`` laid out as
+    :func:`selection_windows` makes them: the first draw, the confirmation windows, the rest of the pool."""
+    from .search import KLScore, Redrawn, StitchedLoss
+
+    n, c = opts.samples, len(select_windows) - opts.pool_size
+    search_windows = torch.cat([select_windows[:n], select_windows[n + c:]])
+    confirm_windows = select_windows[n : n + c]
+    score = KLScore(model, arch, search_windows, device, opts.top_k)
+    if len(search_windows) > opts.samples:
+        fitness = Redrawn(model, arch, units, db, search_windows, device, opts.samples, opts.screen, score, seed)
+    else:
+        fitness = StitchedLoss(model, arch, units, db, search_windows, device, opts.screen, score=score)
+    if not len(confirm_windows):
+        return fitness, None, lambda: (getattr(fitness, "windows", search_windows), fitness.score)
+    final_score = KLScore(model, arch, confirm_windows, device, opts.top_k)
+    # screening on all its windows: each configuration from the first layer, no boundary kept
+    confirm = partial(StitchedLoss(model, arch, units, db, confirm_windows, device, len(confirm_windows),
+                                   score=final_score).many, full=False)
+    return fitness, confirm, lambda: (confirm_windows, final_score)
 
 
 def selection_windows(tokenizer, source: str | None, opts: SelectOptions, seed: int) -> torch.Tensor:
@@ -414,8 +425,6 @@ def selection_windows(tokenizer, source: str | None, opts: SelectOptions, seed: 
         return first
     return torch.cat([first, calibration_windows(tokenizer, source, more, opts.seqlen, seed + POOL_SEED, "select")])
 
-
-POOL_SEED = 7919  # the rest of the pool is drawn with the run's seed plus this
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ up per-unit damages measured one at a time; at low budgets many narrow units tog
 damage than their sum. The search here asks the model itself: ``fitness(choice, full)`` is the
 loss of the model built from ``choice`` (one candidate index per unit), on a small screening set
 when ``full`` is false and on the whole selection set when true. It starts from the ILP's choice
-and only ever accepts a configuration whose full-set loss is lower, so it never ends worse than it
-started, on the selection set.
+and only ever accepts a configuration whose full-set loss is lower than its parent's on the same
+windows, so on a fixed set it never ends worse than it started; with windows drawn afresh each
+generation (``redraw``) the caller compares the end with the start on windows of its own.
 
 A pure function on plain data: the caller decides what a configuration's loss is.
 """
@@ -29,8 +30,8 @@ from .allocate import BudgetError, tie_groups
 class SearchResult:
     choice: list[int]  # candidate index per unit
     cost: float
-    score: float  # full-set loss of ``choice``
-    start_score: float  # full-set loss of the starting choice
+    score: float  # full-set loss of ``choice`` (with redraws: on the last set of windows)
+    start_score: float  # full-set loss of the starting choice (with redraws: on the first set)
     evaluations: dict[str, int]  # fitness calls: {"screen": n, "full": n}
     seconds: float
     history: list[dict] = field(default_factory=list)  # one row per accepted improvement
@@ -92,6 +93,16 @@ class _Levels:
         return lev
 
 
+def _restore(fitness, redraw, best: list[int], done: int, generations: int) -> None:
+    """A resumed search's fitness as the uninterrupted one left it after ``done`` generations: on the
+    windows of that generation, with the best so far as its reference (unless the next generation's
+    redraw scores it again)."""
+    if redraw is not None and done >= 2:
+        redraw(done - 1)
+    if redraw is None or done == 0 or done == generations:
+        fitness(best, True)
+
+
 def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[[list[int], bool], float], *,
            generations: int = 50, offspring: int = 8, survivors: int = 2, max_mutations: int = 3,
            ties: list[tuple[int, int]] | None = None, allowed: np.ndarray | None = None, seed: int = 0,
@@ -111,8 +122,9 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     can be overfitted); generation ``g`` then uses set ``g - 1``, the parent is scored again on it
     (a full call) and a child replaces it only when lower on the same windows. ``checkpoint``
     receives the search's whole state (plain data) after every generation; ``resume`` (such a state)
-    goes on from there, with one full-set call of ``fitness`` on the best so far to restore its
-    reference, and ends as the uninterrupted search would."""
+    goes on from there (the fitness back on the windows of the saved generation, and its reference
+    restored by a full call where no redraw will score the parent again), and ends as the
+    uninterrupted search would, the fitness on the same windows."""
     t0 = time.perf_counter()
     cost = np.asarray(cost, dtype=float)
     U, C = cost.shape
@@ -149,8 +161,7 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
         seen = {tuple(k) for k in resume["seen"]}
         calls, history, last, first = dict(resume["calls"]), list(resume["history"]), resume["last"], resume["generation"]
         rng.bit_generator.state = resume["rng"]
-        if redraw is None or first == 0:  # (a redraw scores the parent again anyway)
-            fitness(lv.choice(best), True)  # the fitness's reference is the best so far again
+        _restore(fitness, redraw, lv.choice(best), first, generations)
 
     def state(gen: int) -> dict:
         return {"generation": gen, "best": list(best), "best_score": best_score, "start_score": start_score,

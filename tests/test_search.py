@@ -226,3 +226,31 @@ def test_evolve_on_windows_drawn_afresh():
     plain = evolve(cost, budget, [1] * len(cost), lambda c, f: loss(c), generations=12, offspring=4, survivors=2,
                    seed=1, progress=False)
     assert res.choice == plain.choice  # an offset shared on each set changes no comparison
+
+
+@pytest.mark.parametrize("killed_after", [1, 5, 12])
+def test_a_resumed_search_on_fresh_windows_ends_as_the_uninterrupted_one(killed_after):
+    """Resumed from the state saved after a generation (the last one too), the search ends with the
+    same choice and score, and its fitness on the same windows, as the uninterrupted one."""
+    import copy as copy_
+
+    cost, loss = _problem(2)
+    budget = 3.0 * cost[:, 0].sum() / 2.0
+
+    def run(resume=None):
+        at = {"d": 0}
+        saved = []
+
+        def fitness(choice, full):  # each set of windows shifts and tilts the losses its own way
+            return loss(choice) * (1 + 0.05 * math.sin(at["d"] + sum(choice))) + 0.01 * at["d"]
+
+        res = evolve(cost, budget, [1] * len(cost), fitness, generations=12, offspring=4, survivors=2, seed=3,
+                     progress=False, redraw=lambda d: at.update(d=d), resume=resume,
+                     checkpoint=lambda st: saved.append(copy_.deepcopy(st)))
+        return res, saved, at["d"]
+
+    whole, states, last_set = run()
+    resumed, _, resumed_set = run(states[killed_after - 1])
+    assert states[killed_after - 1]["generation"] == killed_after
+    assert resumed.choice == whole.choice and resumed.score == whole.score
+    assert resumed_set == last_set == 11
