@@ -229,7 +229,7 @@ def _budget_flags(q) -> None:
     mp.add_argument("--search-samples", type=int, help="windows each configuration is scored on (select: selection "
                                                        "text, default 8; measure: calibration text, default 4)")
     mp.add_argument("--search-pool", type=int, help="select: selection windows each generation draws its "
-                                                    "--search-samples from afresh (default 32; ≤ samples: the same ones)")
+                                                    "--search-samples from afresh (default 0: the same ones every generation)")
     mp.add_argument("--search-seqlen", type=int, help="tokens per scored window (default 512)")
     mp.add_argument("--search-offspring", type=int, help="children per generation (default 8)")
     mp.add_argument("--search-screen", type=int, help="windows each child is screened on before the best two are "

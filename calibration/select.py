@@ -64,7 +64,7 @@ class SelectOptions:
     top_k: int = 128  # fp next-token probabilities kept per position
     confirm: int = 24  # more selection windows (apart from the pool) on which the search's choice, its starts and every
                        # uniform scheme that fits are scored last: the lowest is the one written
-    pool: int = 32  # selection windows each generation draws its `samples` from afresh; ≤ samples: the same every time
+    pool: int = 0  # selection windows each generation draws its `samples` from afresh; ≤ samples: the same every time
     ladder: bool = False  # each width also per output channel and at half the group size: steps of ~0.3 bpw
     neighbours: int = 1  # candidates each side of the anchor (in price)
 
