@@ -477,12 +477,12 @@ def _kl(v: float) -> str:
 def print_selection(a: dict) -> None:
     """The default recipe's choice beside every uniform scheme that fits, on the windows it was chosen on."""
     s = a["search"]
-    final = s.get("final") or {"windows": "search", "scored": a["uniform"], "chosen": "search"}
+    final = s["final"]
     print(f"mixed precision (KL-scored selection): {a['bpw']:.3f} bpw; the search started from {a['start']}")
     print(f"  {'configuration':<28} {'bpw':>6} {'KL, ' + final['windows'] + ' windows':>26}")
     for r in final["scored"]:
-        label = r["label"] if r["label"].startswith("ILP") or r["label"] == "search" else "uniform " + r["label"]
-        label = "search's choice" if label == "search" else label
+        label = ("search's choice" if r["label"] == "search" else r["label"] if r["label"].startswith("ILP")
+                 else "uniform " + r["label"])
         mark = "  <- chosen" if r["label"] == final["chosen"] else ""
         print(f"  {label:<28} {r['bpw']:>6.3f} {_kl(r['kl']):>26}{mark}")
     print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {_kl(a['measured_kl']):>26}")

@@ -12,12 +12,12 @@ EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
 3. **Start**: every uniform scheme that fits the budget and the integer program on the database's
    own relative output errors are scored on the search's first windows; the best is the start.
 4. **Search** (:func:`quant.search.evolve`): (1 + λ) evolution with level-switch mutations under
-   the budget; each generation draws its windows afresh from a pool of selection windows (as
-   EvoPress draws fresh tokens), children are screened on a few of them, the best scored on all
-   (multi-step selection) beside the parent, and a child is kept only when lower. Last, the
-   search's choice, the starts and every uniform scheme that fits are scored on confirmation
-   windows drawn apart from the search's, and the lowest is the choice: never worse there than any
-   uniform scheme that fits, by construction.
+   the budget; children are screened on a few of the search windows, the best scored on all
+   (multi-step selection), and a child is kept only when lower than its parent (with ``pool``, off
+   by default, each generation draws its windows afresh, as EvoPress draws fresh tokens, and
+   scores the parent again on them). Last, the search's choice, the starts and every uniform
+   scheme that fits are scored on confirmation windows drawn apart from the search's, and the
+   lowest is the choice: never worse there than any uniform scheme that fits, by construction.
 5. **Assembly** (:func:`assemble`): the chosen candidates' codes become the checkpoint's modules: the
    model written is bit for bit the one whose KL was measured.
 """
@@ -424,7 +424,6 @@ def selection_windows(tokenizer, source: str | None, opts: SelectOptions, seed: 
     if more == 0:
         return first
     return torch.cat([first, calibration_windows(tokenizer, source, more, opts.seqlen, seed + POOL_SEED, "select")])
-
 
 
 @torch.no_grad()
