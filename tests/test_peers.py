@@ -44,6 +44,43 @@ def test_peer_weights_load_into_a_copy_and_are_checked(tmp_path):
         load_weights(base, tmp_path / "bad.safetensors")
 
 
+def test_the_uniform_frontier_and_a_mixed_point_against_it(tmp_path):
+    import math
+
+    from frontier import closed, gather, on_frontier, pareto
+
+    pts = [{"scheme": "d", "bpw": 4.0, "ppl": 40.0}, {"scheme": "bs", "bpw": 3.0, "ppl": 60.0},
+           {"scheme": "a", "bpw": 2.0, "ppl": 100.0}, {"scheme": "c", "bpw": 3.5, "ppl": 55.0},
+           {"scheme": "b", "bpw": 3.0, "ppl": 50.0}]
+    front = pareto(pts)
+    assert [p["scheme"] for p in front] == ["a", "b", "d"]  # a dearer, worse scheme is off the frontier
+    assert on_frontier(front, 2.5) == pytest.approx(math.sqrt(100 * 50))  # log-linear between neighbours
+    assert on_frontier(front, 3.0) == pytest.approx(50.0) and on_frontier(front, 4.0) == pytest.approx(40.0)
+    assert math.isnan(on_frontier(front, 1.5)) and math.isnan(on_frontier(front, 4.5))
+    assert closed(40.0, 50.0, 30.0) == pytest.approx(0.5) and closed(60.0, 50.0, 30.0) < 0
+
+    def result(name, fp, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"fp": {"ppl": fp}, "rows": rows}))
+        return str(path)
+
+    old = result("old.json", 30.0, [{"tool": "hmq", "scheme": "w3g64", "seed": 0, "ppl": 50.0, "kl": 0.5}])
+    new = result("new.json", 30.0, [{"tool": "hmq uniform", "scheme": "w3g64", "seed": 0, "ppl": 49.0, "kl": 0.4,
+                                     "bpw": 3.3},
+                                    {"tool": "hmq select", "scheme": "mixed@3.0", "seed": 0, "ppl": 45.0, "kl": 0.3,
+                                     "bpw": 3.0}])
+    fp, uniform, mixed = gather([old, new])
+    assert fp == 30.0 and uniform["w3g64"][0]["ppl"] == 49.0  # the later file wins
+    assert list(mixed) == ["mixed@3.0"]
+    fp, uniform, _ = gather([new, old])
+    assert uniform["w3g64"][0]["ppl"] == 50.0 and uniform["w3g64"][0]["bpw"] is None  # no size recorded
+    fp, uniform, _ = gather([old, result("more.json", 30.0, [{"tool": "hmq", "scheme": "w3g64", "seed": 1, "ppl": 51.0,
+                                                                "kl": 0.5, "bpw": 3.3}])])
+    assert uniform["w3g64"][0]["bpw"] == 3.3  # a size missing in one file is the scheme's from another
+    with pytest.raises(SystemExit, match="another model"):
+        gather([old, result("gemma.json", 37.0, [])])
+
+
 @pytest.mark.slow
 def test_default_gptq_is_no_worse_than_llmcompressor_at_w3g64(tmp_path):
     python = os.environ.get("HMQ_LLMCOMPRESSOR_PYTHON")
