@@ -142,8 +142,11 @@ def summary(args, rows: list[dict], pools: list[int], fp: float) -> list[dict]:
         if pool is not None:
             shares = [closed(r["ppl"], u["ppl"], fp) for r, u in zip(rs, u_rows)]
             ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
+            off = [r["kl"] / r["selection_kl"] - 1 for r in rs]
             print(f"    {name}: closes {common.fmt([100 * s for s in shares], 0)}% of uniform {args.uniform}'s gap to "
-                  f"fp (same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s")
+                  f"fp (same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s; the KL quantize "
+                  f"printed (selection text) {common.fmt([r['selection_kl'] for r in rs], 4)}, the reporting KL "
+                  f"{common.fmt([100 * o for o in off], 1)}% off it")
     return uniform_rows
 
 
