@@ -31,7 +31,7 @@ from calibration.search import KLScore  # noqa: E402
 from calibration.select import (POOL_SEED, SelectOptions, SelectRun, select_model, selection_windows,  # noqa: E402
                                 written_kl)
 from quant.config import QuantConfig  # noqa: E402
-from quant.model_io import load_model  # noqa: E402
+from quant.model_io import default_model_dir, load_model  # noqa: E402
 
 
 def closed(ppl: float, uniform: float, fp: float) -> float:
@@ -56,6 +56,12 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=32,
                     help="more selection windows, drawn apart, on which every model's KL is also measured: what a "
                          "choice between recipes may be made on (the reporting text may not)")
+    ap.add_argument("--autoround", metavar="PYTHON", help="also AutoRound's own mixed precision (AutoScheme over the "
+                    "same widths at the same group, on the same calibration windows) at each budget, in this environment")
+    ap.add_argument("--autoround-iters", type=int, default=0, help="AutoRound's iterations on AutoScheme's choice "
+                    "(0: its round-to-nearest mode; its default 200 takes ~10 min a layer on 2 CPU cores)")
+    ap.add_argument("--autoround-widths", default=SelectRun(None, None).widths,
+                    help="AutoScheme's widths (default: those hmq's selection picks among)")
     ap.add_argument("--uniform-json", default="")
     ap.add_argument("--json", default="docs/results/select.json")
     args = ap.parse_args()
@@ -110,9 +116,50 @@ def main() -> None:
                         "start": rec["start"], "uniform_selection": rec["uniform"], "search": rec["search"],
                         "time": rec["seconds"], "units": rec["units"]})
                 del model
+                if args.autoround:
+                    model, seconds, widths = autoscheme(args, base, tok, windows, bpw)
+                    record({"tool": "AutoRound AutoScheme", "scheme": f"mixed@{b}", "budget": bpw, "seed": seed,
+                            "seconds": seconds, "bpw": real_bpw(base, widths, args.group_size),
+                            "iters": args.autoround_iters, **common.evaluate(model, rep, device),
+                            "heldout_kl": held(model, seed), "units": widths})
+                    del model
 
     uniform_rows = summary(args, rows, pools, fp)
     common.write_json(args.json, args, rep.fp, rows + [{"tool": "uniform table", **r} for r in uniform_rows], quiet=False)
+
+
+def autoscheme(args, base, tok, windows: torch.Tensor, bpw: float):
+    """AutoRound's AutoScheme at ``bpw`` on ``windows``: (model, seconds, {linear: width})."""
+    import tempfile
+
+    from peers import load_weights, run_peer
+    from safetensors import safe_open
+
+    widths = sorted({int(w) for w in args.autoround_widths.split(",")})
+    with tempfile.TemporaryDirectory(prefix="hmq-autoscheme-") as tmp:
+        wfile = Path(tmp) / "windows.pt"
+        torch.save(windows.clone(), wfile)
+        spec = common.parse_scheme(f"w{widths[0]}g{args.group_size}")
+        t0 = time.perf_counter()
+        out = run_peer(args.autoround, "peer_autoround.py", Path(args.model) if args.model else default_model_dir(),
+                       wfile, spec, ["--iters", str(args.autoround_iters), "--avg-bits", f"{bpw:.6f}",
+                                     "--widths", ",".join(map(str, widths))], Path(tmp))
+        seconds = time.perf_counter() - t0
+        with safe_open(str(out), "pt") as f:
+            chosen = json.loads(f.metadata()["settings"])["widths"]
+        return load_weights(base, out), seconds, chosen
+
+
+def real_bpw(model, widths: dict[str, int], group_size: int) -> float:
+    """Bits per weight of the decoder linears at ``widths`` (linear -> width) as hmq counts them: the codes,
+    and per group an fp16 scale and a zero point of the width (16 bits: kept, nothing more)."""
+    bits = params = 0
+    for name, w in widths.items():
+        out, inp = model.get_submodule(name).weight.shape
+        groups = out * math.ceil(inp / (group_size if group_size > 0 else inp))
+        bits += w * out * inp + (groups * (16 + w) if w < 16 else 0)
+        params += out * inp
+    return bits / params
 
 
 def summary(args, rows: list[dict], pools: list[int], fp: float) -> list[dict]:
@@ -130,16 +177,19 @@ def summary(args, rows: list[dict], pools: list[int], fp: float) -> list[dict]:
     print(f"| {'configuration':<22} | {'bpw':>6} | {'perplexity':>16} | {'KL (nats)':>18} | {'held-out sel. KL':>18} "
           f"| {'s':>6} |")
     print(f"|{'-' * 24}|{'-' * 8}|{'-' * 18}|{'-' * 20}|{'-' * 20}|{'-' * 8}|")
-    groups = [("hmq uniform", args.uniform, None)] + [("hmq select", f"mixed@{b}", pool) for b in args.budgets
-                                                      for pool in pools]
+    groups = [("hmq uniform", args.uniform, None)] + [g for b in args.budgets for g in [
+        *[("hmq select", f"mixed@{b}", pool) for pool in pools], ("AutoRound AutoScheme", f"mixed@{b}", None)]]
     u_rows = [r for r in rows if r["tool"] == "hmq uniform"]
     for tool, label, pool in groups:
         rs = [r for r in rows if r["tool"] == tool and r["scheme"] == label and r.get("pool") == pool]
+        if not rs:
+            continue
         name = label if pool is None or len(pools) == 1 else f"{label} pool {pool}"
+        name = f"{name} AutoScheme" if tool.startswith("AutoRound") else name
         print(f"| {name:<22} | {common.mean_sd([r['bpw'] for r in rs])[0]:>6.3f} | {common.fmt([r['ppl'] for r in rs]):>16} | "
               f"{common.fmt([r['kl'] for r in rs], 4):>18} | {common.fmt([r['heldout_kl'] for r in rs], 4):>18} | "
               f"{common.mean_sd([r['seconds'] for r in rs])[0]:>6.0f} |")
-        if pool is not None:
+        if tool == "hmq select":
             shares = [closed(r["ppl"], u["ppl"], fp) for r, u in zip(rs, u_rows)]
             ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
             off = [r["kl"] / r["selection_kl"] - 1 for r in rs]

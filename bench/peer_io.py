@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+
+def leave_bench_folder() -> None:
+    """Take bench/ off the import path once the peer script has what it needs from here: its
+    ``kernels.py`` would shadow the Hugging Face ``kernels`` package that newer transformers import."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 
 
 def peer_parser(doc: str) -> argparse.ArgumentParser:

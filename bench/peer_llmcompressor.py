@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 
-from peer_io import peer_parser, save_linear_weights
+from peer_io import leave_bench_folder, peer_parser, save_linear_weights
+
+leave_bench_folder()
 
 
 def main() -> None:
