@@ -8,7 +8,9 @@ A budget is bits per weight, or a uniform scheme's label (its real bits per weig
 Calibration: the same windows as ``bench/peers.py`` (the calibration part of the default corpus,
 per seed); the search scores on the selection part; nothing here is chosen on the reporting part.
 Uniform rows other than the one run here come from ``--uniform-json`` (``bench/uniform_table.py``'s
-output on the same reporting windows). Prints a table and writes JSON.
+output on the same reporting windows). ``--autoround PYTHON`` adds AutoRound's own mixed precision
+(``AutoScheme``, ``bench/peer_autoround.py``) at each budget on the same calibration windows, and
+``--peers-only`` runs it without hmq's (beside an earlier run). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def main() -> None:
                     "same widths at the same group, on the same calibration windows) at each budget, in this environment")
     ap.add_argument("--autoround-iters", type=int, default=0, help="AutoRound's iterations on AutoScheme's choice "
                     "(0: its round-to-nearest mode; its default 200 takes ~10 min a layer on 2 CPU cores)")
+    ap.add_argument("--peers-only", action="store_true",
+                    help="run the peers' mixed models (and the uniform row) but not hmq's (e.g. beside an earlier run)")
     ap.add_argument("--autoround-widths", default=SelectRun(None, None).widths,
                     help="AutoScheme's widths (default: those hmq's selection picks among)")
     ap.add_argument("--uniform-json", default="")
@@ -101,9 +105,9 @@ def main() -> None:
         del model
         uniform_bpw = {args.uniform: report.bpw}
         for b in args.budgets:
-            for pool in pools:
+            bpw = uniform_bpw[b] if b in uniform_bpw else float(b)
+            for pool in [] if args.peers_only else pools:
                 arm = dataclasses.replace(opts, pool=pool)
-                bpw = uniform_bpw[b] if b in uniform_bpw else float(b)
                 model = copy.deepcopy(base)
                 config = QuantConfig(bits=uspec.bits, group_size=args.group_size)
                 t0 = time.perf_counter()
@@ -116,13 +120,13 @@ def main() -> None:
                         "start": rec["start"], "uniform_selection": rec["uniform"], "search": rec["search"],
                         "time": rec["seconds"], "units": rec["units"]})
                 del model
-                if args.autoround:
-                    model, seconds, widths = autoscheme(args, base, tok, windows, bpw)
-                    record({"tool": "AutoRound AutoScheme", "scheme": f"mixed@{b}", "budget": bpw, "seed": seed,
-                            "seconds": seconds, "bpw": real_bpw(base, widths, args.group_size),
-                            "iters": args.autoround_iters, **common.evaluate(model, rep, device),
-                            "heldout_kl": held(model, seed), "units": widths})
-                    del model
+            if args.autoround:
+                model, seconds, widths = autoscheme(args, base, tok, windows, bpw)
+                record({"tool": "AutoRound AutoScheme", "scheme": f"mixed@{b}", "budget": bpw, "seed": seed,
+                        "seconds": seconds, "bpw": real_bpw(base, widths, args.group_size),
+                        "iters": args.autoround_iters, **common.evaluate(model, rep, device),
+                        "heldout_kl": held(model, seed), "units": widths})
+                del model
 
     uniform_rows = summary(args, rows, pools, fp)
     common.write_json(args.json, args, rep.fp, rows + [{"tool": "uniform table", **r} for r in uniform_rows], quiet=False)
