@@ -16,6 +16,7 @@ from pathlib import Path
 import common
 
 TOOLS = {"hmq rtn": "RTN", "hmq": "GPTQ (hmq default)"}
+PEERS = {"hmq": "hmq default", "llm-compressor": "llm-compressor"}
 
 
 def model_of(data: dict) -> str:
@@ -28,12 +29,30 @@ def model_of(data: dict) -> str:
     return Path(spec).name if spec else "SmolLM2-135M-Instruct"
 
 
+def verdict(model: str, scheme: str, rows: dict) -> str:
+    """'' or a line saying which tool is lower at ``scheme`` on the seeds both ran (mean perplexity, KL)."""
+    got = {t: {seed: r for (m, s, tool, seed), r in rows.items() if (m, s, tool) == (model, scheme, t)} for t in PEERS}
+    seeds = sorted(set(got["hmq"]) & set(got["llm-compressor"]))
+    if not seeds:
+        return ""
+    h, lc = ([got[t][s] for s in seeds] for t in PEERS)
+    ppl = [common.mean_sd([r["ppl"] for r in rs])[0] for rs in (h, lc)]
+    kl = [common.mean_sd([r["kl"] for r in rs])[0] for rs in (h, lc)]
+    lower = "hmq" if ppl[0] <= ppl[1] and kl[0] <= kl[1] else "llm-compressor" if ppl[1] < ppl[0] and kl[1] < kl[0] \
+        else "split"
+    return (f"- {scheme}, seeds {','.join(map(str, seeds))}: lower: **{lower}** (perplexity {ppl[0]:.2f} against "
+            f"{ppl[1]:.2f}, KL {kl[0]:.4f} against {kl[1]:.4f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--schemes", nargs="+", default=["w2g64", "w3g64", "w4g64", "w8g64"])
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--peers", action="store_true",
+                    help="hmq's default beside llm-compressor instead of RTN, with which is lower at each scheme")
     args = ap.parse_args()
+    tools = PEERS if args.peers else TOOLS
     rows: dict[tuple, dict] = {}
     fp: dict[str, float] = {}
     for path in args.files:
@@ -44,25 +63,29 @@ def main() -> None:
         model = model.split("-q4_k_m")[0]  # the converted Gemma folder's cache key is not part of its name
         fp[model] = data["fp"]["ppl"]
         for r in data["rows"]:
-            if r["tool"] in TOOLS and r["scheme"] in args.schemes:
+            if r["tool"] in tools and r["scheme"] in args.schemes:
                 rows[(model, r["scheme"], r["tool"], r["seed"])] = r
     table = []
     for model in fp:
         print(f"\n{model}: fp perplexity {fp[model]:.2f} on its reporting windows\n")
         print("| scheme | method | bpw | perplexity | KL (nats) | top-1 | seeds |")
         print("|---|---|---|---|---|---|---|")
+        verdicts = [v for v in (verdict(model, scheme, rows) for scheme in args.schemes) if v] if args.peers else []
         for scheme in args.schemes:
-            for tool, label in TOOLS.items():
+            for tool, label in tools.items():
                 rs = [r for (m, s, t, _), r in sorted(rows.items()) if (m, s, t) == (model, scheme, tool)]
                 if not rs:
                     continue
-                bpw = next((r["bpw"] for r in rs if r.get("bpw")), float("nan"))
+                bpw = next((r["bpw"] for (m, sc, _, _), r in rows.items() if (m, sc) == (model, scheme) and r.get("bpw")),
+                           float("nan"))
                 seeds = sorted(r["seed"] for r in rs)
                 print(f"| {scheme} | {label} | {bpw:.3f} | {common.fmt([r['ppl'] for r in rs])} | "
                       f"{common.fmt([r['kl'] for r in rs], 4)} | {common.mean_sd([r.get('top1') for r in rs])[0]:.3f} | "
                       f"{','.join(map(str, seeds)) if tool != 'hmq rtn' else '– (no calibration)'} |")
                 table.append({"model": model, "scheme": scheme, "method": label, "bpw": bpw, "seeds": seeds,
                               "ppl": [r["ppl"] for r in rs], "kl": [r["kl"] for r in rs], "fp_ppl": fp[model]})
+        if verdicts:
+            print("\nOn the seeds both ran, mean over them (lower on both counts, or split):\n" + "\n".join(verdicts))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
         print(f"wrote {args.json}")
