@@ -9,8 +9,9 @@ EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
 2. **Scores** (:class:`calibration.search.KLScore`): the fp model's next-token distributions on the
    selection windows (top-k kept), from one more sweep; a configuration's score is the mean KL of
    the model stitched from the database.
-3. **Start**: every uniform scheme that fits the budget and the integer program on the database's
-   own relative output errors are scored on the search's first windows; the best is the start.
+3. **Start**: every uniform scheme that fits the budget and (unless the anchor itself fits) the
+   integer program on the database's own relative output errors are scored on the search's first
+   windows; the best is the start.
 4. **Search** (:func:`quant.search.evolve`): (1 + λ) evolution with level-switch mutations under
    the budget; children are screened on a few of the search windows, the best scored on all
    (multi-step selection), and a child is kept only when lower than its parent (with ``pool``, off
@@ -179,14 +180,17 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
         scores = fitness.many([[anchor] * U] + [s for _, s in starts], True)
         base_full, scores = scores[0], scores[1:]
         if any(c == anchor for c, _ in uniform):
+            # the budget is the anchor's own size: uniform is the start. The integer program's start (its
+            # single-unit passes are most of the starts' time) scored worse there on every SmolLM2 run
             starts.insert(0, (candidates[anchor].label, [anchor] * U))
             scores.insert(0, base_full)
-        D = _calibrated_table(units, candidates, cost, anchor, errors, fitness, ties)
-        # one solve, on the first process, for all of them (under a time limit two need not agree)
-        ilp = dist.gather_all(ilp_start(D, cost, budget, list(ties)) if dist.is_main() else None)[0]
-        if ilp is not None:
-            starts.append(("ILP on calibrated errors", ilp))
-            scores.append(fitness.many([ilp], True)[0])
+        else:
+            D = _calibrated_table(units, candidates, cost, anchor, errors, fitness, ties)
+            # one solve, on the first process, for all of them (under a time limit two need not agree)
+            ilp = dist.gather_all(ilp_start(D, cost, budget, list(ties)) if dist.is_main() else None)[0]
+            if ilp is not None:
+                starts.append(("ILP on calibrated errors", ilp))
+                scores.append(fitness.many([ilp], True)[0])
         if not starts:
             raise ConfigError("no configuration of the candidate widths fits this budget: raise it.")
         record = [{"label": label, "bpw": _bpw(cost, s, units), "kl": kl} for (label, s), kl in zip(starts, scores)]

@@ -194,6 +194,7 @@ def test_the_stitched_anchor_is_uniform_gptq():
     score = KLScore(fp, arch, confirmation, torch.device("cpu"), 32)
     w3 = [u for u in rec["uniform"] if u["label"] == "w3g32"]
     assert len(w3) == 1
+    assert rec["start"] == "w3g32" and not [r for r in rec["search"]["starts"] if r["label"].startswith("ILP")]
     assert w3[0]["kl"] == pytest.approx(written_kl(uniform, arch, confirmation, torch.device("cpu"), score), rel=1e-5)
 
 
