@@ -28,6 +28,8 @@ VARIANTS = {
     "static": {"act_order": True, "static_groups": True, "clip": True, "group_params": "original"},
     "static-noclip": {"act_order": True, "static_groups": True, "clip": False, "group_params": "original"},
     "static-reached": {"act_order": True, "static_groups": True, "clip": True, "group_params": "reached"},
+    "default": {},  # hmq's defaults as they now are
+    "unweighted": {"clip_weighted": False},  # … with every column's error counted the same in the range search
     "rtn": {"method": "rtn"},  # round-to-nearest (min/max ranges): no calibration, so one seed stands for all
 }
 

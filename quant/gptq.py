@@ -100,9 +100,10 @@ def gptq_quantize(
     invperm = torch.argsort(perm)
     W = weight.detach()[:, perm].to(torch.float32)  # (out, in) in permuted order, one working copy
     W[:, dead[perm]] = 0.0
+    energy = diag[perm]  # each column's input energy (solve order): what a weighted range search weighs by
 
     static_params, gs_eff = _fixed_group_params(W, invperm, spec, clip, grid, static_groups and act_order
-                                                and group_params == "reached", static_groups, name)
+                                                and group_params == "reached", static_groups, name, energy)
 
     U = _damped_factor(H, damp_percent, perm, name)
     if U is None:
@@ -116,7 +117,7 @@ def gptq_quantize(
     scales, zeros = [], []
     g_of_col = torch.zeros(in_f, dtype=torch.int32, device=W.device)  # group index, permuted order
     if gs == -1 and static_params is None:
-        scale, zero = search_qparams(W, bits, spec.sym, clip)
+        scale, zero = search_qparams(W, bits, spec.sym, clip, energy)
         scales.append(scale), zeros.append(zero)
 
     for i1 in range(0, in_f, block_size):
@@ -129,13 +130,14 @@ def gptq_quantize(
             if static_params is not None:
                 g = int(perm[col]) // gs_eff
                 if static_params[g] is None:  # reached: the group's current values, all at or after col
-                    static_params[g] = _reached_params(W, W1, Err1, U, invperm[g * gs : (g + 1) * gs], i1, i, spec, clip)
+                    pos = invperm[g * gs : (g + 1) * gs]
+                    static_params[g] = _reached_params(W, W1, Err1, U, pos, i1, i, spec, clip, energy[pos])
                 scale, zero = static_params[g]
                 g_of_col[col] = g
             elif gs != -1:
                 if col % gs == 0:
                     group_cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                    scale, zero = search_qparams(group_cols, bits, spec.sym, clip)
+                    scale, zero = search_qparams(group_cols, bits, spec.sym, clip, energy[col : col + gs])
                     scales.append(scale), zeros.append(zero)
                 g_of_col[col] = col // gs
             w = W1[:, i]  # (out,)
@@ -161,7 +163,8 @@ def gptq_quantize(
 
 
 def _fixed_group_params(W: torch.Tensor, invperm: torch.Tensor, spec: ModuleSpec, clip: ClipSearch | None,
-                        grid: list | None, reached: bool, static_groups: bool, name: str) -> tuple[list | None, int]:
+                        grid: list | None, reached: bool, static_groups: bool, name: str,
+                        energy: torch.Tensor) -> tuple[list | None, int]:
     """Each group's (scale, zero) fixed before the solve, or None per group for those set when the
     solve reaches them, or None for groups in solve order; and the group size that maps a column to
     its entry. ``W`` (out, in) is in solve order; groups are taken in the original column order."""
@@ -175,11 +178,12 @@ def _fixed_group_params(W: torch.Tensor, invperm: torch.Tensor, spec: ModuleSpec
         return None, gs
     if reached:
         return [None] * -(-in_f // gs), gs  # filled as the solve reaches each group
-    return [search_qparams(W[:, invperm[g : g + gs]], spec.bits, spec.sym, clip) for g in range(0, in_f, gs)], gs
+    return [search_qparams(W[:, invperm[g : g + gs]], spec.bits, spec.sym, clip, energy[invperm[g : g + gs]])
+            for g in range(0, in_f, gs)], gs
 
 
 def _reached_params(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, pos: torch.Tensor,
-                    i1: int, i: int, spec: ModuleSpec, clip: ClipSearch | None):
+                    i1: int, i: int, spec: ModuleSpec, clip: ClipSearch | None, energy: torch.Tensor):
     """A group's (scale, zero) from its error-updated values when the solve, at column ``i1 + i``
     of the block that starts at ``i1``, first reaches it; ``pos``: its columns' solve positions."""
     i2 = i1 + W1.shape[1]
@@ -188,4 +192,4 @@ def _reached_params(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: to
     cur[:, now] = W1[:, pos[now] - i1]
     later = pos[~now]
     cur[:, ~now] = W[:, later] - Err1[:, :i] @ U[i1 : i1 + i, later]  # the block's pending updates
-    return search_qparams(cur, spec.bits, spec.sym, clip)
+    return search_qparams(cur, spec.bits, spec.sym, clip, energy)

@@ -53,7 +53,7 @@ def solve(method: MethodInfo, weight: torch.Tensor, H: torch.Tensor | None, spec
 
 
 def clip_search(config) -> ClipSearch | None:
-    return ClipSearch() if config.clip else None
+    return ClipSearch(weighted=config.clip_weighted) if config.clip else None
 
 
 @register("rtn", needs_hessian=False, help="round-to-nearest on each group's min/max grid (baseline)")
