@@ -29,6 +29,9 @@ CLIP_HELP = ("search each group's range (shrunk by up to 20%%) for the lowest |e
              "min/max (GPTQ's mse option); helps most at 2-3 bits; --no-clip for textbook GPTQ (default on)")
 
 
+CLIP_WEIGHTED_HELP = ("GPTQ's range search counts each column's error by its input energy diag(H), so a weight "
+                      "that meets a large activation is not clipped (default on; --no-clip-weighted: all alike)")
+
 DEFAULT_CANDIDATES = "2,3,4,8"  # the candidate widths a measurement tries unless told
 
 
@@ -72,6 +75,7 @@ def _quantize_parser(sub) -> None:
     _bool_flag(q, "act-order", "GPTQ: solve columns in order of decreasing Hessian diagonal (default on; with "
                                "--static-groups the checkpoint needs no g_idx, so it runs as fast as one without)")
     _bool_flag(q, "clip", CLIP_HELP)
+    _bool_flag(q, "clip-weighted", CLIP_WEIGHTED_HELP)
     _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
                                    "keeping groups contiguous (llm-compressor's actorder=static; default on); "
                                    "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
@@ -148,6 +152,7 @@ def _measure_parser(sub) -> None:
     _bool_flag(m, "partial-groups", "allow a shorter last group")
     m.add_argument("--damp-percent", type=float, help="GPTQ damping (default 0.01)")
     _bool_flag(m, "clip", CLIP_HELP)
+    _bool_flag(m, "clip-weighted", CLIP_WEIGHTED_HELP)
     _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
     _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
     m.add_argument("--group-params", choices=GROUP_PARAMS, help="static groups' scale/zero, as quantize")

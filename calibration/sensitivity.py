@@ -97,6 +97,8 @@ class Sensitivity:
         groups (files from before a setting existed were measured with it off)."""
         act = bool(self.settings.get("act_order", False))
         out = {"clip": self.clip, "act_order": act}
+        if self.clip:  # files from before the weighted range search: unweighted
+            out["clip_weighted"] = bool(self.settings.get("clip_weighted", False))
         if act:
             out["static_groups"] = bool(self.settings.get("static_groups", False))
             if out["static_groups"]:

@@ -168,16 +168,19 @@ def test_clip_search_never_worse_and_clips_outliers(bits, sym):
         assert (after <= _norm_err(w, s, z, bits) + 1e-12).all()
 
 
-def _textbook_search(w, bits, sym, clip):
+def _textbook_search(w, bits, sym, clip, energy=None):
     """The range search as its docstring says, shrink by shrink with torch.round: the fast one must equal it."""
     from quant.quantizer import max_code, range_qparams
+
+    weight = torch.ones(w.shape[1], device=w.device) if energy is None else energy / energy.mean()
 
     lo, hi = w.amin(1), w.amax(1)
     best, scale, zero = torch.full((w.shape[0],), float("inf"), device=w.device), None, None
     for i in range(int(clip.maxshrink * clip.grid)):
         s, z = range_qparams((1 - i / clip.grid) * lo, (1 - i / clip.grid) * hi, bits, sym)
         q = (torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, max_code(bits)) - z[:, None]) * s[:, None]
-        e = (q - w).abs().pow(clip.norm).sum(1)
+        e = (q - w).abs().pow(clip.norm)
+        e = (e if energy is None else e * weight).sum(1)
         if scale is None:
             scale, zero = s, z
         better = e < best
@@ -189,15 +192,47 @@ def _textbook_search(w, bits, sym, clip):
     not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [False, True])
-def test_clip_search_equals_the_textbook_search_bit_for_bit(bits, sym, device):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clip_search_equals_the_textbook_search_bit_for_bit(bits, sym, device, weighted):
     torch.manual_seed(bits)
     w = torch.distributions.StudentT(3.0).sample((3000, 64)) * 0.02  # more rows than one chunk
     w[0] = 0.0  # a constant row
     w[1, :8] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 0.25, 0.75, 1.0])  # values on half steps
     w[2, 0] = 1e6  # a far outlier: codes beyond the magic number's exact range
-    got = [t.cpu() for t in search_qparams(w.to(device), bits, sym, ClipSearch())]
-    want = [t.cpu() for t in _textbook_search(w.to(device), bits, sym, ClipSearch())]  # on the same device
+    energy = torch.rand(64).pow(4) * 100 if weighted else None
+    got = [t.cpu() for t in search_qparams(w.to(device), bits, sym, ClipSearch(), energy)]
+    want = [t.cpu() for t in _textbook_search(w.to(device), bits, sym, ClipSearch(), energy)]  # on the same device
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if weighted:  # the same energy with the weighting off is the unweighted search
+        off = search_qparams(w.to(device), bits, sym, ClipSearch(weighted=False), energy)
+        plain = _textbook_search(w.to(device), bits, sym, ClipSearch())
+        assert torch.equal(off[0].cpu(), plain[0].cpu()) and torch.equal(off[1].cpu(), plain[1].cpu())
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (3, 32), (2, 64), (4, -1)])
+def test_weighted_range_search_spares_a_weight_that_meets_a_massive_activation(bits, group_size):
+    """SmolLM2's layer-11 down_proj in small: two inputs carry 10^5-10^6x the median energy and their
+    weights are 5-8x the rest of the row's. The unweighted search clips them to give the bulk a finer
+    step, and GPTQ cannot undo that; weighted by diag(H) it keeps them, and the output error falls."""
+    torch.manual_seed(bits)
+    rows, cols = 48, 128
+    w = torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02
+    w[:, [5, 70]] = torch.randn(rows, 2) * 0.15
+    x = torch.randn(4096, cols)
+    x[:, [5, 70]] *= torch.tensor([800.0, 300.0])  # massive activations on two channels
+    H = 2 * x.T @ x / x.shape[0]
+    spec = ModuleSpec(bits, group_size, False)
+    kw = dict(act_order=True, static_groups=True, group_params="reached")
+    err = {}
+    for weighted in (False, True):
+        q = gptq_quantize(w, H, spec, clip=ClipSearch(weighted=weighted), **kw)
+        dW = q.dequantize(torch.float32) - w
+        err[weighted] = float(((dW @ H) * dW).sum() / ((w @ H) * w).sum())
+    plain = gptq_quantize(w, H, spec, clip=None, **kw)
+    dW = plain.dequantize(torch.float32) - w
+    noclip = float(((dW @ H) * dW).sum() / ((w @ H) * w).sum())
+    assert err[True] < 0.5 * err[False], err  # the unweighted search's clipping costs at least 2x
+    assert err[True] <= 1.05 * noclip, (err, noclip)  # and weighted it is no worse than no search at all
 
 
 @pytest.mark.parametrize("group_size", [-1, 32])
