@@ -74,7 +74,8 @@ class QuantConfig:
     group_params: str = "auto"
     clip: bool = True  # search each group's range for the lowest |error|^2.4 (GPTQ's "mse") instead of min/max
     # the range search weighs each column's error by its input energy diag(H) where the method has
-    # a Hessian (GPTQ), as llama.cpp's importance matrix does; off: every column counts the same
+    # a Hessian (GPTQ), as llama.cpp's importance matrix does (diag(H)^0.5 at 2 bits: ranked on
+    # selection text, docs/defaults.md); off: every column counts the same
     clip_weighted: bool = True
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block

@@ -8,7 +8,7 @@ import torch
 from . import dist
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .gptq import gptq_quantize
-from .quantizer import ClipSearch, QuantizedWeight, rtn_quantize
+from .quantizer import ClipSearch, QuantizedWeight, rtn_quantize, weight_power
 
 Method = Callable[[torch.Tensor, Optional[torch.Tensor], ModuleSpec, QuantConfig, str], QuantizedWeight]
 
@@ -52,13 +52,13 @@ def solve(method: MethodInfo, weight: torch.Tensor, H: torch.Tensor | None, spec
     return QuantizedWeight.cat_rows([p.to(weight.device) for p in dist.gather_all(part.to("cpu"))])
 
 
-def clip_search(config) -> ClipSearch | None:
-    return ClipSearch(weighted=config.clip_weighted) if config.clip else None
+def clip_search(config, bits: int) -> ClipSearch | None:
+    return ClipSearch(weighted=config.clip_weighted, power=weight_power(bits)) if config.clip else None
 
 
 @register("rtn", needs_hessian=False, help="round-to-nearest on each group's min/max grid (baseline)")
 def _rtn(weight, H, spec, config, name):
-    return rtn_quantize(weight, spec, clip_search(config))
+    return rtn_quantize(weight, spec, clip_search(config, spec.bits))
 
 
 @register("gptq", needs_hessian=True, help="GPTQ: second-order error feedback with H = 2XXᵀ")
@@ -74,7 +74,7 @@ def _gptq(weight, H, spec, config, name, grid=None):
         block_size=config.block_size,
         name=name,
         grid=grid,
-        clip=clip_search(config),
+        clip=clip_search(config, spec.bits),
     )
 
 
