@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from quant.capture import capture_layer_inputs, run_layer
+from quant.capture import capture_layer_inputs, collect_hessians, run_layer
 from quant import affine
 from quant.arch import get_arch
 from quant.config import ModuleSpec, QuantConfig
 from quant.export import load_quantized, save_quantized
 from quant.pipeline import quantize_model
 from quant.gptq import gptq_quantize
-from quant.quantizer import ClipSearch, best_rows, compute_qparams, row_errors, rtn_quantize, search_qparams
+from quant.quantizer import ClipSearch, best_rows, compute_qparams, row_errors, rtn_quantize, search_qparams, weight_power
 
 from .conftest import build_tiny, windows
 
@@ -178,8 +178,9 @@ def test_pipeline_quantizes_on_the_learned_grid(method):
 
     arch = get_arch("llama")
     w = windows(4, 32)
-    # natural column order, so GPTQ's own first group is the one that sees no error feedback
-    cfg = QuantConfig(method=method, bits=3, group_size=32, affine_epochs=2, act_order=False)
+    # natural column order, so GPTQ's own first group is the one that sees no error feedback; every
+    # linear's Hessian from the layer's unquantized pass, so the test can rebuild its energies
+    cfg = QuantConfig(method=method, bits=3, group_size=32, affine_epochs=2, act_order=False, true_sequential=False)
     model = build_tiny("llama")
     quantize_model(model, arch, w, cfg, CPU, batch_size=4, progress=False)
     ref = build_tiny("llama")
@@ -198,11 +199,14 @@ def test_pipeline_quantizes_on_the_learned_grid(method):
             assert torch.equal(model.model.layers[0].get_submodule(n).dequantize(), expect), n
     else:
         grids = affine.learned_grid(layer, T, specs)
-        for n in ("self_attn.v_proj", "mlp.down_proj"):  # each row on the learned grid or GPTQ's own
+        names = ["self_attn.v_proj", "mlp.down_proj"]
+        H, _ = collect_hessians(layer, names, inputs)  # the folded layer's input energies
+        clip = ClipSearch(weighted=cfg.clip_weighted, power=weight_power(3)) if cfg.clip else None
+        for n in names:  # each row on the learned grid or GPTQ's own
             learned = torch.stack([s for s, _ in grids[n]]).half()
             w = layer.get_submodule(n).weight.float()
             # GPTQ's own first group (later ones see its feedback), its range searched as configured
-            own0 = search_qparams(w[:, :32], 3, False, ClipSearch() if cfg.clip else None)[0].half()
+            own0 = search_qparams(w[:, :32], 3, False, clip, H[n].diagonal()[:32])[0].half()
             got = model.model.layers[0].get_submodule(n).scales
             on_learned = (got == learned).all(0)
             assert bool((on_learned | (got[0] == own0)).all()), n
