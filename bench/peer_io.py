@@ -9,8 +9,9 @@ from pathlib import Path
 
 
 def leave_bench_folder() -> None:
-    """Take bench/ off the import path once the peer script has what it needs from here: its
-    ``kernels.py`` would shadow the Hugging Face ``kernels`` package that newer transformers import."""
+    """Take bench/ off the import path once the peer script has what it needs from here, so that no
+    script there can ever shadow a package a peer imports (a ``kernels.py`` once hid Hugging Face's
+    ``kernels``, which newer transformers import)."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 

@@ -15,7 +15,7 @@ inside one quantization group, scale and zero are applied once per tile after th
 scale and zero are gathered. 3-bit words straddle code boundaries, so at load time a 3-bit weight is
 repacked into a *runtime layout* of two planes that hold whole codes — the low 2 bits (16 codes per
 word) and the high bit (32 per word); the on-disk layout stays GPTQ's. Accumulation is fp32.
-Tile sizes follow fixed rules of the shape (see :func:`qmatmul`); numbers: ``bench/kernels.py``.
+Tile sizes follow fixed rules of the shape (see :func:`qmatmul`); numbers: ``bench/kernel_speed.py``.
 """
 from __future__ import annotations
 

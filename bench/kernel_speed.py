@@ -1,7 +1,7 @@
 """Packed-int matmul kernels vs fp16 ``torch.matmul`` on a CUDA GPU, against the memory roofline.
 
-    python bench/kernels.py --model random-1b   # all shapes, batches 1/4/16/64/512, widths 2/3/4/8
-    python bench/kernels.py --peak-gbs 3350 --json bench/results/kernels.json
+    python bench/kernel_speed.py --model random-1b   # all shapes, batches 1/4/16/64/512, widths 2/3/4/8
+    python bench/kernel_speed.py --peak-gbs 3350 --json bench/results/kernels.json
 
 For each (shape, batch, width): kernel time (median under a CUDA graph, over enough copies of the
 weight that each call streams 200 MB, so neither side is served from the 50 MB L2), bytes moved
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--json", default="bench/results/kernels.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU; the kernels' correctness tests run anywhere (pytest tests/test_kernels.py).")
+        sys.exit("bench/kernel_speed.py needs a CUDA GPU; the kernels' correctness tests run anywhere (pytest tests/test_kernels.py).")
     rows = kernel_rows(args)
     decode = [] if args.skip_decode else decode_rows(args)
     print(f"\n{torch.cuda.get_device_name()}, peak {args.peak_gbs:.0f} GB/s, group {args.group_size}")
