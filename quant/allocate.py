@@ -14,8 +14,11 @@ relaxation is tighter than the usual three McCormick inequalities.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -135,6 +138,24 @@ def _solver_name(solver: str) -> str:
     return solver
 
 
+@functools.cache
+def _quiet_highs() -> None:
+    """HiGHS writes its copyright banner to the process's stdout when it makes its first solver,
+    whatever ``msg`` says (once per process): make that first one with stdout pointed at /dev/null,
+    so the banner never lands in a command's output (or its ``--json``)."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
 def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_rel: float = 5e-3,
           solver: str = "auto") -> Solution:
     """The optimum under ``Σ cost ≤ budget``, to within ``gap_rel`` of the best bound, or the best
@@ -151,6 +172,7 @@ def solve(problem: Problem, budget: float, time_limit: float | None = 20.0, gap_
     name = _solver_name(solver)
     prob, x = _build(problem, budget, relax=False)
     if name == "highs":
+        _quiet_highs()
         prob.solve(pulp.HiGHS(msg=False, gapRel=gap_rel, timeLimit=time_limit))
     else:
         # CBC's integer preprocessing returns wrong "optimal" answers on some of these knapsack-like

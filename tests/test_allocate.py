@@ -127,3 +127,17 @@ def test_all_zero_pair_terms_add_no_variables():
     assert any(n.startswith("y_0_1_") for n in names)
     budget = float(p.cost.min(axis=1).sum() + 5)
     assert solve(zeroed, budget, gap_rel=0.0).objective == pytest.approx(brute_force(zeroed, budget)[1], abs=1e-7)
+
+
+def test_the_solver_prints_nothing():
+    """HiGHS's banner (written to the process's stdout on its first solver) stays out of a command's
+    output, which may be JSON."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("highspy")
+    code = ("import numpy as np\nfrom quant.allocate import Problem, solve\n"
+            "p = Problem(np.array([[2.0, 1.0, 0.0]]), np.array([[2.0, 3.0, 4.0]]))\n"
+            "print(solve(p, 3.0, solver='highs').choice)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[1]", out
