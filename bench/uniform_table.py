@@ -5,7 +5,10 @@ gathered from ``bench/peers.py`` result files, one block per model.
 
 Each file holds one model's rows on that model's reporting windows (``peers.py`` scores every tool
 on the same ones). Where two files hold the same (model, scheme, tool, seed), the one later in the
-argument list wins (the glob above sorts them by name).
+argument list wins (the glob above sorts them by name). ``--peer-rows`` files give only their peers'
+rows (the llm-compressor side of a grid whose hmq rows an older default took):
+
+    python bench/uniform_table.py --peers docs/results/peers_wt_*.json --peer-rows docs/results/peers_grid_*.json
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--schemes", nargs="+", default=["w2g64", "w3g64", "w4g64", "w8g64"])
+    ap.add_argument("--peer-rows", nargs="+", type=Path, default=[],
+                    help="files whose peers' rows alone are read (hmq's there were taken with older defaults)")
     ap.add_argument("--json", help="also write the table as JSON here")
     ap.add_argument("--peers", action="store_true",
                     help="hmq's default beside llm-compressor instead of RTN, with which is lower at each scheme")
@@ -55,7 +60,7 @@ def main() -> None:
     tools = PEERS if args.peers else TOOLS
     rows: dict[tuple, dict] = {}
     fp: dict[str, float] = {}
-    for path in args.files:
+    for path in [*args.peer_rows, *args.files]:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "rows" not in data:
             continue  # not a peers.py result (this script's own --json output, say)
@@ -63,7 +68,7 @@ def main() -> None:
         model = model.split("-q4_k_m")[0]  # the converted Gemma folder's cache key is not part of its name
         fp[model] = data["fp"]["ppl"]
         for r in data["rows"]:
-            if r["tool"] in tools and r["scheme"] in args.schemes:
+            if r["tool"] in tools and r["scheme"] in args.schemes and not (path in args.peer_rows and r["tool"].startswith("hmq")):
                 rows[(model, r["scheme"], r["tool"], r["seed"])] = r
     table = []
     for model in fp:
