@@ -67,8 +67,9 @@ def main() -> None:
         model = model_of(data)
         model = model.split("-q4_k_m")[0]  # the converted Gemma folder's cache key is not part of its name
         fp[model] = data["fp"]["ppl"]
+        peers_only = path in args.peer_rows
         for r in data["rows"]:
-            if r["tool"] in tools and r["scheme"] in args.schemes and not (path in args.peer_rows and r["tool"].startswith("hmq")):
+            if r["tool"] in tools and r["scheme"] in args.schemes and not (peers_only and r["tool"].startswith("hmq")):
                 rows[(model, r["scheme"], r["tool"], r["seed"])] = r
     table = []
     for model in fp:

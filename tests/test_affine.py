@@ -12,7 +12,8 @@ from quant.config import ModuleSpec, QuantConfig
 from quant.export import load_quantized, save_quantized
 from quant.pipeline import quantize_model
 from quant.gptq import gptq_quantize
-from quant.quantizer import ClipSearch, best_rows, compute_qparams, row_errors, rtn_quantize, search_qparams, weight_power
+from quant.methods import clip_search
+from quant.quantizer import best_rows, compute_qparams, row_errors, rtn_quantize, search_qparams
 
 from .conftest import build_tiny, windows
 
@@ -201,7 +202,7 @@ def test_pipeline_quantizes_on_the_learned_grid(method):
         grids = affine.learned_grid(layer, T, specs)
         names = ["self_attn.v_proj", "mlp.down_proj"]
         H, _ = collect_hessians(layer, names, inputs)  # the folded layer's input energies
-        clip = ClipSearch(weighted=cfg.clip_weighted, power=weight_power(3)) if cfg.clip else None
+        clip = clip_search(cfg, 3)  # the range search as the method configures it
         for n in names:  # each row on the learned grid or GPTQ's own
             learned = torch.stack([s for s, _ in grids[n]]).half()
             w = layer.get_submodule(n).weight.float()
