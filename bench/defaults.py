@@ -9,12 +9,15 @@ Variants: ``plain`` (columns in their own order, range search), ``plain-noclip``
 ``act`` (Hessian order with groups following it: needs g_idx at inference), ``static`` (Hessian
 order, groups fixed from the original weights and kept contiguous: no g_idx), ``static-noclip``,
 ``static-reached`` (contiguous groups whose scale/zero are set from their error-updated values when
-the solve first reaches one of their columns).
+the solve first reaches one of their columns), ``default`` (hmq's defaults), ``unweighted`` (the range
+search counts every column's error the same), ``power1`` / ``power0.5`` (weighted by diag(H) to that
+power at every width), ``rtn``.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
@@ -31,7 +34,20 @@ VARIANTS = {
     "default": {},  # hmq's defaults as they now are
     "unweighted": {"clip_weighted": False},  # … with every column's error counted the same in the range search
     "rtn": {"method": "rtn"},  # round-to-nearest (min/max ranges): no calibration, so one seed stands for all
+    # the weighted range search with diag(H) to a fixed power at every width (the default picks it by
+    # width: quant.quantizer.weight_power)
+    "power1": {"_power": 1.0},
+    "power0.5": {"_power": 0.5},
 }
+
+
+def _quantize(base, arch, windows, spec, device, variant: str):
+    settings = dict(VARIANTS[variant])
+    power = settings.pop("_power", None)
+    if power is None:
+        return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
+    with mock.patch("quant.methods.weight_power", lambda bits: power):
+        return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
 
 
 def main() -> None:
@@ -58,8 +74,7 @@ def main() -> None:
             spec = common.parse_scheme(label)
             for variant in args.variants:
                 t0 = time.perf_counter()
-                model, report = common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True,
-                                                    **VARIANTS[variant])
+                model, report = _quantize(base, arch, windows, spec, device, variant)
                 res = common.evaluate(model, sel, device)
                 rows.append({"scheme": label, "variant": variant, "seed": seed, "bpw": report.bpw,
                              "quant_seconds": report.seconds, **res})
