@@ -489,8 +489,12 @@ def print_selection(a: dict) -> None:
         label = ("search's choice" if r["label"] == "search" else r["label"] if r["label"].startswith("ILP")
                  else "uniform " + r["label"])
         mark = "  <- chosen" if r["label"] == final["chosen"] else ""
-        print(f"  {label:<28} {r['bpw']:>6.3f} {_kl(r['kl']):>26}{mark}")
+        gain = f"  ({r['margin']:+.1f} se)" if r.get("margin") is not None else ""
+        print(f"  {label:<28} {r['bpw']:>6.3f} {_kl(r['kl']):>26}{gain}{mark}")
     print(f"  {'chosen, as written':<28} {a['bpw']:>6.3f} {_kl(a['measured_kl']):>26}")
+    if any(r.get("margin") is not None for r in final["scored"]):
+        print(f"  (se: a mixed configuration's gain over the best uniform one in standard errors of the per-window "
+              f"differences; it is written only above {final['margin']:g})")
     print(f"  search: {s['evaluations']['full']} full + {s['evaluations']['screen']} screening passes; time: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in a["seconds"].items()))
 

@@ -209,12 +209,27 @@ class KLScore:
         view.idx, view.top = self.idx[rows], self.top[rows]
         return view
 
-    def __call__(self, hidden: torch.Tensor, n: int) -> float:
+    def each(self) -> "KLScore":
+        """The same score, per window: ``score(hidden, n)`` gives each of the ``n`` windows' mean KL
+        (a list), whose mean is the plain score's value."""
+        view = copy.copy(self)
+        view.per_window = True
+        return view
+
+    per_window = False
+
+    def __call__(self, hidden: torch.Tensor, n: int) -> float | list[float]:
         total = 0.0
+        sums = torch.zeros(n, dtype=torch.float64)
         for w, a, b in head_blocks(n, self.seq - 1):
             logits = head_logits(self.model, self.arch, hidden[w, a:b].to(self.device)).flatten(0, 1)
-            total += float(top_k_kl(logits, self.idx[w, a:b].flatten(0, 1).to(logits.device),
-                                    self.top[w, a:b].flatten(0, 1).to(logits.device)).sum())
+            kl = top_k_kl(logits, self.idx[w, a:b].flatten(0, 1).to(logits.device),
+                          self.top[w, a:b].flatten(0, 1).to(logits.device))
+            total += float(kl.sum())
+            if self.per_window:
+                sums[w] += kl.view(-1, b - a).sum(1).double().cpu()
+        if self.per_window:
+            return (sums / (self.seq - 1)).tolist()
         return total / (n * (self.seq - 1))
 
 

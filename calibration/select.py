@@ -17,8 +17,11 @@ EvoPress (Sieberling et al. 2024), and ship exactly the model that was scored.
    (multi-step selection), and a child is kept only when lower than its parent (with ``pool``, off
    by default, each generation draws its windows afresh, as EvoPress draws fresh tokens, and
    scores the parent again on them). Last, the search's choice, the starts and every uniform
-   scheme that fits are scored on confirmation windows drawn apart from the search's, and the
-   lowest is the choice: never worse there than any uniform scheme that fits, by construction.
+   scheme that fits are scored on confirmation windows drawn apart from the search's. The best
+   uniform scheme there is the choice unless a mixed configuration is lower by more than
+   ``margin`` standard errors of the per-window differences (:func:`final_pick`): never worse there
+   than any uniform scheme that fits, by construction, and a gain inside the windows' noise keeps
+   uniform.
 5. **Assembly** (:func:`assemble`): the chosen candidates' codes become the checkpoint's modules: the
    model written is bit for bit the one whose KL was measured.
 """
@@ -68,6 +71,10 @@ class SelectOptions:
     pool: int = 0  # selection windows each generation draws its `samples` from afresh; ≤ samples: the same every time
     ladder: bool = False  # each width also per output channel and at half the group size: steps of ~0.3 bpw
     neighbours: int = 1  # candidates each side of the anchor (in price)
+    # a mixed configuration replaces the best uniform scheme only when lower on the confirmation windows
+    # by more than this many standard errors of its per-window KL differences (set a priori, not tuned:
+    # about 98% one-sided); 0: any lower mean
+    margin: float = 2.0
 
     @property
     def pool_size(self) -> int:
@@ -77,10 +84,11 @@ class SelectOptions:
     def check(self) -> None:
         if min(self.generations, self.samples, self.seqlen, self.screen, self.top_k, self.survivors,
                self.neighbours) < 1 \
-                or self.seqlen < 2 or self.confirm < 0 or self.pool < 0 \
+                or self.seqlen < 2 or self.confirm < 0 or self.pool < 0 or not self.margin >= 0 \
                 or self.offspring < self.survivors or self.screen > self.samples:
             raise ConfigError("the selection search needs --search (generations), --search-samples, --search-seqlen, "
-                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, --search-seqlen ≥ 2, --search-offspring ≥ 2 and --search-pool ≥ 0.")
+                              "--search-screen ≥ 1 with --search-screen ≤ --search-samples, --search-seqlen ≥ 2, --search-offspring ≥ 2, --search-pool ≥ 0 "
+                              "and a margin ≥ 0.")
 
 
 @dataclass
@@ -167,8 +175,10 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
     :class:`calibration.search.StitchedLoss` with a :class:`calibration.search.KLScore`, or a
     :class:`calibration.search.Redrawn` one, whose windows each generation draws afresh). ``confirm``
     (configurations -> their KL on other selection windows): the search's choice, its starts and every
-    uniform scheme that fits are scored there last, and the lowest is the choice (so windows the
-    search has seen cannot have overfitted it); without ``confirm``, on the search's windows."""
+    uniform scheme that fits are scored there last (so windows the search has seen cannot have
+    overfitted it), and :func:`final_pick` chooses (with per-window values from ``confirm``, a mixed
+    configuration must beat the best uniform one by ``opts.margin`` standard errors); without
+    ``confirm``, on the search's windows."""
     t0 = time.perf_counter()
     U = len(units)
     allowed = np.isfinite(cost)
@@ -216,17 +226,47 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
         got = dict(zip(distinct, confirm([list(c) for c in distinct]) if confirm is not None
                        else fitness.many([list(c) for c in distinct], True)))
         kls, windows = [got[tuple(c)] for _, c in final], "confirmation" if confirm is not None else "search"
-    pick = min(range(len(final)), key=lambda j: (kls[j], j != len(final) - 1))  # a tie goes to the search
+    each = [k if isinstance(k, (list, tuple)) else None for k in kls]  # per-window KLs, where the scorer gives them
+    kls = [float(np.mean(k)) if e is not None else k for k, e in zip(kls, each)]
+    pick, margins = final_pick(kls, each, [len(set(c)) == 1 for _, c in final], opts.margin)
     label, choice = final[pick]
-    rows = [{"label": lab, "bpw": _bpw(cost, c, units), "kl": kl} for (lab, c), kl in zip(final, kls)]
-    record["final"] = {"windows": windows, "scored": rows, "chosen": label}
+    rows = [{"label": lab, "bpw": _bpw(cost, c, units), "kl": kl} | ({"margin": m} if m is not None else {})
+            for (lab, c), kl, m in zip(final, kls, margins)]
+    record["final"] = {"windows": windows, "scored": rows, "chosen": label, "margin": opts.margin}
     if label != "search":
-        log.info("selection: %s scores below the search's choice on the %s windows (KL %.4f against %.4f): "
-                 "it is kept", label, windows, kls[pick], kls[-1])
+        log.info("selection: %s is kept on the %s windows (KL %.4f; the search's choice %.4f)",
+                 label, windows, kls[pick], kls[-1])
     uniform_rows = [r for r in rows[:-1] if not r["label"].startswith("ILP")]
     return Selection(choice, [candidates[c].label for c in choice], _bpw(cost, choice, units), kls[pick],
                      begin["label"], uniform_rows, record,
                      {"starts": begin["seconds"], "search": res.seconds, "confirm": time.perf_counter() - t1})
+
+
+def final_pick(kls: list[float], each: list[list[float] | None], uniform: list[bool],
+               margin: float) -> tuple[int, list[float | None]]:
+    """The configuration to write, from each one's mean KL ``kls`` (the search's choice last) and, where
+    known, its KL on each window (``each``): the best uniform one (``uniform``) unless a mixed one is
+    lower by more than ``margin`` standard errors of its per-window differences from it (a paired
+    test: a gain inside the windows' noise keeps uniform); among those that are, the lowest. Without
+    per-window values, or with one window, or with no uniform one among them, the lowest, a tie going
+    to the search. Also each mixed one's gain over that uniform one in standard errors (None for
+    uniform ones and where unknown; inf where every window agrees)."""
+    last = len(kls) - 1
+    lowest = min(range(len(kls)), key=lambda j: (kls[j], j != last))
+    base = [j for j in range(len(kls)) if uniform[j]]
+    margins: list[float | None] = [None] * len(kls)
+    if not base or any(each[j] is None or len(each[j]) < 2 for j in range(len(kls))):
+        return lowest, margins
+    best = min(base, key=lambda j: kls[j])
+    for j in range(len(kls)):
+        if not uniform[j]:
+            d = np.asarray(each[best], dtype=float) - np.asarray(each[j], dtype=float)  # > 0: j is lower
+            se = float(d.std(ddof=1)) / math.sqrt(len(d))
+            margins[j] = float(d.mean()) / se if se > 0 else (math.inf if d.mean() > 0 else -math.inf if d.mean() < 0 else 0.0)
+    passed = [j for j in range(len(kls)) if margins[j] is not None and margins[j] > margin]
+    if not passed:
+        return best, margins
+    return min(passed, key=lambda j: (kls[j], j != last)), margins
 
 
 def _calibrated_table(units, candidates, cost, anchor: int, errors: dict, fitness, ties) -> np.ndarray:
@@ -413,7 +453,7 @@ def _scores(model: nn.Module, arch: Arch, units: list[Unit], db: WeightCache, se
     final_score = KLScore(model, arch, confirm_windows, device, opts.top_k)
     # screening on all its windows: each configuration from the first layer, no boundary kept
     confirm = partial(StitchedLoss(model, arch, units, db, confirm_windows, device, len(confirm_windows),
-                                   score=final_score).many, full=False)
+                                   score=final_score.each()).many, full=False)
     return fitness, confirm, lambda: (confirm_windows, final_score)
 
 

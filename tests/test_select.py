@@ -264,3 +264,57 @@ def _dying(checkpoint):
         if state["generation"] == 2:
             raise Killed()
     return save
+
+
+def test_a_mixed_choice_must_beat_the_best_uniform_one_beyond_the_windows_noise():
+    import numpy as np
+
+    from calibration.select import final_pick
+
+    rng = np.random.default_rng(0)
+    uniform = rng.uniform(0.3, 0.5, 24)  # per-window KL of the best uniform scheme
+    worse = uniform + 0.05  # another uniform scheme
+    swing = np.tile([1.0, -1.0], 12)  # zero mean
+    noisy = uniform - 0.004 + 0.03 * swing  # lower on average by 0.65 standard errors: inside the noise
+    steady = uniform - 0.004 + 0.001 * swing  # as much lower, on every window (20 standard errors)
+    flags = [True, True, False]
+    for mixed, want in [(noisy, 1), (steady, 2)]:
+        each = [list(worse), list(uniform), list(mixed)]
+        kls = [float(np.mean(e)) for e in each]
+        assert kls[2] < kls[1] < kls[0]
+        pick, margins = final_pick(kls, each, flags, 2.0)
+        assert pick == want and margins[:2] == [None, None]
+        d = uniform - mixed
+        assert margins[2] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(24)))
+        # margin 0: any lower mean; no per-window values: the lowest, as before
+        assert final_pick(kls, each, flags, 0.0)[0] == 2
+        assert final_pick(kls, [None] * 3, flags, 2.0)[0] == 2
+    # a mixed choice above the best uniform one is never written, whatever the margin
+    each = [list(uniform), list(uniform + 0.01)]
+    assert final_pick([float(np.mean(e)) for e in each], each, [True, False], 0.0)[0] == 0
+
+
+def test_the_per_window_kl_averages_to_the_score():
+    from calibration.search import KLScore, last_boundary
+    from quant.arch import get_arch
+    from quant.engine import head_on
+
+    fp = build_tiny("llama")
+    arch = get_arch("llama")
+    quantized = copy.deepcopy(fp)
+    with torch.no_grad():
+        for p in quantized.model.layers.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ws = windows(5, 32, 3)
+    score = KLScore(fp, arch, ws, torch.device("cpu"), 32)
+    hidden = last_boundary(quantized, arch, ws, torch.device("cpu"))
+    with head_on(quantized, arch, torch.device("cpu")):
+        whole, each = score(hidden, 5), score.each()(hidden, 5)
+        first = score.each()(hidden, 2)
+    assert len(each) == 5 and len(set(each)) == 5 and min(each) > 0
+    assert sum(each) / 5 == pytest.approx(whole, rel=1e-6)
+    assert first == pytest.approx(each[:2], rel=1e-6)
+    # each window's value is that window's own mean KL
+    alone = KLScore(fp, arch, ws[3:4], torch.device("cpu"), 32)
+    with head_on(quantized, arch, torch.device("cpu")):
+        assert alone(hidden[3:4], 1) == pytest.approx(each[3], rel=1e-5)
