@@ -225,9 +225,10 @@ class KLScore:
             logits = head_logits(self.model, self.arch, hidden[w, a:b].to(self.device)).flatten(0, 1)
             kl = top_k_kl(logits, self.idx[w, a:b].flatten(0, 1).to(logits.device),
                           self.top[w, a:b].flatten(0, 1).to(logits.device))
-            total += float(kl.sum())
             if self.per_window:
                 sums[w] += kl.view(-1, b - a).sum(1).double().cpu()
+            else:
+                total += float(kl.sum())
         if self.per_window:
             return (sums / (self.seq - 1)).tolist()
         return total / (n * (self.seq - 1))

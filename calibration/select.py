@@ -67,7 +67,7 @@ class SelectOptions:
     screen: int = 2  # windows every child is screened on
     top_k: int = 128  # fp next-token probabilities kept per position
     confirm: int = 24  # more selection windows (apart from the pool) on which the search's choice, its starts and every
-                       # uniform scheme that fits are scored last: the lowest is the one written
+                       # uniform scheme that fits are scored last (final_pick chooses)
     pool: int = 0  # selection windows each generation draws its `samples` from afresh; ≤ samples: the same every time
     ladder: bool = False  # each width also per output channel and at half the group size: steps of ~0.3 bpw
     neighbours: int = 1  # candidates each side of the anchor (in price)
@@ -217,7 +217,7 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
     record = res.to_dict() | {"starts": begin["scored"]}
     t1 = time.perf_counter()
     # the last word: the search's choice beside its starts (every uniform scheme that fits among
-    # them) on windows they share, the confirmation windows where there are any; the lowest is kept
+    # them) on windows they share, the confirmation windows where there are any (final_pick chooses)
     final = [(r["label"], list(c)) for r, c in zip(begin["scored"], begin["choices"])] + [("search", list(res.choice))]
     if confirm is None and getattr(fitness, "draw", None) is None:  # all were scored on the same windows already
         kls, windows = [r["kl"] for r in begin["scored"]] + [res.score], "search"
@@ -248,25 +248,27 @@ def final_pick(kls: list[float], each: list[list[float] | None], uniform: list[b
     known, its KL on each window (``each``): the best uniform one (``uniform``) unless a mixed one is
     lower by more than ``margin`` standard errors of its per-window differences from it (a paired
     test: a gain inside the windows' noise keeps uniform); among those that are, the lowest. Without
-    per-window values, or with one window, or with no uniform one among them, the lowest, a tie going
-    to the search. Also each mixed one's gain over that uniform one in standard errors (None for
-    uniform ones and where unknown; inf where every window agrees)."""
+    per-window values, or with one window, or with no uniform one among them, the lowest. A tie goes
+    to the search; a non-finite KL counts as infinite. Also each mixed one's gain over that uniform
+    one in standard errors (None for uniform ones, where unknown and where not finite)."""
     last = len(kls) - 1
-    lowest = min(range(len(kls)), key=lambda j: (kls[j], j != last))
+    key = [k if math.isfinite(k) else math.inf for k in kls]
+    lowest = min(range(len(kls)), key=lambda j: (key[j], j != last))
     base = [j for j in range(len(kls)) if uniform[j]]
     margins: list[float | None] = [None] * len(kls)
     if not base or any(each[j] is None or len(each[j]) < 2 for j in range(len(kls))):
         return lowest, margins
-    best = min(base, key=lambda j: kls[j])
+    best = min(base, key=lambda j: (key[j], j != last))
     for j in range(len(kls)):
         if not uniform[j]:
             d = np.asarray(each[best], dtype=float) - np.asarray(each[j], dtype=float)  # > 0: j is lower
             se = float(d.std(ddof=1)) / math.sqrt(len(d))
-            margins[j] = float(d.mean()) / se if se > 0 else (math.inf if d.mean() > 0 else -math.inf if d.mean() < 0 else 0.0)
-    passed = [j for j in range(len(kls)) if margins[j] is not None and margins[j] > margin]
+            t = float(d.mean()) / se if se > 0 else math.copysign(1e9, float(d.mean())) if d.mean() != 0 else 0.0
+            margins[j] = t if math.isfinite(t) else None  # every window the same gain: "1e9 standard errors"
+    passed = [j for j in range(len(kls)) if margins[j] is not None and margins[j] > margin and key[j] < key[best]]
     if not passed:
         return best, margins
-    return min(passed, key=lambda j: (kls[j], j != last)), margins
+    return min(passed, key=lambda j: (key[j], j != last)), margins
 
 
 def _calibrated_table(units, candidates, cost, anchor: int, errors: dict, fitness, ties) -> np.ndarray:
@@ -392,7 +394,9 @@ def select_model(model: nn.Module, arch: Arch, config: QuantConfig, windows: tor
     ties = expert_ties(units) if run.ties_for_experts else []
     log.info("selection: candidates %s around %.3f bpw, database on the inputs of uniform %s",
              " ".join(c.label for c in candidates), 8 * budget / sum(u.params for u in units), candidates[anchor].label)
-    settings = {**run.settings, "candidates": [c.label for c in candidates], "anchor": anchor, "options": vars(opts),
+    # the margin only weighs the last step's scores (never saved): a rerun with another one goes on
+    options = {k: v for k, v in vars(opts).items() if k != "margin"}
+    settings = {**run.settings, "candidates": [c.label for c in candidates], "anchor": anchor, "options": options,
                 "budget": budget}
     state = LayerState(run.folder, settings, run.restart, "selection") if run.folder else None
     part = f"-rank{dist.rank()}" if dist.world() > 1 else ""  # every process keeps every candidate's codes

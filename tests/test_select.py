@@ -97,7 +97,7 @@ class AddedUp:
         return self.many([choice], full)[0]
 
 
-@pytest.mark.parametrize("rejected", [False, True])
+@pytest.mark.parametrize("rejected", [False, True, "noise"])
 def test_select_starts_from_the_best_that_fits_and_keeps_the_lowest_on_the_confirmation_windows(rejected):
     import numpy as np
 
@@ -116,6 +116,8 @@ def test_select_starts_from_the_best_that_fits_and_keeps_the_lowest_on_the_confi
     def confirm(chs):  # other windows: the same losses, except that they dislike the search's choice if rejected
         seen.append([list(c) for c in chs])
         kls = [sum(table[k][c] for k, c in enumerate(ch)) for ch in chs]
+        if rejected == "noise":  # per window: the search's choice swings ±1.0 about its mean, the others steady
+            return [[kl + (j % 2 * 2 - 1) * (ch == seen[0][-1]) for j in range(8)] for kl, ch in zip(kls, chs)]
         return kls[:-1] + [10.0] if rejected else kls
 
     sel = select(units, candidates, cost, 3.0 * 512 * 6, errors, AddedUp(table), opts=opts, confirm=confirm,
@@ -126,9 +128,13 @@ def test_select_starts_from_the_best_that_fits_and_keeps_the_lowest_on_the_confi
     assert len(seen) == 1 and [0] * 6 in seen[0] and [1] * 6 in seen[0]  # every uniform scheme that fits, once
     final = sel.search["final"]
     assert final["scored"][-1]["label"] == "search"  # the search's choice last
-    assert final["windows"] == "confirmation" and sel.kl == min(r["kl"] for r in final["scored"])
+    assert final["windows"] == "confirmation"
+    assert sel.kl == min(r["kl"] for r in final["scored"] if rejected != "noise" or r["label"] in uniform)
     assert all(sel.kl <= u + 1e-12 for u in uniform.values())  # never worse than uniform there
-    if rejected:  # the confirmation windows disagreed with the search: the best start is kept
+    if rejected == "noise":  # lower on average, but not beyond the windows' noise: the best uniform one is kept
+        assert final["chosen"] == "w3g32" and sel.choice == [1] * 6 and final["scored"][-1]["kl"] < sel.kl
+        assert 0 < final["scored"][-1]["margin"] < 2
+    elif rejected:  # the confirmation windows disagreed with the search: the best start is kept
         assert final["chosen"] != "search" and sel.choice in seen[0][:-1]
     else:  # the sensitive units wider than the rest
         assert final["chosen"] == "search" and sel.choice == seen[0][-1]
@@ -294,8 +300,13 @@ def test_a_mixed_choice_must_beat_the_best_uniform_one_beyond_the_windows_noise(
     assert final_pick([float(np.mean(e)) for e in each], each, [True, False], 0.0)[0] == 0
 
 
-def test_the_per_window_kl_averages_to_the_score():
+@pytest.mark.parametrize("tokens", [512, 7, 64])  # one block; blocks that split a window; 2 windows a block
+def test_the_per_window_kl_averages_to_the_score(tokens, monkeypatch):
+    from functools import partial
+
+    import calibration.search
     from calibration.search import KLScore, last_boundary
+    from quant.engine import head_blocks
     from quant.arch import get_arch
     from quant.engine import head_on
 
@@ -308,7 +319,8 @@ def test_the_per_window_kl_averages_to_the_score():
     ws = windows(5, 32, 3)
     score = KLScore(fp, arch, ws, torch.device("cpu"), 32)
     hidden = last_boundary(quantized, arch, ws, torch.device("cpu"))
-    with head_on(quantized, arch, torch.device("cpu")):
+    monkeypatch.setattr(calibration.search, "head_blocks", partial(head_blocks, tokens=tokens))
+    with torch.no_grad(), head_on(quantized, arch, torch.device("cpu")):
         whole, each = score(hidden, 5), score.each()(hidden, 5)
         first = score.each()(hidden, 2)
     assert len(each) == 5 and len(set(each)) == 5 and min(each) > 0
@@ -316,5 +328,5 @@ def test_the_per_window_kl_averages_to_the_score():
     assert first == pytest.approx(each[:2], rel=1e-6)
     # each window's value is that window's own mean KL
     alone = KLScore(fp, arch, ws[3:4], torch.device("cpu"), 32)
-    with head_on(quantized, arch, torch.device("cpu")):
+    with torch.no_grad(), head_on(quantized, arch, torch.device("cpu")):
         assert alone(hidden[3:4], 1) == pytest.approx(each[3], rel=1e-5)
