@@ -169,8 +169,8 @@ def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | Non
 
 def weight_power(bits: int) -> float:
     """The weighted range search's power of diag(H) at ``bits``: 1 from 3 bits up, 0.5 at 2, as selection
-    text ranked them (docs/defaults.md: at w2g64 KL 1.432 with 0.5, 1.499 unweighted, 1.548 with 1; at
-    w3g64 0.408 with 1, 0.455 with 0.5, 0.477 unweighted)."""
+    text ranked them (docs/defaults.md, re-taken at the committed code: at w2g64 KL 1.418 with 0.5,
+    1.489 unweighted, 1.625 with 1; at w3g64 0.398 with 1, 0.450 with 0.5, 0.477 unweighted)."""
     return 0.5 if bits <= 2 else 1.0
 
 
