@@ -46,7 +46,7 @@ def outcome(command: str, out: Path) -> dict:
     """What a run of ``command`` wrote into ``out``, to compare between runs."""
     import json
 
-    from quant.export import read_tensors
+    from quant.loading import read_tensors
 
     if command == "measure":
         data = json.loads(out.with_suffix(".sens").read_text())

@@ -141,7 +141,7 @@ def main() -> None:
                 record("hmq" if variant is None else f"hmq {variant}", label, seed, model, report.seconds, report.bpw)
                 del model
             if args.hmq_cli:
-                from quant.export import load_quantized
+                from quant.loading import load_quantized
 
                 out, seconds, rss = run_cli(Path(args.model) if args.model else None, spec, seed, args.nsamples,
                                             args.seqlen, tmp)

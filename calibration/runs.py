@@ -202,7 +202,8 @@ def _source_of(spec: str | None) -> str | None:
     """The fp model an hmq checkpoint was made from (``None``: the offline default)."""
     import json
 
-    from quant.export import CheckpointError, is_quantized_checkpoint
+    from quant.export import CheckpointError
+    from quant.loading import is_quantized_checkpoint
 
     if not (spec and is_quantized_checkpoint(spec)):
         raise CheckpointError("--baseline and --kl need --model to be an hmq checkpoint (its source model is the "
@@ -214,7 +215,7 @@ def _source_of(spec: str | None) -> str | None:
 def _load_for_eval(spec: str | None, dtype):
     import transformers
 
-    from quant.export import is_quantized_checkpoint, load_quantized
+    from quant.loading import is_quantized_checkpoint, load_quantized
     from quant.model_io import load_model
 
     if spec and is_quantized_checkpoint(spec):

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from .config import QuantConfig
-from .export import check_output_dir, load_quantized, read_quantization_config, save_quantized
+from .export import check_output_dir, save_quantized
+from .loading import load_quantized, read_quantization_config
 
 _NOT_CARRIED = ("hmq_version", "format", "engine", "quant_config", "shard_sha256", "modules")
 

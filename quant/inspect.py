@@ -9,7 +9,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from . import compressed
-from .export import read_quantization_config, shard_files, spec_from_quantization_config
+from .export import spec_from_quantization_config
+from .loading import read_quantization_config, shard_files
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "BOOL": 1}
 

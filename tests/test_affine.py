@@ -9,7 +9,8 @@ from quant.capture import capture_layer_inputs, collect_hessians, run_layer
 from quant import affine
 from quant.arch import get_arch
 from quant.config import ModuleSpec, QuantConfig
-from quant.export import load_quantized, save_quantized
+from quant.export import save_quantized
+from quant.loading import load_quantized
 from quant.pipeline import quantize_model
 from quant.gptq import gptq_quantize
 from quant.methods import clip_search

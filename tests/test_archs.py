@@ -134,7 +134,8 @@ def test_transformers_loads_the_compressed_tensors_export_of_every_architecture(
     import transformers
 
     from quant.config import QuantConfig
-    from quant.export import load_quantized, save_quantized
+    from quant.export import save_quantized
+    from quant.loading import load_quantized
     from quant.pipeline import quantize_model
 
     from quant.export import CheckpointError
@@ -160,7 +161,8 @@ def test_transformers_loads_the_compressed_tensors_export_of_every_architecture(
 def test_gpt2_streamed_from_its_conv1d_checkpoint_equals_in_memory(tokenizer_dir, text_file, tmp_path):
     from quant.config import QuantConfig
     from quant.conv1d import TransposedLinear
-    from quant.export import load_quantized, read_tensors, save_quantized
+    from quant.export import save_quantized
+    from quant.loading import load_quantized, read_tensors
     from quant.model_io import load_model
     from quant.pipeline import quantize_model
     from quant.qlinear import QuantLinear

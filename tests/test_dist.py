@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.export import read_tensors
+from quant.loading import read_tensors
 
 HERE = Path(__file__).resolve().parent
 COMMON = ["--nsamples", 8, "--seqlen", 32, "--batch-size", 2, "--group-size", 32, "--no-progress"]

@@ -12,8 +12,8 @@ import torch
 from quant import compressed
 from quant.arch import get_arch
 from quant.config import ModuleSpec, QuantConfig
-from quant.export import (CheckpointError, check_engine, load_quantized, quantization_config, read_tensors,
-                          save_quantized, spec_from_quantization_config)
+from quant.export import CheckpointError, check_engine, quantization_config, save_quantized, spec_from_quantization_config
+from quant.loading import load_quantized, read_tensors
 from quant.pipeline import quantize_model
 from quant.qlinear import QuantLinear
 from quant.quantizer import QuantizedWeight
@@ -369,3 +369,13 @@ def test_cli_refuses_what_the_engine_cannot_load_before_quantizing(tiny_model_di
     assert cli.main([str(a) for a in quantize_args(tiny_model_dir, text_file, out, "--bits", 3,
                                                    "--format", "compressed-tensors", "--engine", "transformers")]) == 2
     assert "asymmetric" in capsys.readouterr().err
+
+
+def test_the_readers_are_still_importable_from_export():
+    import quant.export
+    import quant.loading
+
+    for name in ("load_quantized", "read_tensors", "read_quantization_config", "is_quantized_checkpoint", "shard_files"):
+        assert getattr(quant.export, name) is getattr(quant.loading, name)
+    with pytest.raises(AttributeError):
+        quant.export.no_such_reader

@@ -107,7 +107,8 @@ def test_dispatch(monkeypatch):
 def test_quantized_model_through_triton_matches_torch_path(monkeypatch, tmp_path):
     from quant.arch import get_arch
     from quant.config import QuantConfig
-    from quant.export import load_quantized, save_quantized
+    from quant.export import save_quantized
+    from quant.loading import load_quantized
     from quant.pipeline import quantize_model
 
     from .conftest import build_tiny, windows

@@ -11,7 +11,8 @@ import torch
 from quant.arch import get_arch
 from quant.capture import capture_layer_inputs, collect_hessians, run_layer
 from quant.config import QuantConfig
-from quant.export import CheckpointError, check_engine, load_quantized, read_tensors, save_quantized
+from quant.export import CheckpointError, check_engine, save_quantized
+from quant.loading import load_quantized, read_tensors
 from quant.moe import ExpertLinears, all_experts
 from quant.pipeline import module_specs, quantize_model
 

@@ -9,7 +9,8 @@ from quant.hessian import HessianAccumulator
 from quant.arch import ARCHS, get_arch
 from quant.compressed import contiguous_groups
 from quant.config import ConfigError, ModuleSpec, QuantConfig
-from quant.export import load_quantized, quantization_config, read_tensors, save_quantized, spec_from_quantization_config
+from quant.export import quantization_config, save_quantized, spec_from_quantization_config
+from quant.loading import load_quantized, read_tensors
 from quant.gptq import gptq_quantize
 from quant.pipeline import quantize_model
 from quant.qlinear import QuantLinear

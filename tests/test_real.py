@@ -131,7 +131,8 @@ def test_smollm2_mixed_checkpoint_serves_in_transformers_with_hmqs_perplexity(sm
     import transformers
 
     from quant.evaluate import perplexity
-    from quant.export import load_quantized, save_quantized
+    from quant.export import save_quantized
+    from quant.loading import load_quantized
     from quant.pipeline import quantize_model
 
     model, tokenizer, arch, ids, calibration_windows = smollm
@@ -158,7 +159,8 @@ def test_smollm2_mixed_gptq_checkpoint_serves_in_gptqmodel(smollm, tmp_path):
 
     gptqmodel = _gptqmodel()
     from quant.evaluate import perplexity
-    from quant.export import load_quantized, save_quantized
+    from quant.export import save_quantized
+    from quant.loading import load_quantized
     from quant.pipeline import quantize_model
 
     model, tokenizer, arch, ids, calibration_windows = smollm

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quant import resume
-from quant.export import read_tensors
+from quant.loading import read_tensors
 
 from .conftest import Killed, build_tiny, run, run_logged
 

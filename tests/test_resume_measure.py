@@ -10,7 +10,7 @@ import torch
 from calibration import measure, mixed
 from calibration.mixed import allocate
 from quant import resume, variants
-from quant.export import read_tensors
+from quant.loading import read_tensors
 
 from .conftest import Killed, run, run_logged
 

@@ -205,7 +205,7 @@ def test_the_stitched_anchor_is_uniform_gptq():
 
 
 def test_the_default_budget_run(tiny_model_dir, text_file, tmp_path, capsys):
-    from quant.export import load_quantized
+    from quant.loading import load_quantized
 
     out = tmp_path / "mixed"
     assert run("quantize", "--model", tiny_model_dir, "--calib", text_file, *COMMON, *SEARCH, "--budget", 3.0,
