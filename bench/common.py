@@ -62,7 +62,7 @@ def texts(model, tokenizer, split: str, windows: int, seqlen: int, device) -> Te
 
 def evaluate(model, t: Texts, device) -> dict:
     res = perplexity(model, t.ids, t.seqlen, t.windows, device, progress=False, reference=t.reference)
-    return {k: res[k] for k in ("ppl", "nll", "kl", "kl_p99", "top1")}
+    return {k: res[k] for k in ("ppl", "nll", "kl", "kl_p99", "top1", "window_nll", "window_kl")}
 
 
 def calib(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

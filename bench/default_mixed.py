@@ -30,8 +30,8 @@ import common  # noqa: E402
 
 from calibration.data import calibration_windows  # noqa: E402
 from calibration.search import KLScore  # noqa: E402
-from calibration.select import (POOL_SEED, SelectOptions, SelectRun, select_model, selection_windows,  # noqa: E402
-                                written_kl)
+from calibration.select import (POOL_SEED, SelectOptions, SelectRun, paired_gain, select_model,  # noqa: E402
+                                selection_windows, written_kl)
 from quant.config import QuantConfig  # noqa: E402
 from quant.model_io import default_model_dir, load_model  # noqa: E402
 
@@ -39,6 +39,16 @@ from quant.model_io import default_model_dir, load_model  # noqa: E402
 def closed(ppl: float, uniform: float, fp: float) -> float:
     """Share of the uniform model's perplexity gap to fp that ``ppl`` closes."""
     return (uniform - ppl) / (uniform - fp)
+
+
+def reporting_gain(row: dict, uniform: dict) -> str:
+    """The mixed ``row``'s KL below the uniform row of its seed on the same reporting windows, paired
+    per window: "-0.0012 ± 0.0004 (2.9 se)" (negative: lower than uniform), or "" where either row
+    lacks per-window values."""
+    if not row.get("window_kl") or not uniform.get("window_kl"):
+        return ""
+    gain, se, t = paired_gain(uniform["window_kl"], row["window_kl"])
+    return f"{-gain:+.4f} ± {se:.4f} ({t:+.1f} se)"
 
 
 def main() -> None:
@@ -197,6 +207,11 @@ def summary(args, rows: list[dict], pools: list[int], fp: float) -> list[dict]:
             shares = [closed(r["ppl"], u["ppl"], fp) for r, u in zip(rs, u_rows)]
             ratio = [r["seconds"] / u["seconds"] for r, u in zip(rs, u_rows)]
             off = [r["kl"] / r["selection_kl"] - 1 for r in rs]
+            paired = [g for g in (reporting_gain(r, u) for r, u in zip(rs, u_rows)) if g]
+            if paired:
+                print(f"    {name}: reporting KL minus uniform {args.uniform}'s, paired over the {args.windows} "
+                      f"windows (mean ± se; > 2 se in either direction is outside the windows' noise), per seed: "
+                      + "; ".join(paired))
             print(f"    {name}: closes {common.fmt([100 * s for s in shares], 0)}% of uniform {args.uniform}'s gap to "
                   f"fp (same seed); wall time {common.fmt(ratio, 2)}× uniform {args.uniform}'s; the KL quantize "
                   f"printed (selection text) {common.fmt([r['selection_kl'] for r in rs], 4)}, the reporting KL "

@@ -242,6 +242,22 @@ def select(units: list[Unit], candidates: list[Candidate], cost: np.ndarray, bud
                      {"starts": begin["seconds"], "search": res.seconds, "confirm": time.perf_counter() - t1})
 
 
+def paired_gain(base: list[float], other: list[float]) -> tuple[float, float, float]:
+    """How much lower ``other`` is than ``base`` on the same windows (one value per window each): the
+    mean of the per-window differences ``base - other`` (> 0: ``other`` is lower), its standard error,
+    and their ratio (the gain in standard errors; ±1e9 when every window gains the same, 0 with no
+    difference, NaN where a value is not finite). Needs at least two windows."""
+    if len(base) != len(other) or len(base) < 2:
+        raise ValueError(f"a paired comparison needs values on the same windows, at least 2: got {len(base)} "
+                         f"and {len(other)}")
+    d = np.asarray(base, dtype=float) - np.asarray(other, dtype=float)
+    mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
+    if not math.isfinite(mean):
+        return mean, se, math.nan
+    t = mean / se if se > 0 else math.copysign(1e9, mean) if mean != 0 else 0.0
+    return mean, se, t
+
+
 def final_pick(kls: list[float], each: list[list[float] | None], uniform: list[bool],
                margin: float) -> tuple[int, list[float | None]]:
     """The configuration to write, from each one's mean KL ``kls`` (the search's choice last) and, where
@@ -261,10 +277,8 @@ def final_pick(kls: list[float], each: list[list[float] | None], uniform: list[b
     best = min(base, key=lambda j: (key[j], j != last))
     for j in range(len(kls)):
         if not uniform[j]:
-            d = np.asarray(each[best], dtype=float) - np.asarray(each[j], dtype=float)  # > 0: j is lower
-            se = float(d.std(ddof=1)) / math.sqrt(len(d))
-            t = float(d.mean()) / se if se > 0 else math.copysign(1e9, float(d.mean())) if d.mean() != 0 else 0.0
-            margins[j] = t if math.isfinite(t) else None  # every window the same gain: "1e9 standard errors"
+            t = paired_gain(each[best], each[j])[2]
+            margins[j] = t if math.isfinite(t) else None
     passed = [j for j in range(len(kls)) if margins[j] is not None and margins[j] > margin and key[j] < key[best]]
     if not passed:
         return best, margins

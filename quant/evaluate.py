@@ -77,9 +77,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
                device: torch.device | str = "cpu", progress: bool = True,
                reference: list[torch.Tensor] | None = None, _collect: list | None = None, batch_size: int = 8,
                reference_model: nn.Module | None = None) -> dict:
-    """``ids`` (n,) token stream -> {"ppl", "nll", "tokens", "windows", "seqlen", "seconds"}; with
-    ``reference`` (from ``reference_logprobs`` on the same ids and windows) also "kl" (mean
-    KL(reference ‖ model) per token, nats), "kl_p99" and "top1" (share of tokens whose argmax agrees).
+    """``ids`` (n,) token stream -> {"ppl", "nll", "tokens", "windows", "seqlen", "seconds", "window_nll"};
+    with ``reference`` (from ``reference_logprobs`` on the same ids and windows) also "kl" (mean
+    KL(reference ‖ model) per token, nats), "kl_p99", "top1" (share of tokens whose argmax agrees) and
+    "window_kl". "window_nll" and "window_kl" hold each window's mean, in window order, for paired
+    comparisons of two models on the same windows (``calibration.select.paired_gain``).
     A stream that starts with the model's BOS token (its tokenizer adds one) is cut into windows of
     ``seqlen - 1`` text tokens, each after a BOS.
 
@@ -173,15 +175,17 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int = 512, max_windo
         total_tokens += seqlen - 1
     mean = total_nll / total_tokens
     res = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": n_windows, "seqlen": seqlen,
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0,
+           "window_nll": [-per_window[w][0] / (seqlen - 1) for w in range(n_windows)]}
     if reference is not None or reference_model is not None:
         kl = torch.cat([per_window[w][1] for w in range(n_windows)])
         res.update(kl=float(kl.mean()), top1=sum(per_window[w][2] for w in range(n_windows)) / total_tokens,
-                   **kl_quantiles(kl))
+                   window_kl=[float(per_window[w][1].double().mean()) for w in range(n_windows)], **kl_quantiles(kl))
     if reference_model is not None:
         ref_mean = -sum(per_window[w][3] for w in range(n_windows)) / total_tokens
         res["reference"] = {"ppl": math.exp(ref_mean), "nll": ref_mean, "tokens": total_tokens, "windows": n_windows,
-                            "seqlen": seqlen, "seconds": res["seconds"]}  # one sweep for both
+                            "seqlen": seqlen, "seconds": res["seconds"],  # one sweep for both
+                            "window_nll": [-per_window[w][3] / (seqlen - 1) for w in range(n_windows)]}
     return res
 
 

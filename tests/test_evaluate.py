@@ -46,6 +46,14 @@ def test_kl_of_a_changed_model_matches_the_definition():
     assert res["kl"] > 1e-3
     assert res["kl"] == pytest.approx(want, rel=2e-2)  # the reference is kept in fp16
     assert res["top1"] == pytest.approx(agree / (3 * 31), abs=2 / 93)
+    # each window's own mean KL and NLL, in window order, for paired comparisons
+    assert res["window_kl"] == pytest.approx([k.mean().item() for k in kls], rel=2e-2)
+    assert len(set(res["window_kl"])) == 3
+    assert sum(res["window_nll"]) / 3 == pytest.approx(res["nll"], rel=1e-9)
+    with torch.no_grad():
+        nll = [F.cross_entropy(other(input_ids=ids[w * 32 : (w + 1) * 32][None]).logits[0, :-1].float(),
+                               ids[w * 32 + 1 : (w + 1) * 32]).item() for w in range(3)]
+    assert res["window_nll"] == pytest.approx(nll, rel=1e-4)
 
 
 def test_kl_terms_is_kl_of_the_model_from_the_reference():
@@ -85,6 +93,8 @@ def test_kl_beside_a_reference_model_in_one_sweep_equals_the_kept_log_probs():
     assert paired["ppl"] == kept["ppl"] and paired["reference"]["ppl"] == own["ppl"]
     assert paired["kl"] > 1e-3 and paired["kl"] == pytest.approx(kept["kl"], rel=2e-2)  # kept in fp16
     assert paired["top1"] == pytest.approx(kept["top1"], abs=2 / 155)
+    assert paired["window_nll"] == kept["window_nll"] and paired["reference"]["window_nll"] == own["window_nll"]
+    assert paired["window_kl"] == pytest.approx(kept["window_kl"], rel=2e-2)
     assert paired["kl_median"] <= paired["kl_p90"] <= paired["kl_p99"] <= paired["kl_p999"] <= paired["kl_max"]
     with pytest.raises(ValueError, match="not both"):
         perplexity(other, ids, 32, progress=False, reference=ref, reference_model=model)

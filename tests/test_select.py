@@ -300,6 +300,25 @@ def test_a_mixed_choice_must_beat_the_best_uniform_one_beyond_the_windows_noise(
     assert final_pick([float(np.mean(e)) for e in each], each, [True, False], 0.0)[0] == 0
 
 
+def test_the_paired_gain_of_two_models_on_the_same_windows():
+    import numpy as np
+
+    from calibration.select import paired_gain
+
+    base = [0.50, 0.40, 0.60, 0.30]
+    other = [0.45, 0.38, 0.50, 0.31]  # differences 0.05, 0.02, 0.10, -0.01
+    gain, se, t = paired_gain(base, other)
+    d = np.array([0.05, 0.02, 0.10, -0.01])
+    assert gain == pytest.approx(0.04) and se == pytest.approx(d.std(ddof=1) / 2) and t == pytest.approx(gain / se)
+    assert paired_gain(other, base)[2] == pytest.approx(-t)  # the other way round
+    assert paired_gain(base, [b - 0.01 for b in base])[2] == 1e9  # the same gain on every window
+    assert paired_gain(base, base) == (0.0, 0.0, 0.0)
+    assert np.isnan(paired_gain(base, [float("nan")] + other[1:])[2])
+    for bad in ([0.1], other[:3]):
+        with pytest.raises(ValueError, match="same windows"):
+            paired_gain(base[: len(bad)] if len(bad) == 1 else base, bad)
+
+
 @pytest.mark.parametrize("tokens", [512, 7, 64])  # one block; blocks that split a window; 2 windows a block
 def test_the_per_window_kl_averages_to_the_score(tokens, monkeypatch):
     from functools import partial
