@@ -43,12 +43,12 @@ def closed(ppl: float, uniform: float, fp: float) -> float:
 
 def reporting_gain(row: dict, uniform: dict) -> str:
     """The mixed ``row``'s KL below the uniform row of its seed on the same reporting windows, paired
-    per window: "-0.0012 ± 0.0004 (2.9 se)" (negative: lower than uniform), or "" where either row
+    per window: "-0.0012 ± 0.0004 (-2.9 se)" (negative: lower than uniform), or "" where either row
     lacks per-window values."""
     if not row.get("window_kl") or not uniform.get("window_kl"):
         return ""
     gain, se, t = paired_gain(uniform["window_kl"], row["window_kl"])
-    return f"{-gain:+.4f} ± {se:.4f} ({t:+.1f} se)"
+    return f"{-gain:+.4f} ± {se:.4f} ({-t:+.1f} se)"
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
 
     def record(row):
         rows.append(row)
-        print({k: v for k, v in row.items() if k != "units"}, flush=True)
+        print({k: v for k, v in row.items() if k not in ("units", "window_nll", "window_kl")}, flush=True)
         common.write_json(args.json, args, rep.fp, rows, quiet=True)
 
     uspec = common.parse_scheme(args.uniform)
