@@ -25,6 +25,17 @@ def test_scheme_labels_round_trip():
         common.parse_scheme("3g64")
 
 
+def test_the_mixed_rows_reporting_kl_against_uniform_paired_per_window():
+    from default_mixed import reporting_gain
+
+    uniform = {"window_kl": [0.40, 0.50, 0.45, 0.55]}
+    lower = {"window_kl": [0.38, 0.49, 0.42, 0.54]}  # lower on every window: differences -0.02, -0.01, -0.03, -0.01
+    line = reporting_gain(lower, uniform)
+    assert line.startswith("-0.0175 ± 0.0048 (-3.7 se)")
+    assert reporting_gain(uniform, lower).startswith("+0.0175 ± 0.0048 (+3.7 se)")
+    assert reporting_gain({"kl": 0.4}, uniform) == ""  # a row of an older run, with no per-window values
+
+
 def test_peer_weights_load_into_a_copy_and_are_checked(tmp_path):
     import torch
     from peers import load_weights
