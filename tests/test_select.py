@@ -311,12 +311,14 @@ def test_the_paired_gain_of_two_models_on_the_same_windows():
     d = np.array([0.05, 0.02, 0.10, -0.01])
     assert gain == pytest.approx(0.04) and se == pytest.approx(d.std(ddof=1) / 2) and t == pytest.approx(gain / se)
     assert paired_gain(other, base)[2] == pytest.approx(-t)  # the other way round
-    assert paired_gain(base, [b - 0.01 for b in base])[2] == 1e9  # the same gain on every window
+    exact = [0.5, 0.25, 0.75, 0.375]  # binary fractions: every difference below is exactly 0.125
+    assert paired_gain(exact, [b - 0.125 for b in exact])[2] == 1e9  # the same gain on every window
     assert paired_gain(base, base) == (0.0, 0.0, 0.0)
     assert np.isnan(paired_gain(base, [float("nan")] + other[1:])[2])
-    for bad in ([0.1], other[:3]):
-        with pytest.raises(ValueError, match="same windows"):
-            paired_gain(base[: len(bad)] if len(bad) == 1 else base, bad)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_gain([0.1], [0.1])  # one window
+    with pytest.raises(ValueError, match="same windows"):
+        paired_gain(base, other[:3])  # other windows
 
 
 @pytest.mark.parametrize("tokens", [512, 7, 64])  # one block; blocks that split a window; 2 windows a block
