@@ -65,6 +65,30 @@ class _Levels:
     def total(self, lev: list[int]) -> float:
         return float(sum(self.costs[gi][lev[gi]] for gi in range(len(self.groups))))
 
+    def levels(self, start: list[int]) -> list[int]:
+        """A candidate per unit -> each tie group's level; refused where a group's units differ or its
+        candidate is not allowed."""
+        level = []
+        for gi, g in enumerate(self.groups):
+            c = start[g[0]]
+            if any(start[u] != c for u in g) or c not in self.cands[gi]:
+                raise ValueError(f"start gives unit {g[0]} candidate {c}, which is not allowed for its tie group {g}.")
+            level.append(self.cands[gi].index(c))
+        return level
+
+    def children(self, lev: list[int], n: int, most: int, budget: float, rng: np.random.Generator,
+                 seen: set) -> list[list[int]]:
+        """Up to ``n`` mutants of ``lev`` not in ``seen`` (8n tries), each added to ``seen``."""
+        kids = []
+        for _ in range(n * 8):
+            k = self.mutate(lev, most, budget, rng)
+            if tuple(k) not in seen:
+                seen.add(tuple(k))
+                kids.append(k)
+            if len(kids) == n:
+                break
+        return kids
+
     def mutate(self, lev: list[int], most: int, budget: float, rng: np.random.Generator) -> list[int]:
         """1..``most`` level switches of ``lev`` that end within ``budget`` (see :func:`evolve`)."""
         lev, n = list(lev), len(self.groups)
@@ -131,14 +155,8 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
     allowed = np.ones((U, C), bool) if allowed is None else np.asarray(allowed, bool)
     if len(start) != U:
         raise ValueError(f"start gives {len(start)} candidates for {U} units.")
-    groups = tie_groups(U, list(ties or []))
-    lv = _Levels(cost, groups, allowed)
-    level = []
-    for gi, g in enumerate(groups):
-        c = start[g[0]]
-        if any(start[u] != c for u in g) or c not in lv.cands[gi]:
-            raise ValueError(f"start gives unit {g[0]} candidate {c}, which is not allowed for its tie group {g}.")
-        level.append(lv.cands[gi].index(c))
+    lv = _Levels(cost, tie_groups(U, list(ties or [])), allowed)
+    level = lv.levels(start)
     start_cost = float(sum(cost[u, start[u]] for u in range(U)))
     if start_cost > budget * (1 + 1e-9):
         raise BudgetError(f"the starting allocation costs {start_cost:.6g}, over the budget {budget:.6g}.")
@@ -176,15 +194,7 @@ def evolve(cost: np.ndarray, budget: float, start: list[int], fitness: Callable[
             best_score = scores([lv.choice(best)], True)[0]
             calls["full"] += 1
         # fresh children only; the longer no child has been better, the further they may jump
-        most = max_mutations + (gen - 1 - last) // 10
-        kids = []
-        for _ in range(offspring * 8):
-            k = lv.mutate(best, most, budget, rng)
-            if tuple(k) not in seen:
-                seen.add(tuple(k))
-                kids.append(k)
-            if len(kids) == offspring:
-                break
+        kids = lv.children(best, offspring, max_mutations + (gen - 1 - last) // 10, budget, rng, seen)
         if not kids:
             if checkpoint is not None:
                 checkpoint(state(gen))
