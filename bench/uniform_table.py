@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import common
+from calibration.select import paired_gain
 
 TOOLS = {"hmq rtn": "RTN", "hmq": "GPTQ (hmq default)"}
 PEERS = {"hmq": "hmq default", "llm-compressor": "llm-compressor"}
@@ -43,8 +44,30 @@ def verdict(model: str, scheme: str, rows: dict) -> str:
     kl = [common.mean_sd([r["kl"] for r in rs])[0] for rs in (h, lc)]
     lower = "hmq" if ppl[0] <= ppl[1] and kl[0] <= kl[1] else "llm-compressor" if ppl[1] < ppl[0] and kl[1] < kl[0] \
         else "split"
-    return (f"- {scheme}, seeds {','.join(map(str, seeds))}: lower: **{lower}** (perplexity {ppl[0]:.2f} against "
+    line = (f"- {scheme}, seeds {','.join(map(str, seeds))}: lower: **{lower}** (perplexity {ppl[0]:.2f} against "
             f"{ppl[1]:.2f}, KL {kl[0]:.4f} against {kl[1]:.4f})")
+    tests = {key: paired(h, lc, key) for key in ("window_nll", "window_kl")}
+    if None in tests.values():
+        return line
+    (dn, sn, tn), (dk, sk, tk) = tests.values()
+    noise = " — hmq's higher side is inside the noise (under 2 se)" if lower != "hmq" and all(
+        t < 2 for t in (tn, tk) if t > 0) else ""
+    return (line + f"; paired over every window of these seeds, hmq − llm-compressor: log-perplexity "
+            f"{dn:+.5f} ± {sn:.5f} ({tn:+.1f} se), KL {dk:+.5f} ± {sk:.5f} ({tk:+.1f} se){noise}")
+
+
+def paired(hmq: list[dict], peer: list[dict], key: str) -> tuple[float, float, float] | None:
+    """hmq's per-window ``key`` minus the peer's, paired over every window of every seed (rows in the
+    same seed order): the mean difference (< 0: hmq lower), its standard error and their ratio; None
+    where a row kept no per-window values (older runs). Each window's NLL is its tokens' mean, and every
+    window has as many, so the mean NLL difference is the difference in log-perplexity."""
+    if not all(r.get(key) for r in [*hmq, *peer]):
+        return None
+    a, b = ([v for r in rows for v in r[key]] for rows in (hmq, peer))
+    if len(a) != len(b):
+        return None
+    gain, se, t = paired_gain(a, b)  # a - b: hmq minus the peer
+    return gain, se, t
 
 
 def main() -> None:

@@ -36,6 +36,36 @@ def test_the_mixed_rows_reporting_kl_against_uniform_paired_per_window():
     assert reporting_gain({"kl": 0.4}, uniform) == ""  # a row of an older run, with no per-window values
 
 
+
+def test_the_peer_verdict_pairs_every_window_of_the_shared_seeds():
+    from uniform_table import verdict
+
+    def row(tool, seed, nll, kl):
+        return {"tool": tool, "seed": seed, "ppl": 2.718281828 ** (sum(nll) / len(nll)), "kl": sum(kl) / len(kl),
+                "window_nll": nll, "window_kl": kl}
+
+    # hmq higher in mean perplexity by a hair (differences +0.01, -0.01, +0.02, -0.01 over two seeds' windows)
+    # and lower in KL on every window: a split, with the higher side under 2 se
+    rows = {("m", "w8", "hmq", 0): row("hmq", 0, [3.01, 2.99], [0.010, 0.020]),
+            ("m", "w8", "hmq", 1): row("hmq", 1, [3.02, 2.99], [0.010, 0.030]),
+            ("m", "w8", "llm-compressor", 0): row("llm-compressor", 0, [3.00, 3.00], [0.020, 0.030]),
+            ("m", "w8", "llm-compressor", 1): row("llm-compressor", 1, [3.00, 3.00], [0.030, 0.035])}
+    line = verdict("m", "w8", rows)
+    assert "**split**" in line
+    assert "log-perplexity +0.00250 ± 0.00750 (+0.3 se)" in line, line
+    assert "KL -0.01125 ± 0.00315 (-3.6 se)" in line, line
+    assert line.endswith("inside the noise (under 2 se)")
+    # an older run without per-window values: the mean verdict alone
+    del rows[("m", "w8", "hmq", 1)]["window_nll"]
+    assert "paired" not in verdict("m", "w8", rows)
+    # hmq higher by a little more than 2 se (differences +0.01, +0.03, 0, +0.02): no such remark
+    far = {k: dict(r) for k, r in rows.items()}
+    far[("m", "w8", "hmq", 0)]["window_nll"] = [3.01, 3.03]
+    far[("m", "w8", "hmq", 1)]["window_nll"] = [3.00, 3.02]
+    far[("m", "w8", "hmq", 0)]["ppl"] = far[("m", "w8", "hmq", 1)]["ppl"] = 30.0
+    line = verdict("m", "w8", far)
+    assert "log-perplexity +0.01500 ± 0.00645 (+2.3 se)" in line, line
+    assert "noise" not in line
 def test_peer_weights_load_into_a_copy_and_are_checked(tmp_path):
     import torch
     from peers import load_weights
