@@ -257,24 +257,28 @@ def cmd_frontier(args) -> int:
     from calibration.mixed import plot_frontier
     from calibration.runs import FrontierOptions, frontier_run
     from calibration.sensitivity import Sensitivity
+    from quant import dist
     from quant.model_io import load_model, resolve_device, resolve_dtype
 
     sens = Sensitivity.load(args.sensitivity)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, arch = load_model(args.model, dtype, stream=True)
-    sens.check_model(model, arch)
     opts = FrontierOptions(args.verify, _parse_bits_list(args.uniform_bits, "--uniform-bits"), args.map_budget,
-                           args.eval_windows, args.eval_seqlen, args.nsamples, args.seqlen)
+                           args.eval_windows, args.eval_seqlen, args.nsamples, args.seqlen, args.batch_size)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(dist.init(args.device))  # under torchrun: each process quantizes and evaluates a share
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(args.dtype, device)
+    with dist.main_first():
+        model, tokenizer, arch = load_model(args.model, dtype, stream=True)
+    sens.check_model(model, arch)
     payload = frontier_run(sens, model, tokenizer, lambda: load_model(args.model, dtype, stream=True), device,
                            _alloc_options(args), opts)
     heat = payload.pop("heat")
-    (out / "frontier.json").write_text(json.dumps(payload, indent=1))
     fp, predicted, verified, uniform = (payload[k] for k in ("fp_ppl", "predicted", "verified", "uniform"))
-    plot_frontier(out / "frontier.png", predicted, verified, uniform, fp, sens, heat,
-                  f"{sens.model}: mixed ({args.objective}) vs uniform")
+    if dist.is_main():  # one process writes
+        (out / "frontier.json").write_text(json.dumps(payload, indent=1))
+        plot_frontier(out / "frontier.png", predicted, verified, uniform, fp, sens, heat,
+                      f"{sens.model}: mixed ({args.objective}) vs uniform")
     print()
     print(f"{'point':<22} {'bpw':>7} {'pred ppl':>10} {'ppl':>10}")
     for p in predicted[:: max(1, len(predicted) // 8)]:
@@ -351,11 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quant import dist
 
-    if dist.launched() and args.command not in ("quantize", "measure", "eval"):
-        print(f"hmq: error: only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun so far: run "
-              f"`hmq {args.command}` in one process.", file=sys.stderr)
-        return 2
     main_rank = os.environ.get("RANK", "0") == "0"
+    if dist.launched() and args.command in ("inspect", "export") and not main_rank:
+        return 0  # they read and write files, with nothing to share out: the first process alone runs them
     if dist.launched() and not main_rank:  # one process reports
         args.no_progress, args.verbose = True, False
         sys.stdout = open(os.devnull, "w")

@@ -69,6 +69,9 @@ def _quantize_parser(sub) -> None:
                                                      "block (default 10; the band of each V/O matrix widens per epoch)")
     q.add_argument("--affine-lr", type=float, help="affine methods: AdamW learning rate of the transforms; the "
                                                    "clipping factors use twice this (default 0.005)")
+    q.add_argument("--affine-batch", type=int, help="affine methods: calibration batches per optimizer step, their "
+                                                    "gradients averaged (default 1; under torchrun the process count, "
+                                                    "whose batches each step then spreads over the processes)")
     _bool_flag(q, "true-sequential", "quantize q/k/v, o, gate/up, down in turn, each on inputs from the already "
                                      "quantized ones (default on)")
     _bool_flag(q, "partial-groups", "allow a shorter last group when --group-size does not divide in_features "
@@ -162,6 +165,8 @@ def _frontier_parser(sub) -> None:
     f.add_argument("--eval-seqlen", type=int, default=512, help="tokens per held-out window (default 512)")
     f.add_argument("--nsamples", type=int, default=32, help="calibration windows for verification runs (default 32)")
     f.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    f.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default 8; under "
+                                                             "torchrun each process takes whole batches)")
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     f.add_argument("--dtype", default="auto", help="compute dtype (default auto)")
     f.add_argument("--out", required=True, help="output folder for frontier.json and frontier.png")

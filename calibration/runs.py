@@ -18,6 +18,14 @@ from .sensitivity import CONTEXT_GAIN_SCALE, Sensitivity
 log = logging.getLogger("hmq")
 
 
+def solved_once(solve):
+    """``solve()`` run on the first process and its result given to every process: under a time
+    limit two solves of one integer program need not agree."""
+    from quant import dist
+
+    return dist.gather_all(solve() if dist.is_main() else None)[0]
+
+
 def parse_bits_list(text: str, what: str) -> list[int]:
     """``"2,3,4"`` -> [2, 3, 4], each a supported width (``what`` names the setting in errors)."""
     try:
@@ -246,7 +254,6 @@ def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions,
                batch_size: int = 8) -> Bisection:
     """The smallest budget whose measured held-out perplexity is within ``limit`` (a fraction) of
     the fp model's: each step quantizes a fresh model from ``load()`` and evaluates it."""
-    from quant import dist
     from quant.allocate import bisect_budget
     from quant.evaluate import perplexity
 
@@ -260,11 +267,8 @@ def bisect_run(sens: Sensitivity, config: QuantConfig, alloc_opts: AllocOptions,
     kept: dict = {}
 
     def measure(bpw):
-        alloc = None
-        if dist.is_main():  # one solve for every process: under a time limit two need not agree
-            alloc = allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs, gain_scale=alloc_opts.gain_scale,
-                             ties=alloc_opts.ties)
-        alloc = dist.gather_all(alloc)[0]
+        alloc = solved_once(lambda: allocate(sens, bpw * n / 8, alloc_opts.objective, alloc_opts.pairs,
+                                             gain_scale=alloc_opts.gain_scale, ties=alloc_opts.ties))
         cfg = config_for(sens, alloc, config)
         ppl, report, qmodel, _ = quantize_and_eval(load, windows, cfg, device, eval_ids, eval_seqlen, eval_windows,
                                                    batch_size)
@@ -289,6 +293,7 @@ class FrontierOptions:
     eval_seqlen: int = 512
     nsamples: int = 32
     seqlen: int = 512
+    batch_size: int = 8
 
 
 def frontier_run(sens: Sensitivity, model, tokenizer, load, device, alloc_opts: AllocOptions,
@@ -307,7 +312,7 @@ def frontier_run(sens: Sensitivity, model, tokenizer, load, device, alloc_opts: 
     fp = perplexity(model, ids, opts.eval_seqlen, opts.eval_windows, device, progress=False)["ppl"]
     obj, pairs, gs = alloc_opts.objective, alloc_opts.pairs, alloc_opts.gain_scale
     lo, hi = min_max_bpw(sens)
-    front = frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), obj, pairs, gain_scale=gs)
+    front = solved_once(lambda: frontier_allocations(sens, np.linspace(lo, min(hi, 8.5), 41), obj, pairs, gain_scale=gs))
     predicted = [{"bpw": a.bpw, "predicted_dloss": a.predicted_dloss, "predicted_ppl": predicted_ppl(fp, a.predicted_dloss),
                   "units": dict(zip(a.unit_names, a.candidates))} for a in front]
     base = base_config(sens)
@@ -317,19 +322,20 @@ def frontier_run(sens: Sensitivity, model, tokenizer, load, device, alloc_opts: 
     u4 = 8 * sum(sens.cost[k][widths.index(4)] for k in range(len(sens.units))) / n if 4 in widths else hi
     verified, uniform = [], []
     for bpw in (np.linspace(lo + 0.25, u4 + 0.1, opts.verify) if opts.verify else []):
-        alloc = allocate(sens, bpw * n / 8, obj, pairs, gain_scale=gs)
+        alloc = solved_once(lambda: allocate(sens, bpw * n / 8, obj, pairs, gain_scale=gs))
         ppl, *_ = quantize_and_eval(load, windows, config_for(sens, alloc, base), device, ids, opts.eval_seqlen,
-                                    opts.eval_windows)
+                                    opts.eval_windows, opts.batch_size)
         verified.append({"bpw": alloc.bpw, "ppl": ppl, "predicted_ppl": predicted_ppl(fp, alloc.predicted_dloss),
                          "units": dict(zip(alloc.unit_names, alloc.candidates))})
         log.info("verified %.3f bpw: ppl %.3f (predicted %.3f)", alloc.bpw, ppl, verified[-1]["predicted_ppl"])
     for method in ("rtn", "gptq"):
         for bits in (opts.uniform_bits if opts.verify else []):
             cfg = QuantConfig(**{**base.to_dict(), "method": method, "bits": bits})
-            ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, opts.eval_seqlen, opts.eval_windows)
+            ppl, report, *_ = quantize_and_eval(load, windows, cfg, device, ids, opts.eval_seqlen, opts.eval_windows,
+                                                opts.batch_size)
             uniform.append({"method": method, "bits": bits, "bpw": report.bpw, "ppl": ppl})
             log.info("uniform %s w%d: %.3f bpw, ppl %.3f", method, bits, report.bpw, ppl)
-    heat = allocate(sens, max(opts.map_budget, lo) * n / 8, obj, pairs, gain_scale=gs)
+    heat = solved_once(lambda: allocate(sens, max(opts.map_budget, lo) * n / 8, obj, pairs, gain_scale=gs))
     return {"model": sens.model, "objective": obj, "pairs": pairs, "fp_ppl": fp, "eval_windows": opts.eval_windows,
             "predicted": predicted, "verified": verified, "uniform": uniform, "bit_map": heat.to_dict(), "heat": heat}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -166,41 +167,71 @@ class AffineSettings:
     epochs: int = 10
     lr: float = 5e-3  # transforms
     clip_lr: float = 1e-2  # clipping logits
-    batch_size: int = 1
+    batch_size: int = 1  # calibration batches per optimizer step (their gradients averaged), over all processes
+
+
+@dataclass
+class Spread:
+    """How each optimizer step's batches are spread over processes (data-parallel; one process is
+    the default). Process ``r`` holds global batches ``r, r + processes, ...`` (``quant.dist``'s
+    ``shard_batches``), so a step over global batches ``[s·B, (s+1)·B)`` takes the next
+    ``B / processes`` of each process's own; ``reduce`` sums a tensor over the processes in place."""
+
+    processes: int = 1
+    total: int | None = None  # batches over all processes (None: this process's, one process)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: one process, nothing to sum
 
 
 def learn_block(layer: nn.Module, heads: Heads, specs: dict[str, ModuleSpec | None], inputs: list,
-                targets: list[torch.Tensor], settings: AffineSettings, name: str = "block") -> tuple[BlockTransforms, dict]:
+                targets: list[torch.Tensor], settings: AffineSettings, name: str = "block",
+                spread: Spread | None = None) -> tuple[BlockTransforms, dict]:
     """Learn the transforms of ``layer`` so that, quantized, it maps ``inputs`` (LayerInput batches,
-    from the already quantized model) close to ``targets`` (the fp block's outputs). Returns the
-    transforms and per-epoch mean losses; the layer itself is not modified."""
+    from the already quantized model) close to ``targets`` (the fp block's outputs). Each optimizer
+    step averages the gradients of ``settings.batch_size`` batches; under ``spread`` those batches
+    come from several processes and their gradient sums are all-reduced, so every process takes the
+    step one process would take. Returns the transforms and per-epoch mean losses; the layer itself
+    is not modified."""
+    spread = spread or Spread()
+    reduce = spread.reduce or (lambda t: t)
+    batch = settings.batch_size
+    if batch < 1 or batch % spread.processes:
+        raise ConfigError(f"{name}: an affine step of {batch} batches cannot be spread over {spread.processes} "
+                          "processes: use a multiple of the process count.")
+    own = batch // spread.processes  # this process's batches in each step
+    total = len(inputs) if spread.total is None else spread.total
     for p in layer.parameters():
         p.requires_grad_(False)
     base = {k: v.detach().float() for k, v in layer.state_dict().items() if k.endswith((".weight", ".bias"))}
     T = BlockTransforms(layer, heads, specs).float()
+    params = list(T.parameters())
+    for p in params:  # zeros, not None: a process with no batch in a step still adds its part
+        p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW([{"params": [T.log_s_attn, T.log_s_mlp, T.log_s_down, T.A], "lr": settings.lr},
                              {"params": list(T.clip.values()), "lr": settings.clip_lr}], weight_decay=0.0)
     history = []
     dtype = next(layer.parameters()).dtype
     for epoch in range(settings.epochs):
         width = 0 if settings.epochs == 1 else round(epoch * (heads.head_dim - 1) / (settings.epochs - 1))
-        losses = []
-        for x, y in zip(inputs, targets):
-            with torch.enable_grad():
-                weights = transformed_weights(base, T, width)
-                for n, spec in specs.items():
-                    if spec is not None:
-                        weights[f"{n}.weight"] = fake_quantize(weights[f"{n}.weight"], spec, T.clip[n.replace(".", "_")])
-                weights = {k: v.to(dtype) for k, v in weights.items()}
-                out = functional_call(layer, weights, (x.hidden,), x.kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                loss = F.mse_loss(out.float(), y.float())
-                opt.zero_grad()
-                loss.backward()
+        loss_sum = 0.0
+        for step in range(math.ceil(total / batch)):
+            opt.zero_grad(set_to_none=False)
+            for x, y in zip(inputs[step * own:(step + 1) * own], targets[step * own:(step + 1) * own]):
+                with torch.enable_grad():
+                    weights = transformed_weights(base, T, width)
+                    for n, spec in specs.items():
+                        if spec is not None:
+                            weights[f"{n}.weight"] = fake_quantize(weights[f"{n}.weight"], spec, T.clip[n.replace(".", "_")])
+                    weights = {k: v.to(dtype) for k, v in weights.items()}
+                    out = functional_call(layer, weights, (x.hidden,), x.kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = F.mse_loss(out.float(), y.float())
+                    loss.backward()  # gradients add up over the step's batches
+                loss_sum += float(loss.detach())
+            for p in params:
+                reduce(p.grad).div_(min(batch, total - step * batch))  # the mean over the step's batches
             opt.step()
             T.project(width)
-            losses.append(float(loss.detach()))
-        history.append(sum(losses) / len(losses))
+        history.append(float(reduce(torch.tensor([loss_sum], dtype=torch.float64, device=T.A.device))) / total)
         if not math.isfinite(history[-1]):
             raise AffineError(f"{name}: the affine loss became {history[-1]} in epoch {epoch}: lower --affine-lr.")
     log.debug("%s affine loss by epoch: %s", name, ", ".join(f"{v:.3g}" for v in history))

@@ -84,6 +84,9 @@ class QuantConfig:
     unfused: bool = False  # let q/k/v (gate/up) differ: for engines that do not fuse them (vLLM does)
     affine_epochs: int = 10  # affine methods: epochs over the calibration windows per block
     affine_lr: float = 5e-3  # affine methods: learning rate of the transforms (clipping: 2×)
+    # affine methods: calibration batches per optimizer step (gradients averaged); under torchrun a
+    # step's batches are spread over the processes, so it must be a multiple of their number
+    affine_batch: int = 1
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,8 +94,9 @@ class QuantConfig:
         check_group_size(self.group_size)
         if not (0.0 < self.damp_percent < 1.0):
             raise ConfigError(f"damp_percent={self.damp_percent!r} must lie in (0, 1); 0.01 is the usual choice.")
-        if self.affine_epochs < 1 or not (0.0 < self.affine_lr < 1.0):
-            raise ConfigError(f"affine_epochs={self.affine_epochs!r} must be ≥ 1 and affine_lr={self.affine_lr!r} in (0, 1).")
+        if self.affine_epochs < 1 or not (0.0 < self.affine_lr < 1.0) or self.affine_batch < 1:
+            raise ConfigError(f"affine_epochs={self.affine_epochs!r} and affine_batch={self.affine_batch!r} must be ≥ 1 "
+                              f"and affine_lr={self.affine_lr!r} in (0, 1).")
         if self.group_params not in GROUP_PARAMS:
             raise ConfigError(f"group_params={self.group_params!r} must be one of {', '.join(GROUP_PARAMS)}.")
         if self.block_size < 1:

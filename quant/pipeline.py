@@ -97,10 +97,10 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             raise ConfigError(f"--method {config.method} needs a Llama-like block (q/k/v/o, gate/up/down, two RMSNorms); "
                               f"this architecture {lacks}: use --method gptq or rtn.")
         heads = affine.Heads.of(model.config)
-        settings = affine.AffineSettings(epochs=config.affine_epochs, lr=config.affine_lr, clip_lr=2 * config.affine_lr)
-    if dist.world() > 1 and method.affine:
-        raise ConfigError(f"--method {config.method} learns its transforms by gradient descent on the calibration "
-                          "windows, which does not run across processes yet: run it in one process (without torchrun).")
+        settings = affine.AffineSettings(epochs=config.affine_epochs, lr=config.affine_lr, clip_lr=2 * config.affine_lr,
+                                         batch_size=config.affine_batch)
+        check_affine_batch(config)
+        spread = affine.Spread(dist.world(), -(-windows.shape[0] // batch_size), dist.all_reduce_sum)
     fp_stream: dict = {}  # affine methods: the full-precision stream they learn to match
 
     def step(i, layer, inputs):
@@ -112,7 +112,7 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
             fp_outputs = run_layer(layer, fp_inputs)
             layer_specs = {n: (None if specs[prefix + n].keep else specs[prefix + n]) for n in here.linears}
             T, info = affine.learn_block(layer, heads, layer_specs, inputs, [o.hidden for o in fp_outputs], settings,
-                                         name=f"layer {i}")
+                                         name=f"layer {i}", spread=spread)
             affine.fold(layer, T, name=f"layer {i}")
             if method.needs_hessian:  # GPTQ rounds on the learned clipped grid, with error feedback
                 grids = affine.learned_grid(layer, T, layer_specs)
@@ -282,6 +282,29 @@ def auto_group_size(model: nn.Module, arch: Arch, config: QuantConfig) -> int:
     return config.group_size
 
 
+def check_affine_batch(config: QuantConfig) -> None:
+    """Under torchrun each affine step spreads its batches over the processes: refuse a step size
+    that does not split evenly, naming the fix."""
+    if get_method(config.method).affine and config.affine_batch % dist.world():
+        raise ConfigError(f"--method {config.method} under {dist.world()} processes spreads each optimizer step's "
+                          f"calibration batches over them, and --affine-batch {config.affine_batch} does not split "
+                          f"evenly: pass a multiple of {dist.world()} (one process with the same --affine-batch "
+                          "learns the same transforms).")
+
+
+def for_processes(config: QuantConfig, explicit: set[str]) -> QuantConfig:
+    """``config`` for this run's processes: an affine step not set by the user takes one batch from
+    each process (one process with that --affine-batch learns the same transforms)."""
+    world = dist.world()
+    if world > 1 and get_method(config.method).affine and "affine_batch" not in explicit \
+            and config.affine_batch % world:
+        log.info("%d processes: each affine step averages %d calibration batches, one from each process (one "
+                 "process learns the same transforms with --affine-batch %d)", world, world, world)
+        config = dataclasses.replace(config, affine_batch=world)
+    check_affine_batch(config)
+    return config
+
+
 def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bool = True):
     """Load ``run["model"]`` (``stream``: layers stay on disk until the sweep needs them) on the
     run's device and dtype, and settle the group size as `quantize` does when it was not given.
@@ -299,4 +322,4 @@ def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bo
             log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
                      config.group_size, gs)
             config = dataclasses.replace(config, group_size=gs)
-    return model, tokenizer, arch, config, device, dtype
+    return model, tokenizer, arch, for_processes(config, explicit), device, dtype

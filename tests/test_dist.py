@@ -180,12 +180,63 @@ def test_a_failing_rank_takes_the_others_down_with_its_message(model_dir, text_f
     assert not (tmp_path / "q").exists()
 
 
-def test_commands_that_do_not_run_across_processes_say_so(model_dir, text_file, tmp_path):
-    done = hmq(["inspect", tmp_path / "none"], 2)
-    assert done.returncode != 0 and "only `hmq quantize`, `hmq measure` and `hmq eval` run under torchrun" in done.stderr
+def test_every_command_runs_under_torchrun(model_dir, text_file, tmp_path):
+    """inspect and export (file work, nothing to share out) run once, in the first process; frontier
+    quantizes and evaluates its points across the processes and writes what one process writes."""
+    import json
+
+    q = hmq(["quantize", "--model", model_dir, "--calib", text_file, "--bits", 4, "--method", "rtn", *COMMON,
+             "--out", tmp_path / "q"], 1)
+    assert q.returncode == 0, why(q)
+    one, two = hmq(["inspect", tmp_path / "q", "--json"], 1), hmq(["inspect", tmp_path / "q", "--json"], 2)
+    assert two.returncode == 0, why(two)
+    assert json.loads(two.stdout) == json.loads(one.stdout)
+    ex = hmq(["export", tmp_path / "q", "--format", "compressed-tensors", "--out", tmp_path / "ct"], 2)
+    assert ex.returncode == 0, why(ex)
+    assert ex.stdout.count("wrote") == 1 and read_tensors(tmp_path / "ct")
+    m = hmq(["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--out", tmp_path / "m.sens"], 1)
+    assert m.returncode == 0, why(m)
+    args = ["frontier", "--model", model_dir, "--sensitivity", tmp_path / "m.sens", "--verify", 2, "--uniform-bits", 4,
+            "--eval-windows", 4, "--eval-seqlen", 32, "--nsamples", 8, "--seqlen", 32, "--batch-size", 2, "--no-progress"]
+    f1, f2 = hmq([*args, "--out", tmp_path / "f1"], 1), hmq([*args, "--out", tmp_path / "f2"], 2)
+    assert f1.returncode == 0 and f2.returncode == 0, why(f2 if f1.returncode == 0 else f1)
+    a, b = (json.loads((tmp_path / d / "frontier.json").read_text()) for d in ("f1", "f2"))
+    for data in (a, b):
+        data["bit_map"].pop("solve_seconds")  # how long the solver took
+    assert a == b and len(a["verified"]) == 2 and len(a["uniform"]) == 2
+    assert (tmp_path / "f2" / "frontier.png").is_file() and f2.stdout.count("fp perplexity") == 1
+
+
+def test_an_affine_step_that_does_not_split_over_the_processes_is_refused(model_dir, text_file, tmp_path):
     done = hmq(["quantize", "--model", model_dir, "--calib", text_file, *COMMON, "--method", "affine",
-                "--out", tmp_path / "a"], 2)
-    assert done.returncode != 0 and "does not run across processes yet" in done.stderr
+                "--affine-batch", 3, "--out", tmp_path / "a"], 2)
+    assert done.returncode != 0 and "--affine-batch 3 does not split evenly: pass a multiple of 2" in done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+
+@pytest.mark.parametrize("method", ["affine", "affine+gptq"])
+def test_two_processes_learn_the_transforms_one_learns(model_dir, text_file, tmp_path, method):
+    """Each affine step averages the gradients of one batch from each process (all-reduced): the
+    checkpoint one process writes with --affine-batch 2, bit for bit (two addends sum the same in
+    either order)."""
+    import json
+
+    args = ["quantize", "--model", model_dir, "--calib", text_file, "--bits", 3, "--method", method, *COMMON,
+            "--affine-epochs", 2, "--nsamples", 10]  # 5 batches: the second process has none in the last step
+    one = hmq([*args, "--affine-batch", 2, "--out", tmp_path / "one"], 1)
+    assert one.returncode == 0, why(one)
+    two = hmq([*args, "--out", tmp_path / "two"], 2)  # the step size follows the processes
+    assert two.returncode == 0, why(two)
+    a, b = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    configs = [json.loads((tmp_path / d / "hmq.json").read_text())["quant_config"] for d in ("one", "two")]
+    assert configs[0]["affine_batch"] == configs[1]["affine_batch"] == 2
+    plain = hmq([*args, "--out", tmp_path / "plain"], 1)  # one batch a step: another trajectory
+    assert plain.returncode == 0, why(plain)
+    c = read_tensors(tmp_path / "plain")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_two_processes_bisect_as_one(model_dir, text_file, tmp_path):
