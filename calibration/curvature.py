@@ -247,28 +247,46 @@ def layer_gradients(model: nn.Module, arch: Arch, names: list[str], windows: tor
                     gs[w] = gh
 
 
+def _shared_out(windows: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """This process's windows (``rank::world``) and whether they are split; with fewer windows than
+    processes every process takes them all."""
+    split = dist.world() > 1 and len(windows) >= dist.world()
+    return (windows[dist.rank():: dist.world()] if split else windows), split
+
+
 def fisher_traces(model: nn.Module, arch: Arch, names: list[str], windows: torch.Tensor, device: torch.device, *,
                   overrides: Overrides = None, progress: bool = True) -> TraceEstimate:
     """Empirical Fisher trace per named weight: the mean over windows of ‖∇ℓ_window‖² (one
-    backward per window, no second derivative)."""
+    backward per window, no second derivative). Under torchrun each process takes every
+    ``world``-th window and the per-window rows are gathered in window order."""
     index = {n: k for k, n in enumerate(names)}
-    rows = torch.zeros(len(windows), len(names), dtype=torch.float64)
+    mine, split = _shared_out(windows)
+    rows = torch.zeros(len(mine), len(names), dtype=torch.float64)  # (windows, names)
 
     def add(name, w, g):
         rows[w, index[name]] += float(g.float().pow(2).sum())
 
-    layer_gradients(model, arch, names, windows, device, add, overrides=overrides, progress=progress)
+    layer_gradients(model, arch, names, mine, device, add, overrides=overrides, progress=progress)
+    if split:
+        parts, rows = dist.gather_all(rows), torch.zeros(len(windows), len(names), dtype=torch.float64)
+        for r, part in enumerate(parts):
+            rows[r:: dist.world()] = part
     return summarise(rows, len(windows))
 
 
 def mean_gradients(model: nn.Module, arch: Arch, names: list[str], windows: torch.Tensor, device: torch.device, *,
                    overrides: Overrides = None, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Gradient of the mean NLL over ``windows`` (equal lengths) for each named weight, fp32 on the CPU."""
+    """Gradient of the mean NLL over ``windows`` (equal lengths) for each named weight, fp32 on the
+    CPU. Under torchrun each process sums its share of the windows and the sums are all-reduced
+    (the same mean, summed in another order: equal to one process's within rounding)."""
     out: dict[str, torch.Tensor] = {}
+    mine, split = _shared_out(windows)
 
     def add(name, w, g):
         g = g.float().cpu() / len(windows)
         out[name] = g if name not in out else out[name] + g
 
-    layer_gradients(model, arch, names, windows, device, add, overrides=overrides, progress=progress)
+    layer_gradients(model, arch, names, mine, device, add, overrides=overrides, progress=progress)
+    if split:  # on the device: NCCL sums GPU tensors only
+        out = {n: dist.all_reduce_sum(g.to(device)).cpu() for n, g in out.items()}
     return out

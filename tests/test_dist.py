@@ -88,6 +88,34 @@ def test_two_processes_write_the_measurement_one_writes(model_dir, text_file, tm
     assert len(a["pairs"]) > 0 and a["settings"]["trace_probes"] == 10 and two.stdout.count("wrote") == 1
 
 
+def test_two_processes_measure_fisher_traces_and_taylor_context_as_one(model_dir, text_file, tmp_path):
+    """The gradient sweeps: each process takes every second window. Fisher rows are gathered in
+    window order (equal to the last bit); the Taylor gradients are summed across processes in
+    another order, so what they predict agrees within rounding."""
+    import math
+
+    args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE, "--trace", "fisher",
+            "--context-bits", 2, "--context-method", "taylor"]
+    one = hmq([*args, "--out", tmp_path / "one.sens"], 1)
+    assert one.returncode == 0, why(one)
+    two = hmq([*args, "--out", tmp_path / "two.sens"], 2)
+    assert two.returncode == 0, why(two)
+    a, b = measured(tmp_path / "one.sens"), measured(tmp_path / "two.sens")
+    assert a["trace"] == b["trace"] and a["trace_se"] == b["trace_se"] and a["settings"]["trace_method"] == "fisher"
+    assert a["context_single"] and a["context_single"] != a["context_exact"]  # some values came from the gradients
+
+    def close(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(close(u, v) for u, v in zip(x, y))
+        if isinstance(x, float) and isinstance(y, float):
+            return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-7)
+        return x == y
+
+    assert close(a, b), [k for k in a if not close(a[k], b[k])]
+
+
 def test_two_processes_killed_and_rerun_write_the_measurement_one_writes(model_dir, text_file, tmp_path):
     args = ["measure", "--model", model_dir, "--calib", text_file, *COMMON, *MEASURE]
     one = hmq([*args, "--out", tmp_path / "one.sens"], 1)
