@@ -16,6 +16,7 @@ power at every width), ``rtn``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from unittest import mock
 
@@ -38,15 +39,24 @@ VARIANTS = {
     # width: quant.quantizer.weight_power)
     "power1": {"_power": 1.0},
     "power0.5": {"_power": 0.5},
+    # the weighted range search with GPTQ's own column weights 1/U_jj² (U: the Cholesky factor of
+    # H⁻¹ in solve order) instead of diag(H), at the default power by width
+    "obs": {"_energy": "obs"},
 }
 
 
 def _quantize(base, arch, windows, spec, device, variant: str):
+    from quant.methods import clip_search
+    from quant.quantizer import weight_power
+
     settings = dict(VARIANTS[variant])
-    power = settings.pop("_power", None)
-    if power is None:
-        return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
-    with mock.patch("quant.methods.weight_power", lambda bits: power):
+    power, energy = settings.pop("_power", None), settings.pop("_energy", "diag")
+
+    def search(config, bits):  # the default range search, with the variant's power and energy source
+        found = clip_search(config, bits)
+        return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy)
+
+    with mock.patch("quant.methods.clip_search", search):
         return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
 
 

@@ -102,13 +102,15 @@ def gptq_quantize(
     W[:, dead[perm]] = 0.0
     energy = diag[perm]  # each column's input energy (solve order): what a weighted range search weighs by
 
-    static_params, gs_eff = _fixed_group_params(W, invperm, spec, clip, grid, static_groups and act_order
-                                                and group_params == "reached", static_groups, name, energy)
-
     U = _damped_factor(H, damp_percent, perm, name)
     if U is None:
         log.warning("%s: Cholesky failed even with %d× the damping; falling back to round-to-nearest", name, 10**DAMP_RETRIES)
         return rtn_quantize(weight, spec, clip)
+    if clip is not None and clip.energy == "obs":
+        energy = U.diagonal().to(torch.float32).pow(-2)  # what GPTQ's error term weighs column j by
+
+    static_params, gs_eff = _fixed_group_params(W, invperm, spec, clip, grid, static_groups and act_order
+                                                and group_params == "reached", static_groups, name, energy)
 
     if gs != -1 and block_size % gs != 0 and gs % block_size != 0:
         block_size = gs  # keep group starts aligned with blocks so group params see up-to-date columns

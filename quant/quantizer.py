@@ -132,6 +132,10 @@ class ClipSearch:
     norm: float = 2.4
     weighted: bool = True
     power: float = 1.0  # the weights are diag(H) to this power (see ``weight_power``)
+    # where the energies come from, in GPTQ: "diag" diag(H); "obs" 1/[U]_jj² with U the upper Cholesky
+    # factor of H⁻¹ in solve order, the weight GPTQ's own error term err²/U_jj² gives column j (its
+    # input energy left after the later columns' compensation: OBS's saliency denominator)
+    energy: str = "diag"
 
 
 def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | None = None,
