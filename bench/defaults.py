@@ -42,6 +42,9 @@ VARIANTS = {
     # the weighted range search with GPTQ's own column weights 1/U_jj² (U: the Cholesky factor of
     # H⁻¹ in solve order) instead of diag(H), at the default power by width
     "obs": {"_energy": "obs"},
+    # diag(H) at the default power, no column above 10 or 100 times the median of its group
+    "cap10": {"_cap": 10.0},
+    "cap100": {"_cap": 100.0},
 }
 
 
@@ -50,11 +53,12 @@ def _quantize(base, arch, windows, spec, device, variant: str):
     from quant.quantizer import weight_power
 
     settings = dict(VARIANTS[variant])
-    power, energy = settings.pop("_power", None), settings.pop("_energy", "diag")
+    power, energy, cap = settings.pop("_power", None), settings.pop("_energy", "diag"), settings.pop("_cap", 0.0)
 
     def search(config, bits):  # the default range search, with the variant's power and energy source
         found = clip_search(config, bits)
-        return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy)
+        return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy,
+                                             cap=cap)
 
     with mock.patch("quant.methods.clip_search", search):
         return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)

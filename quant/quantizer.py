@@ -136,6 +136,7 @@ class ClipSearch:
     # factor of H⁻¹ in solve order, the weight GPTQ's own error term err²/U_jj² gives column j (its
     # input energy left after the later columns' compensation: OBS's saliency denominator)
     energy: str = "diag"
+    cap: float = 0.0  # > 0: no column weighs more than cap × the median weight of the columns searched together
 
 
 def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | None = None,
@@ -149,6 +150,8 @@ def search_qparams(w: torch.Tensor, bits: int, sym: bool, clip: ClipSearch | Non
     if weigh:
         energy = energy.to(w.device, torch.float32).clamp_min(0)
         energy = energy if clip.power == 1.0 else energy.pow(clip.power)
+        if clip.cap > 0:
+            energy = torch.minimum(energy, clip.cap * energy.median())
         energy = energy / energy.mean().clamp_min(1e-30)  # a scale-free weighting (an all-zero one: unweighted)
         energy = torch.where(energy.sum() > 0, energy, torch.ones_like(energy))
     lo, hi = w.amin(dim=1), w.amax(dim=1)
