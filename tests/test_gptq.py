@@ -235,6 +235,25 @@ def test_weighted_range_search_spares_a_weight_that_meets_a_massive_activation(b
     assert err[True] <= 1.05 * noclip, (err, noclip)  # and weighted it is no worse than no search at all
 
 
+def test_range_search_energy_cap_and_gptq_weights():
+    """The experimental weightings: a cap clamps each energy at cap x the median of the columns
+    searched together (the search then equals one given those energies); GPTQ's own column weights
+    1/U_jj² are constant for H = I, which makes the weighted search the unweighted one."""
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(3.0).sample((200, 64)) * 0.02
+    energy = torch.rand(64).pow(4) * 100
+    energy[3] = 1e7
+    capped = search_qparams(w, 3, False, ClipSearch(cap=10.0), energy)
+    by_hand = search_qparams(w, 3, False, ClipSearch(), torch.minimum(energy, 10 * energy.median()))
+    assert torch.equal(capped[0], by_hand[0]) and torch.equal(capped[1], by_hand[1])
+    assert not torch.equal(capped[0], search_qparams(w, 3, False, ClipSearch(), energy)[0])
+    spec = ModuleSpec(3, 32, False)
+    eye = torch.eye(64)
+    obs = gptq_quantize(w, eye, spec, clip=ClipSearch(energy="obs"))
+    plain = gptq_quantize(w, eye, spec, clip=ClipSearch(weighted=False))
+    assert torch.equal(obs.intweight, plain.intweight) and torch.equal(obs.scales, plain.scales)
+
+
 @pytest.mark.parametrize("group_size", [-1, 32])
 def test_clip_reaches_gptq_and_rtn(group_size):
     torch.manual_seed(0)
