@@ -132,7 +132,10 @@ class QuantConfig:
         return ModuleSpec(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["affine_batch"] == 1:  # the default, left out: checkpoints and resume states from before it stay valid
+            del out["affine_batch"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":

@@ -289,7 +289,7 @@ def check_affine_batch(config: QuantConfig) -> None:
         raise ConfigError(f"--method {config.method} under {dist.world()} processes spreads each optimizer step's "
                           f"calibration batches over them, and --affine-batch {config.affine_batch} does not split "
                           f"evenly: pass a multiple of {dist.world()} (one process with the same --affine-batch "
-                          "learns the same transforms).")
+                          "learns the same transforms, within rounding).")
 
 
 def for_processes(config: QuantConfig, explicit: set[str]) -> QuantConfig:
@@ -299,7 +299,7 @@ def for_processes(config: QuantConfig, explicit: set[str]) -> QuantConfig:
     if world > 1 and get_method(config.method).affine and "affine_batch" not in explicit \
             and config.affine_batch % world:
         log.info("%d processes: each affine step averages %d calibration batches, one from each process (one "
-                 "process learns the same transforms with --affine-batch %d)", world, world, world)
+                 "process learns the same transforms, within rounding, with --affine-batch %d)", world, world, world)
         config = dataclasses.replace(config, affine_batch=world)
     check_affine_batch(config)
     return config
@@ -311,6 +311,7 @@ def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bo
     Returns (model, tokenizer, arch, config, device, dtype)."""
     from .model_io import load_model, resolve_device, resolve_dtype
 
+    config = for_processes(config, explicit)  # before loading: a step that cannot be split fails at once
     device = resolve_device(run["device"])
     dtype = resolve_dtype(run["dtype"], device)
     log.info("loading %s", run["model"] or "the offline default model (SmolLM2-135M-Instruct)")
@@ -322,4 +323,4 @@ def load_resolved(run: dict, config: QuantConfig, explicit: set[str], stream: bo
             log.info("group size %d does not divide in_features of this model; using %d (pass --group-size to choose)",
                      config.group_size, gs)
             config = dataclasses.replace(config, group_size=gs)
-    return model, tokenizer, arch, for_processes(config, explicit), device, dtype
+    return model, tokenizer, arch, config, device, dtype

@@ -8,7 +8,7 @@ import torch
 from quant.capture import capture_layer_inputs, collect_hessians, run_layer
 from quant import affine
 from quant.arch import get_arch
-from quant.config import ModuleSpec, QuantConfig
+from quant.config import ConfigError, ModuleSpec, QuantConfig
 from quant.export import save_quantized
 from quant.loading import load_quantized
 from quant.pipeline import quantize_model
@@ -234,3 +234,18 @@ def test_best_rows_takes_each_rows_lower_output_error():
         assert torch.equal(best.zeros[:, r], src.zeros[:, r])
     with pytest.raises(ValueError, match="same bits"):
         best_rows([own, gptq_quantize(W, H, ModuleSpec(4, 32, False))], W, H)
+
+
+def test_a_step_averages_its_batches(block_data):
+    """Each optimizer step takes the mean gradient of its batches: two copies of the first batch in
+    one step, then the second batch alone (a last, shorter step), learn exactly what one batch a
+    step learns on the two batches."""
+    model, layer, inputs, targets, _ = block_data
+    specs = {n: ModuleSpec(3, 32, False) for n in affine.LINEARS}
+    heads = affine.Heads.of(model.config)
+    x, y = inputs[:2], targets[:2]
+    plain, _ = affine.learn_block(layer, heads, specs, x, y, affine.AffineSettings(epochs=2, batch_size=1))
+    paired, _ = affine.learn_block(layer, heads, specs, [x[0], *x], [y[0], *y], affine.AffineSettings(epochs=2, batch_size=2))
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), paired.parameters()))
+    with pytest.raises(ConfigError, match="cannot be spread over 2 processes"):
+        affine.learn_block(layer, heads, specs, x, y, affine.AffineSettings(batch_size=3), spread=affine.Spread(2, 4))

@@ -309,3 +309,17 @@ def test_two_processes_select_as_one(model_dir, text_file, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     one, two = (json.loads((tmp_path / d / "hmq.json").read_text())["allocation"] for d in ("one", "two"))
     assert one["search"]["history"] == two["search"]["history"] and one["units"] == two["units"]
+
+
+def test_only_the_first_process_runs_inspect_and_export(tmp_path, monkeypatch, capsys):
+    """Under torchrun every other process leaves export and inspect at once: nothing written, nothing
+    printed (before it joins any process group, so it cannot wait on one)."""
+    import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["export", str(tmp_path / "none"), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    assert cli.main(["inspect", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "ct").exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")  # the first process does the work (here: finds no checkpoint)
+    assert cli.main(["inspect", str(tmp_path / "none")]) != 0
