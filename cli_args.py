@@ -8,6 +8,8 @@ CLIP_HELP = ("search each group's range (shrunk by up to 20%%) for the lowest |e
              "min/max (GPTQ's mse option); helps most at 2-3 bits; --no-clip for textbook GPTQ (default on)")
 
 
+CLIP_BOTH_HELP = ("with the weighted range search, GPTQ also solves with the unweighted one and keeps each output "
+                  "row from the solve with the lower layer output error (default on; twice the solves)")
 CLIP_WEIGHTED_HELP = ("GPTQ's range search counts each column's error by its input energy diag(H), so a weight "
                       "that meets a large activation is not clipped (default on; --no-clip-weighted: all alike)")
 
@@ -55,6 +57,7 @@ def _quantize_parser(sub) -> None:
                                "--static-groups the checkpoint needs no g_idx, so it runs as fast as one without)")
     _bool_flag(q, "clip", CLIP_HELP)
     _bool_flag(q, "clip-weighted", CLIP_WEIGHTED_HELP)
+    _bool_flag(q, "clip-both", CLIP_BOTH_HELP)
     _bool_flag(q, "static-groups", "with --act-order: fix each group's scale/zero from the weights before the solve, "
                                    "keeping groups contiguous (llm-compressor's actorder=static; default on); "
                                    "--no-static-groups lets groups follow the solve order (needs g_idx at inference)")
@@ -135,6 +138,7 @@ def _measure_parser(sub) -> None:
     m.add_argument("--damp-percent", type=float, help="GPTQ damping (default 0.01)")
     _bool_flag(m, "clip", CLIP_HELP)
     _bool_flag(m, "clip-weighted", CLIP_WEIGHTED_HELP)
+    _bool_flag(m, "clip-both", CLIP_BOTH_HELP)
     _bool_flag(m, "act-order", "GPTQ column order by the Hessian diagonal, as quantize (default on)")
     _bool_flag(m, "static-groups", "with --act-order: groups fixed before the solve, as quantize (default on)")
     m.add_argument("--group-params", choices=GROUP_PARAMS, help="static groups' scale/zero, as quantize")

@@ -33,6 +33,7 @@ VARIANTS = {
     "static-noclip": {"act_order": True, "static_groups": True, "clip": False, "group_params": "original"},
     "static-reached": {"act_order": True, "static_groups": True, "clip": True, "group_params": "reached"},
     "default": {},  # hmq's defaults as they now are
+    "weighted": {"clip_both": False},  # the weighted range search alone (the default before clip_both)
     "unweighted": {"clip_weighted": False},  # … with every column's error counted the same in the range search
     "rtn": {"method": "rtn"},  # round-to-nearest (min/max ranges): no calibration, so one seed stands for all
     # the weighted range search with diag(H) to a fixed power at every width (the default picks it by
@@ -46,7 +47,8 @@ VARIANTS = {
     "cap10": {"_cap": 10.0},
     "cap100": {"_cap": 100.0},
     # GPTQ solved twice, with the weighted and the unweighted range search, and each output row kept
-    # from the solve with the lower ΔW_r H ΔW_rᵀ (quant.quantizer.best_rows)
+    # from the solve with the lower ΔW_r H ΔW_rᵀ (quant.quantizer.best_rows): what clip_both (now the
+    # default) does, written outside the solver; with the default on it changes nothing
     "best2": {"_best2": True},
 }
 

@@ -290,7 +290,7 @@ def measure_sensitivity(model, arch: Arch, windows: torch.Tensor, loss_windows: 
     settings = dict(settings or {})
     settings.update({"method": config.method, "sym": config.sym, "partial_groups": config.partial_groups,
                      "damp_percent": config.damp_percent, "act_order": config.act_order, "clip": config.clip,
-                     "clip_weighted": config.clip_weighted,
+                     "clip_weighted": config.clip_weighted, "clip_both": config.clip_both,
                      "static_groups": config.static_groups, "group_params": config.group_params,
                      "granularity": granularity,
                      "trace_method": trace_method, "trace_probes": probes, "trace_tol": trace_tol,

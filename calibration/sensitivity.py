@@ -99,6 +99,8 @@ class Sensitivity:
         out = {"clip": self.clip, "act_order": act}
         if self.clip:  # files from before the weighted range search: unweighted
             out["clip_weighted"] = bool(self.settings.get("clip_weighted", False))
+            if out["clip_weighted"]:  # files from before the two searches: the weighted one alone
+                out["clip_both"] = bool(self.settings.get("clip_both", False))
         if act:
             out["static_groups"] = bool(self.settings.get("static_groups", False))
             if out["static_groups"]:

@@ -77,6 +77,10 @@ class QuantConfig:
     # a Hessian (GPTQ), as llama.cpp's importance matrix does (diag(H)^0.5 at 2 bits: ranked on
     # selection text, docs/defaults.md); off: every column counts the same
     clip_weighted: bool = True
+    # with the weighted range search, GPTQ also solves with the unweighted one and keeps each output
+    # row from the solve whose layer output error ΔW_r H ΔW_rᵀ is lower (selection text, both real
+    # models: the weighted search alone lost 56% in KL on Gemma-3 at w3g64; docs/defaults.md)
+    clip_both: bool = True
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs

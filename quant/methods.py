@@ -1,6 +1,7 @@
 """The registry of reconstruction methods: name -> function(weight, H, spec, config, name) -> QuantizedWeight."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from . import dist
 from .config import ConfigError, ModuleSpec, QuantConfig
 from .gptq import gptq_quantize
-from .quantizer import ClipSearch, QuantizedWeight, rtn_quantize, weight_power
+from .quantizer import ClipSearch, QuantizedWeight, best_rows, rtn_quantize, weight_power
 
 Method = Callable[[torch.Tensor, Optional[torch.Tensor], ModuleSpec, QuantConfig, str], QuantizedWeight]
 
@@ -63,19 +64,16 @@ def _rtn(weight, H, spec, config, name):
 
 @register("gptq", needs_hessian=True, help="GPTQ: second-order error feedback with H = 2XXᵀ")
 def _gptq(weight, H, spec, config, name, grid=None):
-    return gptq_quantize(
-        weight,
-        H,
-        spec,
-        act_order=config.act_order,
-        static_groups=config.static_groups,
-        group_params=config.group_params_for(spec.bits),
-        damp_percent=config.damp_percent,
-        block_size=config.block_size,
-        name=name,
-        grid=grid,
-        clip=clip_search(config, spec.bits),
-    )
+    clip = clip_search(config, spec.bits)
+    kw = dict(act_order=config.act_order, static_groups=config.static_groups,
+              group_params=config.group_params_for(spec.bits), damp_percent=config.damp_percent,
+              block_size=config.block_size, name=name, grid=grid)
+    qw = gptq_quantize(weight, H, spec, clip=clip, **kw)
+    if grid is None and clip is not None and clip.weighted and config.clip_both:
+        # rows are independent given H: each keeps the solve with the lower ΔW_r H ΔW_rᵀ
+        other = gptq_quantize(weight, H, spec, clip=dataclasses.replace(clip, weighted=False), **kw)
+        qw = best_rows([qw, other], weight.float(), H.float())[0]
+    return qw
 
 
 @register("affine", needs_hessian=False, affine=True,

@@ -6,7 +6,7 @@ import torch
 from quant.capture import capture_layer_inputs, collect_hessians
 from quant.config import ModuleSpec
 from quant.gptq import gptq_quantize
-from quant.quantizer import ClipSearch, compute_qparams, fake_quantize, rtn_quantize, search_qparams
+from quant.quantizer import ClipSearch, best_rows, compute_qparams, fake_quantize, row_errors, rtn_quantize, search_qparams
 
 from .conftest import build_tiny, windows
 
@@ -286,10 +286,17 @@ def test_config_clip_reaches_the_methods(real_activations, method):
     fn = get_method(method).fn
     on = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=True), "down")
     off = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=False), "down")
-    want = (gptq_quantize(w, H["mlp.down_proj"], spec, clip=ClipSearch(power=0.5), act_order=True,
-                          static_groups=True, group_params="reached")  # the default rules at 2 bits
-            if method == "gptq"
-            else rtn_quantize(w, spec, ClipSearch()))
+    if method == "gptq":  # the default rules at 2 bits: each row from the weighted or the unweighted search's solve
+        kw = dict(act_order=True, static_groups=True, group_params="reached")
+        both = [gptq_quantize(w, H["mlp.down_proj"], spec, clip=ClipSearch(power=0.5, weighted=weighted), **kw)
+                for weighted in (True, False)]
+        want, pick = best_rows(both, w.float(), H["mlp.down_proj"].float())
+        errs = [row_errors(q, w.float(), H["mlp.down_proj"].float()) for q in (*both, on)]
+        assert (errs[2] <= torch.minimum(errs[0], errs[1])).all()  # never worse than either search, row by row
+        alone = fn(w, H["mlp.down_proj"], spec, QuantConfig(clip=True, clip_both=False), "down")
+        assert torch.equal(alone.intweight, both[0].intweight)  # clip_both off: the weighted search alone
+    else:
+        want = rtn_quantize(w, spec, ClipSearch())
     assert torch.equal(on.scales, want.scales) and torch.equal(on.intweight, want.intweight)
     assert not torch.equal(on.scales, off.scales)
 
