@@ -258,19 +258,15 @@ def cmd_frontier(args) -> int:
     from calibration.runs import FrontierOptions, frontier_run
     from calibration.sensitivity import Sensitivity
     from quant import dist
-    from quant.config import ConfigError
     from quant.model_io import load_model, resolve_device, resolve_dtype
 
+    device = resolve_device(dist.init(args.device))  # under torchrun: each process quantizes and evaluates a share
+    if args.verify:  # the points it quantizes shard their calibration batches: refuse too few before any work
+        dist.check_batches(args.nsamples, args.batch_size)
     sens = Sensitivity.load(args.sensitivity)
     opts = FrontierOptions(args.verify, _parse_bits_list(args.uniform_bits, "--uniform-bits"), args.map_budget,
                            args.eval_windows, args.eval_seqlen, args.nsamples, args.seqlen, args.batch_size)
     out = Path(args.out)
-    device = resolve_device(dist.init(args.device))  # under torchrun: each process quantizes and evaluates a share
-    batches = -(-args.nsamples // args.batch_size) if args.batch_size >= 1 and args.nsamples >= 1 else 0
-    if args.verify and batches < dist.world():
-        raise ConfigError(f"--nsamples {args.nsamples} with --batch-size {args.batch_size} make {batches} calibration "
-                          f"batches for {dist.world()} process(es): pass --nsamples ≥ 1 and --batch-size ≥ 1 giving at "
-                          "least one batch a process.")
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(args.dtype, device)

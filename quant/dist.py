@@ -52,15 +52,23 @@ def init(device_name: str | None) -> str | None:
     return device_name
 
 
+def check_batches(windows: int, batch_size: int) -> None:
+    """Refuse ``windows`` calibration windows in batches of ``batch_size`` that give some process no
+    whole batch (a command that shards later calls this before its long work)."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be at least 1.")
+    batches = -(-windows // batch_size)
+    if batches < world():
+        raise ConfigError(f"{windows} windows make {batches} batches of {batch_size}, fewer than the "
+                          f"{world()} processes: pass more --nsamples or a smaller --batch-size.")
+
+
 def shard_batches(windows: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
     """This rank's whole batches of ``windows`` (n, seq): batch ``b`` to rank ``b mod world``."""
     if windows is None or world() == 1:
         return windows
-    batches = list(windows.split(batch_size))
-    if len(batches) < world():
-        raise ConfigError(f"{windows.shape[0]} windows make {len(batches)} batches of {batch_size}, fewer than the "
-                         f"{world()} processes: pass more --nsamples or a smaller --batch-size.")
-    return torch.cat(batches[rank():: world()])
+    check_batches(windows.shape[0], batch_size)
+    return torch.cat(list(windows.split(batch_size))[rank():: world()])
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

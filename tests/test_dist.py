@@ -242,6 +242,14 @@ def test_an_affine_step_that_does_not_split_over_the_processes_is_refused(model_
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 
 
+def test_frontier_with_too_few_batches_for_its_processes_is_refused_before_any_work(tmp_path):
+    """One calibration batch cannot be spread over two processes: said before the model is loaded."""
+    done = hmq(["frontier", "--model", tmp_path / "no-model", "--sensitivity", tmp_path / "none.sens", "--verify", 1,
+                "--nsamples", 2, "--batch-size", 2, "--out", tmp_path / "f"], 2)
+    assert done.returncode != 0 and "2 windows make 1 batches of 2, fewer than the 2 processes" in done.stderr
+    assert not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("method", ["affine", "affine+gptq"])
 def test_two_processes_learn_the_transforms_one_learns(model_dir, text_file, tmp_path, method):
     """Each affine step averages the gradients of one batch from each process (all-reduced): the
