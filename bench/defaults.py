@@ -46,10 +46,6 @@ VARIANTS = {
     # diag(H) at the default power, no column above 10 or 100 times the median of its group
     "cap10": {"_cap": 10.0},
     "cap100": {"_cap": 100.0},
-    # GPTQ solved twice, with the weighted and the unweighted range search, and each output row kept
-    # from the solve with the lower ΔW_r H ΔW_rᵀ (quant.quantizer.best_rows): what clip_both (now the
-    # default) does, written outside the solver; with the default on it changes nothing
-    "best2": {"_best2": True},
 }
 
 
@@ -65,20 +61,7 @@ def _quantize(base, arch, windows, spec, device, variant: str):
         return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy,
                                              cap=cap)
 
-    import quant.methods
-    from quant.quantizer import best_rows
-
-    solve = quant.methods.gptq_quantize
-    best2 = settings.pop("_best2", False)
-
-    def both(weight, H, spec, *, clip=None, **kw):  # the better rows of the weighted and unweighted searches
-        first = solve(weight, H, spec, clip=clip, **kw)
-        if not best2 or clip is None or not clip.weighted:
-            return first
-        other = solve(weight, H, spec, clip=dataclasses.replace(clip, weighted=False), **kw)
-        return best_rows([first, other], weight.float(), H.float())[0]
-
-    with mock.patch("quant.methods.clip_search", search), mock.patch("quant.methods.gptq_quantize", both):
+    with mock.patch("quant.methods.clip_search", search):
         return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
 
 
