@@ -19,6 +19,7 @@ import torch
 
 import common
 from quant.config import QuantConfig
+from quant.hessian import HessianAccumulator
 from quant.methods import get_method
 from quant.model_io import load_model
 from quant.quantizer import best_rows, row_errors
@@ -27,22 +28,18 @@ from quant.quantizer import best_rows, row_errors
 @torch.no_grad()
 def hessians(model, layers, windows: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
     """``H = 2 X Xᵀ / tokens`` of every linear's inputs in ``layers`` on ``windows`` (fp model)."""
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)
-    tokens: dict[str, int] = defaultdict(int)
+    acc: dict[str, HessianAccumulator] = {}
     hooks = []
     for i, layer in enumerate(layers):
         for name, m in layer.named_modules():
             if isinstance(m, torch.nn.Linear):
-                def hook(mod, inp, out, key=f"{i}.{name}"):
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-                    sums[key] = sums[key] + 2 * x.T @ x
-                    tokens[key] += x.shape[0]
-                hooks.append(m.register_forward_hook(hook))
+                acc[f"{i}.{name}"] = HessianAccumulator(f"{i}.{name}")
+                hooks.append(m.register_forward_hook(lambda mod, inp, out, a=acc[f"{i}.{name}"]: a.add(inp[0])))
     for b in range(0, len(windows), batch):
         model(windows[b : b + batch])
     for h in hooks:
         h.remove()
-    return {k: sums[k] / tokens[k] for k in sums}
+    return {k: a.hessian() for k, a in acc.items()}
 
 
 def main() -> None:
