@@ -16,6 +16,7 @@ power at every width), ``rtn``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import time
 from unittest import mock
@@ -46,7 +47,39 @@ VARIANTS = {
     # diag(H) at the default power, no column above 10 or 100 times the median of its group
     "cap10": {"_cap": 10.0},
     "cap100": {"_cap": 100.0},
+    # each decoder layer solved three times, on its own copy, with the weighted search alone, the
+    # unweighted one and both row by row; the one whose decoder-layer output on the layer's inputs is
+    # nearest the fp layer's (summed squared error) is kept: a criterion past the linear
+    "layer-pick": {"_layer_pick": ("weighted", "unweighted", "default")},
+    "layer-pick2": {"_layer_pick": ("weighted", "default")},  # without the unweighted search alone
 }
+
+LAYER_PICKS: list[str] = []  # the last layer-pick run's choice per decoder layer
+
+
+def _picking(original, options: tuple[str, ...]):
+    """``quant.pipeline.quantize_layer`` that solves each decoder layer with each of ``options``
+    (named as in VARIANTS) on a copy and returns the results of the one with the lowest decoder-layer
+    output error against the fp layer on the same inputs."""
+    from quant.capture import run_layer
+
+    def quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids=None):
+        if inputs is None or grids is not None:
+            return original(layer, prefix, steps, arch, inputs, specs, config, method, grids)
+        fp = [o.hidden.float() for o in run_layer(layer, inputs)]
+        best = None
+        for name in options:
+            trial = copy.deepcopy(layer)
+            cfg = dataclasses.replace(config, **VARIANTS[name])
+            res = original(trial, prefix, steps, arch, inputs, specs, cfg, method, grids)
+            err = sum(float((o.hidden.float() - f).pow(2).sum()) for o, f in zip(res["__outputs__"], fp))
+            if best is None or err < best[0]:
+                best = (err, name, res)
+            del trial
+        LAYER_PICKS.append(best[1])
+        return best[2]
+
+    return quantize_layer
 
 
 def _quantize(base, arch, windows, spec, device, variant: str):
@@ -55,13 +88,18 @@ def _quantize(base, arch, windows, spec, device, variant: str):
 
     settings = dict(VARIANTS[variant])
     power, energy, cap = settings.pop("_power", None), settings.pop("_energy", "diag"), settings.pop("_cap", 0.0)
+    picks = settings.pop("_layer_pick", None)
+    LAYER_PICKS.clear()
 
     def search(config, bits):  # the default range search, with the variant's power and energy source
         found = clip_search(config, bits)
         return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy,
                                              cap=cap)
 
-    with mock.patch("quant.methods.clip_search", search):
+    import quant.pipeline
+
+    layer = _picking(quant.pipeline.quantize_layer, picks) if picks else quant.pipeline.quantize_layer
+    with mock.patch("quant.methods.clip_search", search), mock.patch("quant.pipeline.quantize_layer", layer):
         return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
 
 
@@ -92,7 +130,8 @@ def main() -> None:
                 model, report = _quantize(base, arch, windows, spec, device, variant)
                 res = common.evaluate(model, sel, device)
                 rows.append({"scheme": label, "variant": variant, "seed": seed, "bpw": report.bpw,
-                             "quant_seconds": report.seconds, **res})
+                             "quant_seconds": report.seconds, **res,
+                             **({"layer_picks": list(LAYER_PICKS)} if LAYER_PICKS else {})})
                 print(f"{label} {variant} seed {seed}: ppl {res['ppl']:.3f} kl {res['kl']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
                 del model
