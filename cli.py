@@ -247,6 +247,10 @@ def print_summary(report, out: Path, seconds: float, config=None) -> None:
     print("bpw counts packed codes + fp16 scales + packed zeros of the decoder-layer linears.")
     if config is not None:
         print(solver_line(config))
+    picks = getattr(report, "range_picks", [])
+    if picks:
+        counts = ", ".join(f"{name} {picks.count(name)}" for name in dict.fromkeys(picks))
+        print(f"range search kept per decoder layer (the nearest layer output to fp's): {counts}")
     print(f"quantized in {report.seconds:.1f} s, {seconds:.1f} s in all; wrote {out}")
 
 

@@ -12,6 +12,8 @@ import yaml
 SUPPORTED_BITS = (2, 3, 4, 8, 16)  # 16 = keep the module in floating point
 GROUP_PARAMS = ("auto", "reached", "original")
 REACHED_UP_TO_BITS = 3  # group_params="auto": "reached" at this width and below, "original" above
+CLIP_LAYER = ("auto", "on", "off")
+CLIP_LAYER_BITS = (3, 4)  # clip_layer="auto": the widths where selection text ranked the per-layer pick first
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,15 @@ class QuantConfig:
     # row from the solve whose layer output error ΔW_r H ΔW_rᵀ is lower (selection text, both real
     # models: the weighted search alone lost 56% in KL on Gemma-3 at w3g64; docs/defaults.md)
     clip_both: bool = True
+    # GPTQ with the weighted range search: every decoder layer is solved with each search on its own
+    # (weighted alone, unweighted alone and, with clip_both, the row mix) and the one whose decoder-layer
+    # output is nearest the fp layer's on the same inputs is kept. GPTQ's per-linear objective ranked
+    # the searches the same on both real models while their end-to-end KL ranked them differently;
+    # the layer's output sees what it misses. "auto" (default): on where a layer has a linear at 3 or
+    # 4 bits, where selection text ranked it first (at 2 bits it ranked it below the row mix; 8 bits
+    # not tried): docs/defaults.md, *A criterion past the linear*. Uniform runs and quantize's own
+    # solves; the mixed database still takes the row mix
+    clip_layer: str = "auto"
     damp_percent: float = 0.01  # damping added to diag(H), as a fraction of its mean
     block_size: int = 128  # GPTQ lazy-batch column block
     true_sequential: bool = True  # quantize q/k/v, then o, then gate/up, then down, re-measuring inputs
@@ -103,6 +114,8 @@ class QuantConfig:
                               f"and affine_lr={self.affine_lr!r} in (0, 1).")
         if self.group_params not in GROUP_PARAMS:
             raise ConfigError(f"group_params={self.group_params!r} must be one of {', '.join(GROUP_PARAMS)}.")
+        if self.clip_layer not in CLIP_LAYER:
+            raise ConfigError(f"clip_layer={self.clip_layer!r} must be one of {', '.join(CLIP_LAYER)}.")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size!r} must be a positive integer.")
         if self.static_groups and not self.act_order:
@@ -127,6 +140,11 @@ class QuantConfig:
         if self.group_params != "auto":
             return self.group_params
         return "reached" if bits <= REACHED_UP_TO_BITS else "original"
+
+    def clip_layer_for(self, bits: list[int]) -> bool:
+        """Whether a decoder layer whose quantized linears are at ``bits`` picks its range search by
+        its output ("auto" resolved: any of them at a width of CLIP_LAYER_BITS)."""
+        return self.clip_layer == "on" or (self.clip_layer == "auto" and any(b in CLIP_LAYER_BITS for b in bits))
 
     def spec_for(self, module_name: str) -> ModuleSpec:
         fields = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}

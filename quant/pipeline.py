@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -46,6 +47,7 @@ class QuantReport:
     seconds: float = 0.0
     affine_loss: list[list[float]] = field(default_factory=list)  # affine methods: per layer, per epoch
     learned_grid_rows: list[float] = field(default_factory=list)  # affine+gptq: per layer, share of rows on the learned grid
+    range_picks: list[str] = field(default_factory=list)  # clip_layer: per decoder layer, the range search kept
 
     @property
     def bpw(self) -> float:
@@ -120,7 +122,10 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
                 affine.clamp_to_clip(layer, T, layer_specs)
             report.affine_loss.append(info["loss"])
             fp_stream["inputs"] = fp_outputs
-        results = quantize_layer(layer, prefix, steps, here, inputs, specs, config, method, grids)
+        results = quantize_layer_picked(layer, prefix, steps, here, inputs, specs, config, method, grids)
+        pick = results.pop("__search__", None)
+        if pick is not None:
+            report.range_picks.append(pick)
         outputs = results.pop("__outputs__")
         kept, solved = results.pop("__grid_rows__")
         if solved:
@@ -139,7 +144,8 @@ def quantize_model(model: nn.Module, arch: Arch, windows: torch.Tensor, config: 
         report.modules.extend(rows)
         if state is not None:
             meta = {"modules": [dataclasses.asdict(r) for r in rows], "affine_loss": report.affine_loss[-1:] if method.affine else [],
-                    "grid_rows": report.learned_grid_rows[-1:] if solved else []}
+                    "grid_rows": report.learned_grid_rows[-1:] if solved else [],
+                    "range_pick": [pick] if pick is not None else []}
             streams = {"hidden": [o.hidden for o in outputs]} if outputs is not None else {}
             if "inputs" in fp_stream:
                 streams["fp"] = [o.hidden for o in fp_stream["inputs"]]
@@ -177,7 +183,58 @@ def _restore(model: nn.Module, arch: Arch, state, report: QuantReport, progress:
         report.modules.extend(ModuleResult(**m) for m in meta["modules"])
         report.affine_loss.extend(meta["affine_loss"])
         report.learned_grid_rows.extend(meta["grid_rows"])
+        report.range_picks.extend(meta.get("range_pick", []))
     return state.done
+
+
+def range_searches(config: QuantConfig, method, grids: dict | None, inputs, bits: list[int]) -> dict[str, QuantConfig]:
+    """The range searches a decoder layer whose quantized linears are at ``bits`` is solved with, by
+    name, each as a config of its own: where ``clip_layer`` applies (GPTQ, weighted range search, no
+    learned grids, calibration inputs at hand, :meth:`QuantConfig.clip_layer_for`) the weighted search
+    alone, the unweighted one and, with ``clip_both``, the row mix; otherwise ``config`` alone."""
+    if not (config.clip_layer_for(bits) and config.clip and config.clip_weighted and method.needs_hessian
+            and grids is None and inputs is not None):
+        return {"": config}
+    options = {"weighted": dataclasses.replace(config, clip_both=False, clip_layer="off"),
+               "unweighted": dataclasses.replace(config, clip_weighted=False, clip_layer="off")}
+    if config.clip_both:
+        options["both"] = dataclasses.replace(config, clip_layer="off")
+    return options
+
+
+def output_error(outputs: list[LayerInput], reference: list[LayerInput]) -> torch.Tensor:
+    """Summed squared difference of two sets of decoder-layer outputs, float64, on their device (so
+    that NCCL can sum it over processes)."""
+    err = torch.zeros((), dtype=torch.float64, device=reference[0].hidden.device)
+    for o, r in zip(outputs, reference):
+        err += (o.hidden.float() - r.hidden.float()).pow(2).sum().double()
+    return err
+
+
+def quantize_layer_picked(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput] | None,
+                          specs: dict[str, ModuleSpec], config: QuantConfig, method, grids: dict | None = None) -> dict:
+    """:func:`quantize_layer` once per range search (:func:`range_searches`), each from the layer's fp
+    weights (true-sequential inside the layer on its own quantized stream); keeps the results of the
+    search whose decoder-layer outputs are nearest the fp layer's on the same inputs (summed squared
+    error over every process's windows, so all processes keep the same one), its name in
+    ``__search__``. Memory: the fp layer's outputs and two searches' beside the inputs."""
+    bits = [specs[prefix + n].bits for n in arch.at(layer).linears if not specs[prefix + n].keep]
+    options = range_searches(config, method, grids, inputs, bits)
+    if len(options) == 1:
+        return quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids)
+    linears = {n: layer.get_submodule(n) for n in arch.at(layer).linears}
+    fp_weights = {n: lin.weight.data for n, lin in linears.items()}
+    reference = run_layer(layer, inputs)
+    best, best_err = None, math.inf
+    for name, cfg in options.items():
+        results = quantize_layer(layer, prefix, steps, arch, inputs, specs, cfg, method)
+        for n, lin in linears.items():  # the next search starts from the fp weights again
+            lin.weight.data = fp_weights[n]
+        err = float(dist.all_reduce_sum(output_error(results["__outputs__"], reference)))
+        if err < best_err or best is None:
+            best, best_err = results | {"__search__": name}, err
+        del results
+    return best
 
 
 def quantize_layer(layer: nn.Module, prefix: str, steps, arch: Arch, inputs: list[LayerInput] | None,

@@ -42,7 +42,8 @@ def naive_gptq(model, arch, w, spec, clip=None, **order):
 def test_pipeline_equals_textbook_sequential_gptq(clip, act_order):
     model, ref = build_tiny("llama"), build_tiny("llama")
     w = windows(8, 32)
-    cfg = QuantConfig(bits=3, group_size=32, clip=clip, act_order=act_order, clip_both=False)  # the one search the loop runs
+    cfg = QuantConfig(bits=3, group_size=32, clip=clip, act_order=act_order, clip_both=False,
+                      clip_layer="off")  # the one search the loop runs
     quantize_model(model, get_arch("llama"), w, cfg, CPU, batch_size=4, progress=False)
     naive_gptq(ref, get_arch("llama"), w, ModuleSpec(3, 32), ClipSearch() if clip else None,
                act_order=cfg.act_order, static_groups=cfg.static_groups, group_params=cfg.group_params_for(3))
@@ -51,6 +52,52 @@ def test_pipeline_equals_textbook_sequential_gptq(clip, act_order):
             assert torch.equal(mod.dequantize(), ref.get_submodule(name).weight), name
     x = windows(2, 32, seed=5)
     assert torch.allclose(model(x).logits, ref(x).logits, atol=1e-5)
+
+
+def test_clip_layer_keeps_the_search_whose_layer_output_is_nearest_fp():
+    """Under ``clip_layer`` (the default) the first decoder layer, whose inputs are the same under every
+    search, holds exactly the solve of one search run alone: the one whose layer output is nearest
+    the fp layer's."""
+    fp = build_tiny("llama")
+    model, arch, w = copy.deepcopy(fp), get_arch("llama"), windows(8, 32)
+    report = quantize_model(model, arch, w, QuantConfig(bits=3, group_size=32), CPU, batch_size=4, progress=False)
+    assert len(report.range_picks) == len(model.model.layers)
+    inputs = capture_layer_inputs(fp, fp.model.layers, w, CPU, 4)
+    with torch.no_grad():
+        ref = run_layer(fp.model.layers[0], inputs)
+    errs, layers = {}, {}
+    for name, kw in {"weighted": dict(clip_both=False), "unweighted": dict(clip_weighted=False), "both": {}}.items():
+        alone = copy.deepcopy(fp)
+        alone_report = quantize_model(alone, arch, w, QuantConfig(bits=3, group_size=32, clip_layer="off", **kw), CPU,
+                                      batch_size=4, progress=False)
+        assert not alone_report.range_picks  # one search: nothing picked
+        layers[name] = alone.model.layers[0]
+        with torch.no_grad():
+            errs[name] = sum(float((o.hidden - r.hidden).pow(2).sum()) for o, r in zip(run_layer(layers[name], inputs), ref))
+    assert len(set(errs.values())) == 3  # the searches differ here, so the choice means something
+    pick = report.range_picks[0]
+    assert pick == min(errs, key=errs.get)
+    for n, mod in model.model.layers[0].named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.dequantize(), layers[pick].get_submodule(n).dequantize()), n
+
+
+def test_clip_layer_auto_picks_at_3_and_4_bits_only():
+    """"auto" picks per layer where a layer has a linear at 3 or 4 bits (selection text ranked the
+    pick first there and below the row mix at 2 bits); "on" picks at any width."""
+    fp, arch, w = build_tiny("llama"), get_arch("llama"), windows(8, 32)
+    at2 = {"^model\\.layers\\.1\\.": {"bits": 2}}  # layer 1 at 2 bits, layer 0 at 3
+
+    def picks(bits=3, **kw):
+        return quantize_model(copy.deepcopy(fp), arch, w, QuantConfig(bits=bits, group_size=32, **kw), CPU,
+                              batch_size=4, progress=False).range_picks
+
+    assert len(picks(overrides=at2)) == 1  # layer 0 only
+    assert len(picks(overrides=at2, clip_layer="on")) == 2
+    assert len(picks(bits=2)) == 0 and len(picks(bits=4)) == 2 and len(picks(bits=2, clip_layer="on")) == 2
+    assert len(picks(clip_layer="off")) == 0
+    with pytest.raises(ConfigError, match="clip_layer"):
+        QuantConfig(clip_layer="yes")
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
