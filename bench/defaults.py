@@ -16,7 +16,6 @@ power at every width), ``rtn``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import time
 from unittest import mock
@@ -34,52 +33,23 @@ VARIANTS = {
     "static-noclip": {"act_order": True, "static_groups": True, "clip": False, "group_params": "original"},
     "static-reached": {"act_order": True, "static_groups": True, "clip": True, "group_params": "reached"},
     "default": {},  # hmq's defaults as they now are
-    "weighted": {"clip_both": False},  # the weighted range search alone (the default before clip_both)
+    "weighted": {"clip_both": False, "clip_layer": "off"},  # the weighted range search alone (the default before clip_both)
     "unweighted": {"clip_weighted": False},  # … with every column's error counted the same in the range search
     "rtn": {"method": "rtn"},  # round-to-nearest (min/max ranges): no calibration, so one seed stands for all
     # the weighted range search with diag(H) to a fixed power at every width (the default picks it by
     # width: quant.quantizer.weight_power)
-    "power1": {"_power": 1.0},
-    "power0.5": {"_power": 0.5},
+    "power1": {"_power": 1.0, "clip_both": False, "clip_layer": "off"},
+    "power0.5": {"_power": 0.5, "clip_both": False, "clip_layer": "off"},
     # the weighted range search with GPTQ's own column weights 1/U_jj² (U: the Cholesky factor of
     # H⁻¹ in solve order) instead of diag(H), at the default power by width
-    "obs": {"_energy": "obs"},
+    "obs": {"_energy": "obs", "clip_both": False, "clip_layer": "off"},
     # diag(H) at the default power, no column above 10 or 100 times the median of its group
-    "cap10": {"_cap": 10.0},
-    "cap100": {"_cap": 100.0},
-    # each decoder layer solved three times, on its own copy, with the weighted search alone, the
-    # unweighted one and both row by row; the one whose decoder-layer output on the layer's inputs is
-    # nearest the fp layer's (summed squared error) is kept: a criterion past the linear
-    "layer-pick": {"_layer_pick": ("weighted", "unweighted", "default")},
-    "layer-pick2": {"_layer_pick": ("weighted", "default")},  # without the unweighted search alone
+    "cap10": {"_cap": 10.0, "clip_both": False, "clip_layer": "off"},
+    "cap100": {"_cap": 100.0, "clip_both": False, "clip_layer": "off"},
+    # the range search picked per decoder layer by its output (clip_layer) at every width; the row mix alone
+    "layer-pick": {"clip_layer": "on"},
+    "rowmix": {"clip_layer": "off"},  # both searches row by row, no per-layer pick (the default before it)
 }
-
-LAYER_PICKS: list[str] = []  # the last layer-pick run's choice per decoder layer
-
-
-def _picking(original, options: tuple[str, ...]):
-    """``quant.pipeline.quantize_layer`` that solves each decoder layer with each of ``options``
-    (named as in VARIANTS) on a copy and returns the results of the one with the lowest decoder-layer
-    output error against the fp layer on the same inputs."""
-    from quant.capture import run_layer
-
-    def quantize_layer(layer, prefix, steps, arch, inputs, specs, config, method, grids=None):
-        if inputs is None or grids is not None:
-            return original(layer, prefix, steps, arch, inputs, specs, config, method, grids)
-        fp = [o.hidden.float() for o in run_layer(layer, inputs)]
-        best = None
-        for name in options:
-            trial = copy.deepcopy(layer)
-            cfg = dataclasses.replace(config, **VARIANTS[name])
-            res = original(trial, prefix, steps, arch, inputs, specs, cfg, method, grids)
-            err = sum(float((o.hidden.float() - f).pow(2).sum()) for o, f in zip(res["__outputs__"], fp))
-            if best is None or err < best[0]:
-                best = (err, name, res)
-            del trial
-        LAYER_PICKS.append(best[1])
-        return best[2]
-
-    return quantize_layer
 
 
 def _quantize(base, arch, windows, spec, device, variant: str):
@@ -88,18 +58,13 @@ def _quantize(base, arch, windows, spec, device, variant: str):
 
     settings = dict(VARIANTS[variant])
     power, energy, cap = settings.pop("_power", None), settings.pop("_energy", "diag"), settings.pop("_cap", 0.0)
-    picks = settings.pop("_layer_pick", None)
-    LAYER_PICKS.clear()
 
     def search(config, bits):  # the default range search, with the variant's power and energy source
         found = clip_search(config, bits)
         return found and dataclasses.replace(found, power=weight_power(bits) if power is None else power, energy=energy,
                                              cap=cap)
 
-    import quant.pipeline
-
-    layer = _picking(quant.pipeline.quantize_layer, picks) if picks else quant.pipeline.quantize_layer
-    with mock.patch("quant.methods.clip_search", search), mock.patch("quant.pipeline.quantize_layer", layer):
+    with mock.patch("quant.methods.clip_search", search):
         return common.hmq_quantize(base, arch, windows, spec, device, partial_groups=True, **settings)
 
 
@@ -131,7 +96,7 @@ def main() -> None:
                 res = common.evaluate(model, sel, device)
                 rows.append({"scheme": label, "variant": variant, "seed": seed, "bpw": report.bpw,
                              "quant_seconds": report.seconds, **res,
-                             **({"layer_picks": list(LAYER_PICKS)} if LAYER_PICKS else {})})
+                             **({"layer_picks": report.range_picks} if report.range_picks else {})})
                 print(f"{label} {variant} seed {seed}: ppl {res['ppl']:.3f} kl {res['kl']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
                 del model
