@@ -24,6 +24,7 @@ def test_quantize_inspect_eval(tiny_model_dir, text_file, tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "bpw" in summary and str(out) in summary
     assert "columns in Hessian order, static groups (auto" in summary and "range search on" in summary
+    assert "range search kept per decoder layer" in summary  # 4 bits: picked per layer (clip_layer auto)
     assert run("inspect", out, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     mods = report["modules"]
@@ -155,6 +156,14 @@ def test_unwritable_outputs_are_refused_before_loading(tiny_model_dir, text_file
     assert "not a writable folder" in capsys.readouterr().err
     assert run("measure", "--model", str(tiny_model_dir), "--out", str(tmp_path)) != 0
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_clip_layer_off_solves_with_the_row_mix_alone(tiny_model_dir, text_file, tmp_path, capsys):
+    assert run(*quantize_args(tiny_model_dir, text_file, tmp_path / "w3", "--bits", 3, "--clip-layer", "off")) == 0
+    assert "range search kept per decoder layer" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(*quantize_args(tiny_model_dir, text_file, tmp_path / "w3b", "--bits", 3, "--clip-layer", "maybe"))
+    assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "w3b").exists()
 
 
 def test_help_explains_every_flag(capsys):
