@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32, help="reporting windows")
     ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--preset", default="configs/mixed-default.yaml", help="the selection: section of this preset")
+    ap.add_argument("--preset", default=str(Path(__file__).resolve().parents[1] / "configs" / "mixed-default.yaml"),
+                    help="the selection: section of this preset (default: the repository's mixed-default.yaml, "
+                         "wherever the script is run from)")
     ap.add_argument("--pools", type=int, nargs="+", default=None,
                     help="run each budget with each of these search pools (default: the preset's); 0: fixed windows")
     ap.add_argument("--heldout", type=int, default=32,
