@@ -13,7 +13,7 @@ CLIP_BOTH_HELP = ("with the weighted range search, GPTQ also solves with the unw
 CLIP_LAYER_HELP = ("GPTQ: solve each decoder layer with each range search (weighted, unweighted and, with "
                    "--clip-both, the row mix) and keep the one whose layer output is nearest the fp layer's on the "
                    "calibration windows: on, off, or auto (default: on where a layer has a linear at 3 or 4 bits; "
-                   "about 2.5x the time of off)")
+                   "2-4x the time of off, measured on two small models)")
 CLIP_WEIGHTED_HELP = ("GPTQ's range search counts each column's error by its input energy diag(H), so a weight "
                       "that meets a large activation is not clipped (default on; --no-clip-weighted: all alike)")
 
